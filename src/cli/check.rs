@@ -1,0 +1,72 @@
+//! `payload-guard check`: validate the configuration and print the effective routes.
+
+use std::path::Path;
+
+use crate::config::units::human_bytes;
+use crate::config::{Config, OnOversize};
+
+use super::{EXIT_OK, EXIT_PROBLEMS};
+
+/// Validates `path`; prints the routes (exit 0) or every error (exit 1).
+pub(super) fn check(path: &Path) -> u8 {
+    match Config::load(path) {
+        Ok(config) => {
+            print!("{}", describe(&config));
+            EXIT_OK
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            EXIT_PROBLEMS
+        }
+    }
+}
+
+/// The effective configuration as an aligned table.
+pub(super) fn describe(config: &Config) -> String {
+    let mut out = format!("{}: ok\n", config.source.display());
+    out.push_str(&format!("listen {}", config.server.listen));
+    if let Some(admin) = config.server.admin_listen {
+        out.push_str(&format!(", admin {admin}"));
+    }
+    out.push('\n');
+    let mut rows = vec![[
+        "route".to_string(),
+        "path_prefix".to_string(),
+        "upstream".to_string(),
+        "max_body".to_string(),
+        "upstream_limit".to_string(),
+        "on_oversize".to_string(),
+    ]];
+    for r in &config.routes {
+        rows.push([
+            r.name.clone(),
+            r.path_prefix.clone(),
+            r.upstream.to_string(),
+            human_bytes(r.max_body_bytes),
+            r.upstream_limit_bytes
+                .map_or_else(|| "unknown".to_string(), human_bytes),
+            match r.on_oversize {
+                OnOversize::Forward => "forward",
+                OnOversize::Reject => "reject",
+                OnOversize::Trim => "trim",
+            }
+            .to_string(),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,186 @@
+//! Stage 0 of the pipeline: `proxy.toml` → [`Config`].
+//!
+//! Loading is two steps, as in the style guide: [`raw`] is a serde mirror of the file with typed
+//! units and spans, [`validate`] turns it into the runtime [`Config`] and reports every mistake at
+//! once, each with the file, line, column and key at fault.
+
+pub mod raw;
+pub mod units;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use rustls::pki_types::CertificateDer;
+
+pub use raw::OnOversize;
+
+/// Default `max_body` when neither the route nor `[defaults]` sets one.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+/// Default `[server] max_header_bytes`.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Headers per request beyond which the request gets 431.
+pub const MAX_HEADERS: usize = 100;
+/// Default `[server] buffer_budget`.
+pub const DEFAULT_BUFFER_BUDGET_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The validated, runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages and relative paths).
+    pub source: PathBuf,
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[[routes]]`, in file order.
+    pub routes: Vec<RouteConfig>,
+    /// `[incidents]`
+    pub incidents: IncidentsConfig,
+}
+
+/// `[server]`: listeners, timeouts and connection limits.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Public listener address.
+    pub listen: SocketAddr,
+    /// Admin listener (health, metrics), if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// A connection that does not finish its request headers within this is closed.
+    pub header_read_timeout: Duration,
+    /// A sender that sends no body bytes for this long gets 408.
+    pub body_idle_timeout: Duration,
+    /// A body that is not complete within this gets 408.
+    pub body_timeout: Duration,
+    /// Open connections beyond this wait in the accept queue.
+    pub max_connections: usize,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Request header section size beyond which the request gets 431.
+    pub max_header_bytes: usize,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Tokio worker threads (`None`: one per core).
+    pub worker_threads: Option<usize>,
+    /// Bytes all requests together may hold in memory while buffering.
+    pub buffer_budget_bytes: u64,
+}
+
+/// `[incidents]`: where the incident log goes.
+#[derive(Debug, Clone)]
+pub struct IncidentsConfig {
+    /// The JSONL file (relative paths are resolved against the config file's folder).
+    pub path: PathBuf,
+}
+
+/// One `[[routes]]` entry with `[defaults]` applied.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Unique route name (used in logs, incidents and metrics).
+    pub name: String,
+    /// Normalised path prefix: starts with `/`, no trailing `/` (unless it is `/`).
+    pub path_prefix: String,
+    /// The receiver's base URL.
+    pub upstream: Uri,
+    /// Hard cap on request bodies: larger gets 413, never forwarded.
+    pub max_body_bytes: u64,
+    /// What the receiver accepts, if known.
+    pub upstream_limit_bytes: Option<u64>,
+    /// What to do with a payload over `upstream_limit`.
+    pub on_oversize: OnOversize,
+    /// Upstream TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Time from sending the request until the upstream's response headers arrive.
+    pub response_timeout: Duration,
+    /// Keep the sender's `Host` header instead of the upstream authority.
+    pub preserve_host: bool,
+    /// Extra trusted CA certificates for an `https://` upstream (from `ca_file`).
+    pub ca_certs: Vec<CertificateDer<'static>>,
+}
+
+/// One mistake in the configuration, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file's path as given.
+    pub file: String,
+    /// 1-based line (0 when the mistake has no place in the file).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// The key at fault, as a dotted path (`routes[0].max_body`).
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        } else {
+            write!(f, "{}: ", self.file)?;
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every mistake found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, err) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{err}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid configuration.
+    #[error("{0}")]
+    Invalid(#[from] ConfigErrors),
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Config::from_str(&text, path)?)
+    }
+
+    /// Validates `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        validate::validate(text, path)
+    }
+
+    /// The route with this name.
+    pub fn route(&self, name: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}

@@ -1,0 +1,83 @@
+//! The serde mirror of `proxy.toml`: typed fields, unknown keys refused, every value kept with
+//! its byte span so that validation can point at the line and column of a mistake.
+
+// The fields mirror the TOML keys one to one; README.md documents each key.
+#![allow(missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::units::{ByteSize, Dur};
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[server]`
+    #[serde(default)]
+    pub server: RawServer,
+    /// `[defaults]`: any route key, inherited by every route.
+    #[serde(default)]
+    pub defaults: Option<Spanned<RawRoute>>,
+    /// `[[routes]]`
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+    /// `[incidents]`
+    #[serde(default)]
+    pub incidents: Option<RawIncidents>,
+}
+
+/// `[server]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<SocketAddr>>,
+    pub admin_listen: Option<Spanned<SocketAddr>>,
+    pub header_read_timeout: Option<Spanned<Dur>>,
+    pub body_idle_timeout: Option<Spanned<Dur>>,
+    pub body_timeout: Option<Spanned<Dur>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub shutdown_grace: Option<Spanned<Dur>>,
+    pub max_header_bytes: Option<Spanned<ByteSize>>,
+    pub max_concurrent_streams: Option<Spanned<i64>>,
+    pub worker_threads: Option<Spanned<i64>>,
+    pub buffer_budget: Option<Spanned<ByteSize>>,
+}
+
+/// `[incidents]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIncidents {
+    pub path: Option<Spanned<PathBuf>>,
+}
+
+/// What to do with a payload over the receiver's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOversize {
+    /// Send it on as is.
+    Forward,
+    /// Answer 413 without contacting the receiver.
+    Reject,
+    /// Shrink it by the route's trim rules.
+    Trim,
+}
+
+/// One `[[routes]]` table, and the `[defaults]` table (which may not set the identity keys).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub upstream: Option<Spanned<String>>,
+    pub max_body: Option<Spanned<ByteSize>>,
+    pub upstream_limit: Option<Spanned<ByteSize>>,
+    pub on_oversize: Option<Spanned<OnOversize>>,
+    pub connect_timeout: Option<Spanned<Dur>>,
+    pub response_timeout: Option<Spanned<Dur>>,
+    pub preserve_host: Option<Spanned<bool>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+}

@@ -1,0 +1,660 @@
+//! Raw configuration → [`Config`]: applies defaults, checks every value and relation, and
+//! collects all mistakes (with their place in the file) instead of stopping at the first.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use rustls::pki_types::CertificateDer;
+use toml::Spanned;
+
+use super::raw::{OnOversize, RawConfig, RawRoute};
+use super::{
+    Config, ConfigError, ConfigErrors, IncidentsConfig, RouteConfig, ServerConfig,
+    DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES,
+};
+
+/// Collects errors, turning byte spans into line and column.
+struct Reporter<'a> {
+    text: &'a str,
+    file: String,
+    errors: Vec<ConfigError>,
+}
+
+impl Reporter<'_> {
+    fn at(&mut self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = match span {
+            Some(span) => line_col(self.text, span.start),
+            None => (0, 0),
+        };
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..offset].chars().count() + 1;
+    (line, column)
+}
+
+/// Parses and validates the whole file.
+pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut rep = Reporter {
+        text,
+        file: path.display().to_string(),
+        errors: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(err) => {
+            let span = err.span();
+            let key = span
+                .clone()
+                .and_then(|s| text.get(s))
+                .filter(|s| !s.contains('\n') && s.len() < 80)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+            let message = err.message().trim().replace('\n', " ");
+            let message = if message.starts_with("unknown field") {
+                format!("{message} (check the spelling; see the config reference in README.md)")
+            } else {
+                message
+            };
+            rep.at(span, key, message);
+            return Err(ConfigErrors(rep.errors));
+        }
+    };
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+
+    let server = validate_server(&raw, &mut rep);
+    let incidents = IncidentsConfig {
+        path: raw
+            .incidents
+            .as_ref()
+            .and_then(|i| i.path.as_ref())
+            .map(|p| resolve(&base_dir, p.get_ref()))
+            .unwrap_or_else(|| base_dir.join("incidents.jsonl")),
+    };
+
+    let defaults = raw.defaults.as_ref().map(|d| {
+        for (key, span) in [
+            ("name", d.get_ref().name.as_ref().map(Spanned::span)),
+            ("path_prefix", d.get_ref().path_prefix.as_ref().map(Spanned::span)),
+        ] {
+            if let Some(span) = span {
+                rep.at(
+                    Some(span),
+                    format!("defaults.{key}"),
+                    "is per route: set it in each [[routes]] table, not in [defaults]",
+                );
+            }
+        }
+        d.get_ref().clone()
+    });
+    let defaults = defaults.unwrap_or_default();
+
+    if raw.routes.is_empty() {
+        rep.at(
+            None,
+            "routes",
+            "no routes: add at least one [[routes]] table with name, path_prefix and upstream",
+        );
+    }
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut prefixes: HashMap<String, usize> = HashMap::new();
+    for (index, spanned) in raw.routes.iter().enumerate() {
+        let table_span = spanned.span();
+        let route = spanned.get_ref();
+        if let Some(cfg) = validate_route(index, table_span, route, &defaults, &base_dir, &mut rep) {
+            if let Some(first) = names.insert(cfg.name.clone(), index) {
+                rep.at(
+                    route.name.as_ref().map(Spanned::span),
+                    format!("routes[{index}].name"),
+                    format!(
+                        "duplicate route name {:?} (also routes[{first}]): names must be unique",
+                        cfg.name
+                    ),
+                );
+            }
+            if let Some(first) = prefixes.insert(cfg.path_prefix.clone(), index) {
+                rep.at(
+                    route.path_prefix.as_ref().map(Spanned::span),
+                    format!("routes[{index}].path_prefix"),
+                    format!(
+                        "duplicate path_prefix {:?} (also routes[{first}]): each prefix may belong to one route",
+                        cfg.path_prefix
+                    ),
+                );
+            }
+            routes.push(cfg);
+        }
+    }
+
+    if rep.errors.is_empty() {
+        Ok(Config {
+            source: path.to_path_buf(),
+            server,
+            routes,
+            incidents,
+        })
+    } else {
+        Err(ConfigErrors(rep.errors))
+    }
+}
+
+fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
+}
+
+fn positive(
+    rep: &mut Reporter<'_>,
+    value: Option<&Spanned<i64>>,
+    key: &str,
+    default: i64,
+    max: i64,
+) -> i64 {
+    match value {
+        None => default,
+        Some(v) if *v.get_ref() >= 1 && *v.get_ref() <= max => *v.get_ref(),
+        Some(v) => {
+            rep.at(
+                Some(v.span()),
+                key,
+                format!("must be between 1 and {max}, got {}", v.get_ref()),
+            );
+            default
+        }
+    }
+}
+
+fn nonzero_duration(
+    rep: &mut Reporter<'_>,
+    value: Option<&Spanned<super::units::Dur>>,
+    key: &str,
+    default: Duration,
+) -> Duration {
+    match value {
+        None => default,
+        Some(v) if v.get_ref().0.is_zero() => {
+            rep.at(Some(v.span()), key, "must be longer than 0s");
+            default
+        }
+        Some(v) => v.get_ref().0,
+    }
+}
+
+fn validate_server(raw: &RawConfig, rep: &mut Reporter<'_>) -> ServerConfig {
+    let s = &raw.server;
+    let listen = s
+        .listen
+        .as_ref()
+        .map(|l| *l.get_ref())
+        .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid literal address"));
+    let admin_listen = s.admin_listen.as_ref().map(|a| *a.get_ref());
+    if let (Some(admin), Some(span)) = (admin_listen, s.admin_listen.as_ref().map(Spanned::span)) {
+        if admin == listen && admin.port() != 0 {
+            rep.at(
+                Some(span),
+                "server.admin_listen",
+                "must differ from server.listen",
+            );
+        }
+    }
+    let max_header_bytes = match &s.max_header_bytes {
+        None => DEFAULT_MAX_HEADER_BYTES,
+        Some(v) if v.get_ref().0 < 8192 || v.get_ref().0 > 16 * 1024 * 1024 => {
+            rep.at(
+                Some(v.span()),
+                "server.max_header_bytes",
+                "must be between 8KiB and 16MiB",
+            );
+            DEFAULT_MAX_HEADER_BYTES
+        }
+        Some(v) => v.get_ref().0 as usize,
+    };
+    let buffer_budget_bytes = match &s.buffer_budget {
+        None => DEFAULT_BUFFER_BUDGET_BYTES,
+        Some(v) if v.get_ref().0 == 0 => {
+            rep.at(
+                Some(v.span()),
+                "server.buffer_budget",
+                "must be larger than 0 (it bounds memory used to buffer bodies for trimming)",
+            );
+            DEFAULT_BUFFER_BUDGET_BYTES
+        }
+        Some(v) => v.get_ref().0,
+    };
+    ServerConfig {
+        listen,
+        admin_listen,
+        header_read_timeout: nonzero_duration(
+            rep,
+            s.header_read_timeout.as_ref(),
+            "server.header_read_timeout",
+            Duration::from_secs(10),
+        ),
+        body_idle_timeout: nonzero_duration(
+            rep,
+            s.body_idle_timeout.as_ref(),
+            "server.body_idle_timeout",
+            Duration::from_secs(30),
+        ),
+        body_timeout: nonzero_duration(
+            rep,
+            s.body_timeout.as_ref(),
+            "server.body_timeout",
+            Duration::from_secs(300),
+        ),
+        max_connections: positive(
+            rep,
+            s.max_connections.as_ref(),
+            "server.max_connections",
+            4096,
+            1 << 20,
+        ) as usize,
+        shutdown_grace: s
+            .shutdown_grace
+            .as_ref()
+            .map_or(Duration::from_secs(30), |d| d.get_ref().0),
+        max_header_bytes,
+        max_concurrent_streams: positive(
+            rep,
+            s.max_concurrent_streams.as_ref(),
+            "server.max_concurrent_streams",
+            100,
+            10_000,
+        ) as u32,
+        worker_threads: s
+            .worker_threads
+            .as_ref()
+            .map(|_| positive(rep, s.worker_threads.as_ref(), "server.worker_threads", 1, 1024) as usize),
+        buffer_budget_bytes,
+    }
+}
+
+/// Picks the route's own value, else the `[defaults]` one.
+fn pick<'a, T>(own: &'a Option<Spanned<T>>, default: &'a Option<Spanned<T>>) -> Option<&'a Spanned<T>> {
+    own.as_ref().or(default.as_ref())
+}
+
+fn validate_route(
+    index: usize,
+    table_span: Range<usize>,
+    route: &RawRoute,
+    defaults: &RawRoute,
+    base_dir: &Path,
+    rep: &mut Reporter<'_>,
+) -> Option<RouteConfig> {
+    let key = |k: &str| format!("routes[{index}].{k}");
+    let before = rep.errors.len();
+
+    let name = match &route.name {
+        Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+        Some(n) => {
+            rep.at(
+                Some(n.span()),
+                key("name"),
+                format!(
+                    "invalid route name {:?}: use 1-64 letters, digits, '-' or '_'",
+                    n.get_ref()
+                ),
+            );
+            String::new()
+        }
+        None => {
+            rep.at(Some(table_span.clone()), key("name"), "missing: every route needs a name");
+            String::new()
+        }
+    };
+
+    let path_prefix = match &route.path_prefix {
+        Some(p) => match normalize_prefix(p.get_ref()) {
+            Ok(p) => p,
+            Err(why) => {
+                rep.at(Some(p.span()), key("path_prefix"), why);
+                String::new()
+            }
+        },
+        None => {
+            rep.at(
+                Some(table_span.clone()),
+                key("path_prefix"),
+                "missing: set the path this route serves, like \"/hooks/synthflow\"",
+            );
+            String::new()
+        }
+    };
+
+    let upstream = match pick(&route.upstream, &defaults.upstream) {
+        Some(u) => match parse_upstream(u.get_ref()) {
+            Ok(uri) => Some(uri),
+            Err(why) => {
+                rep.at(Some(u.span()), key("upstream"), why);
+                None
+            }
+        },
+        None => {
+            rep.at(
+                Some(table_span.clone()),
+                key("upstream"),
+                "missing: set the receiver's URL, like \"http://127.0.0.1:3000/webhook\"",
+            );
+            None
+        }
+    };
+
+    let max_body = pick(&route.max_body, &defaults.max_body);
+    let max_body_bytes = match max_body {
+        Some(m) if m.get_ref().0 == 0 => {
+            rep.at(Some(m.span()), key("max_body"), "must be larger than 0");
+            DEFAULT_MAX_BODY_BYTES
+        }
+        Some(m) => m.get_ref().0,
+        None => DEFAULT_MAX_BODY_BYTES,
+    };
+    let upstream_limit = pick(&route.upstream_limit, &defaults.upstream_limit);
+    let upstream_limit_bytes = upstream_limit.map(|l| l.get_ref().0);
+    if let Some(limit) = upstream_limit {
+        if limit.get_ref().0 == 0 {
+            rep.at(Some(limit.span()), key("upstream_limit"), "must be larger than 0");
+        } else if limit.get_ref().0 > max_body_bytes {
+            rep.at(
+                Some(limit.span()),
+                key("upstream_limit"),
+                format!(
+                    "{} is larger than max_body ({}): raise max_body or lower upstream_limit",
+                    limit.get_ref(),
+                    super::units::ByteSize(max_body_bytes)
+                ),
+            );
+        }
+    }
+
+    let on_oversize = match pick(&route.on_oversize, &defaults.on_oversize) {
+        Some(o) if *o.get_ref() == OnOversize::Trim => {
+            rep.at(
+                Some(o.span()),
+                key("on_oversize"),
+                "\"trim\" needs trim rules, which this version does not support yet: use \"forward\" or \"reject\"",
+            );
+            OnOversize::Forward
+        }
+        Some(o) => *o.get_ref(),
+        None => OnOversize::Forward,
+    };
+
+    let ca_certs = match pick(&route.ca_file, &defaults.ca_file) {
+        None => Vec::new(),
+        Some(file) => match load_ca(&resolve(base_dir, file.get_ref())) {
+            Ok(certs) => certs,
+            Err(why) => {
+                rep.at(Some(file.span()), key("ca_file"), why);
+                Vec::new()
+            }
+        },
+    };
+    if !ca_certs.is_empty() {
+        if let Some(u) = &upstream {
+            if u.scheme_str() != Some("https") {
+                let span = pick(&route.ca_file, &defaults.ca_file).map(Spanned::span);
+                rep.at(span, key("ca_file"), "only applies to an https:// upstream");
+            }
+        }
+    }
+
+    let connect_timeout = nonzero_duration(
+        rep,
+        pick(&route.connect_timeout, &defaults.connect_timeout),
+        &key("connect_timeout"),
+        Duration::from_secs(5),
+    );
+    let response_timeout = nonzero_duration(
+        rep,
+        pick(&route.response_timeout, &defaults.response_timeout),
+        &key("response_timeout"),
+        Duration::from_secs(60),
+    );
+    let preserve_host = pick(&route.preserve_host, &defaults.preserve_host).is_some_and(|p| *p.get_ref());
+
+    if rep.errors.len() > before {
+        return None;
+    }
+    Some(RouteConfig {
+        name,
+        path_prefix,
+        upstream: upstream?,
+        max_body_bytes,
+        upstream_limit_bytes,
+        on_oversize,
+        connect_timeout,
+        response_timeout,
+        preserve_host,
+        ca_certs,
+    })
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Checks a `path_prefix` and strips a trailing `/`.
+fn normalize_prefix(prefix: &str) -> Result<String, String> {
+    let hint = "write an absolute path like \"/hooks/synthflow\"";
+    if !prefix.starts_with('/') {
+        return Err(format!("{prefix:?} must start with '/': {hint}"));
+    }
+    if let Some(bad) = prefix
+        .chars()
+        .find(|c| matches!(c, '?' | '#' | '*' | '%') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{prefix:?} contains {bad:?}: a prefix is a plain path without query, wildcard or escapes; {hint}"
+        ));
+    }
+    if prefix.len() > 1 && prefix.contains("//") {
+        return Err(format!("{prefix:?} has an empty segment ('//'): {hint}"));
+    }
+    if prefix.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(format!("{prefix:?} has a '.' or '..' segment: {hint}"));
+    }
+    let trimmed = prefix.trim_end_matches('/');
+    Ok(if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() })
+}
+
+/// Checks an upstream URL: http or https, a host, no query or fragment.
+fn parse_upstream(url: &str) -> Result<Uri, String> {
+    let hint = "write it like \"http://127.0.0.1:3000/webhook\"";
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("invalid URL {url:?} ({e}): {hint}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        Some(other) => {
+            return Err(format!(
+                "unsupported scheme {other:?} in {url:?}: use http:// or https://"
+            ))
+        }
+        None => return Err(format!("{url:?} has no scheme: {hint}")),
+    }
+    match uri.authority() {
+        Some(a) if !a.host().is_empty() => {}
+        _ => return Err(format!("{url:?} has no host: {hint}")),
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "{url:?} has user info: credentials in the URL are not supported, remove them"
+        ));
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err(format!(
+            "{url:?} has a query or fragment: the sender's query string is passed on, so the upstream URL must not have one"
+        ));
+    }
+    Ok(uri)
+}
+
+/// Reads PEM certificates from a CA file.
+fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_slice()).collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        Ok(_) => Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )),
+        Err(e) => Err(format!("{} is not valid PEM: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        validate(text, Path::new("proxy.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[[routes]]
+name = "a"
+path_prefix = "/hooks/a/"
+upstream = "http://127.0.0.1:3000/webhook"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = load(MINIMAL).unwrap();
+        assert_eq!(cfg.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.server.body_timeout, Duration::from_secs(300));
+        let r = &cfg.routes[0];
+        assert_eq!(r.path_prefix, "/hooks/a");
+        assert_eq!(r.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(r.on_oversize, OnOversize::Forward);
+        assert_eq!(r.upstream_limit_bytes, None);
+        assert_eq!(cfg.incidents.path, PathBuf::from("incidents.jsonl"));
+    }
+
+    #[test]
+    fn defaults_apply_and_routes_override() {
+        let cfg = load(
+            r#"
+[defaults]
+max_body = "4MiB"
+connect_timeout = "250ms"
+[[routes]]
+name = "a"
+path_prefix = "/a"
+upstream = "http://127.0.0.1:1/"
+[[routes]]
+name = "b"
+path_prefix = "/b"
+upstream = "http://127.0.0.1:1/"
+max_body = 100
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.routes[0].max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(cfg.routes[0].connect_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.routes[1].max_body_bytes, 100);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = load("[server]\nlisten = \"127.0.0.1:1\"\nlisten_addr = 3\n").unwrap_err();
+        let e = &err.0[0];
+        assert_eq!((e.line, e.column), (3, 1));
+        assert_eq!(e.key, "listen_addr");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_and_duration_are_located() {
+        let err = load(&format!("{MINIMAL}max_body = \"12 parsecs\"\n")).unwrap_err();
+        assert_eq!(err.0[0].line, 6, "{err}");
+        assert!(err.0[0].message.contains("invalid size"), "{err}");
+        let err = load(&format!("{MINIMAL}connect_timeout = \"soon\"\n")).unwrap_err();
+        assert!(err.0[0].message.contains("invalid duration"), "{err}");
+    }
+
+    #[test]
+    fn all_relation_errors_are_collected() {
+        let err = load(
+            r#"
+[[routes]]
+name = "a"
+path_prefix = "/a"
+upstream = "ftp://x/"
+max_body = "1MiB"
+upstream_limit = "2MiB"
+[[routes]]
+name = "a"
+path_prefix = "a"
+upstream = "http://127.0.0.1:1/?q=1"
+[[routes]]
+name = "c"
+path_prefix = "/a/"
+upstream = "http://127.0.0.1:1/"
+"#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "routes[0].upstream: unsupported scheme",
+            "routes[0].upstream_limit: 2 MiB is larger than max_body (1 MiB)",
+            "routes[1].path_prefix: \"a\" must start with '/'",
+            "routes[1].upstream: \"http://127.0.0.1:1/?q=1\" has a query",
+            "routes[2].path_prefix: duplicate path_prefix \"/a\"",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(text.starts_with("proxy.toml:5:12: "), "{text}");
+    }
+
+    #[test]
+    fn duplicate_names_are_errors() {
+        let err = load(&format!("{MINIMAL}{}", MINIMAL.replace("/hooks/a/", "/b"))).unwrap_err();
+        assert!(err.to_string().contains("duplicate route name \"a\""), "{err}");
+    }
+
+    #[test]
+    fn trim_is_refused_until_supported() {
+        let err = load(&format!("{MINIMAL}on_oversize = \"trim\"\n")).unwrap_err();
+        assert!(err.to_string().contains("needs trim rules"), "{err}");
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert_eq!(normalize_prefix("/").unwrap(), "/");
+        assert_eq!(normalize_prefix("/a/b/").unwrap(), "/a/b");
+        assert!(normalize_prefix("/a//b").is_err());
+        assert!(normalize_prefix("/a/../b").is_err());
+        assert!(normalize_prefix("/a?x").is_err());
+    }
+
+    #[test]
+    fn no_routes_is_an_error() {
+        assert!(load("").unwrap_err().to_string().contains("no routes"));
+    }
+}

@@ -1,0 +1,292 @@
+//! Stage 6: the upstream side. Builds one pooled client per route (HTTP/1.1, and HTTP/2 when
+//! TLS ALPN offers it), rewrites the request's URI and headers for the receiver, and turns
+//! upstream failures into [`ProxyError`]s.
+
+use std::error::Error as StdError;
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+
+use crate::config::RouteConfig;
+use crate::error::ProxyError;
+use crate::limit::BodyError;
+
+/// The body type sent upstream: a streamed [`crate::limit::LimitedBody`] or a buffered one.
+pub type UpstreamBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// A route's pooled upstream client.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// How long an idle pooled upstream connection is kept.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Root certificates: the Mozilla set (webpki-roots) plus the system's, loaded once.
+fn base_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let native = rustls_native_certs::load_native_certs();
+        let _ = roots.add_parsable_certificates(native.certs);
+        roots
+    })
+}
+
+/// Builds the pooled client for one route.
+pub fn build_client(route: &RouteConfig) -> Result<UpstreamClient, ProxyError> {
+    let mut roots = base_roots().clone();
+    for cert in &route.ca_certs {
+        roots
+            .add(cert.clone())
+            .map_err(|e| ProxyError::Internal(format!("ca_file certificate rejected: {e}")))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ProxyError::Internal(format!("tls setup: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(route.connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        // Only requests that were never written to a (stale) pooled connection are retried.
+        .retry_canceled_requests(true)
+        .set_host(true)
+        .build(https))
+}
+
+/// The upstream URI: the route's upstream path joined with the rest of the request path after
+/// the route prefix, plus the sender's query string.
+pub fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let base_path = base.path();
+    let mut path = String::with_capacity(base_path.len() + rest.len() + 1);
+    if rest.is_empty() {
+        path.push_str(base_path);
+    } else {
+        path.push_str(base_path.trim_end_matches('/'));
+        path.push_str(rest);
+    }
+    if path.is_empty() {
+        path.push('/');
+    }
+    if let Some(q) = query {
+        path.push('?');
+        path.push_str(q);
+    }
+    let pq = PathAndQuery::try_from(path)
+        .map_err(|e| ProxyError::Internal(format!("cannot build upstream path: {e}")))?;
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).map_err(|e| ProxyError::Internal(format!("cannot build upstream URI: {e}")))
+}
+
+/// Headers that describe one connection, never the message: removed in both directions.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names, and any
+/// `Proxy-*` header.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Facts about the inbound request that the forwarded headers carry.
+#[derive(Debug, Clone)]
+pub struct ForwardedFor<'a> {
+    /// The sender's IP.
+    pub peer: IpAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The `Host` (or `:authority`) the sender used.
+    pub host: Option<&'a str>,
+    /// The request id.
+    pub request_id: &'a str,
+    /// Keep the sender's `Host`.
+    pub preserve_host: bool,
+}
+
+/// Rewrites the request headers for the receiver: hop-by-hop removed, `X-Forwarded-*` and
+/// `X-Request-Id` set, `Host` replaced by the upstream authority unless `preserve_host`.
+pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) {
+    strip_hop_by_hop(headers);
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let peer = fwd.peer.to_string();
+    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(xff, v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(fwd.proto),
+    );
+    if let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    if let Ok(id) = HeaderValue::from_str(fwd.request_id) {
+        headers.insert(HeaderName::from_static("x-request-id"), id);
+    }
+    if !fwd.preserve_host {
+        // The client sets Host from the upstream URI when it is absent.
+        headers.remove(header::HOST);
+    } else if !headers.contains_key(header::HOST) {
+        if let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+}
+
+/// Classifies a failed upstream exchange (the request body's own failures are handled by the
+/// caller, which knows them from [`crate::limit::BodyStats`]).
+pub fn classify_error(err: &hyper_util::client::legacy::Error, route: &RouteConfig) -> ProxyError {
+    let chain = error_chain(err);
+    if err.is_connect() {
+        if has_io_kind(err, std::io::ErrorKind::TimedOut) || chain.contains("timed out") {
+            return ProxyError::UpstreamConnectTimeout(route.connect_timeout);
+        }
+        return ProxyError::UpstreamConnect(chain);
+    }
+    ProxyError::UpstreamBroken(chain)
+}
+
+/// `a: b: c` from an error and its sources, for logs and error bodies.
+pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn has_io_kind(err: &(dyn StdError + 'static), kind: std::io::ErrorKind) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == kind) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_paths_and_keeps_query() {
+        let base: Uri = "http://127.0.0.1:3000/webhook".parse().unwrap();
+        let u = |rest, q| upstream_uri(&base, rest, q).unwrap().to_string();
+        assert_eq!(u("", None), "http://127.0.0.1:3000/webhook");
+        assert_eq!(u("/x/y", Some("a=1&b=2")), "http://127.0.0.1:3000/webhook/x/y?a=1&b=2");
+        let root: Uri = "http://h:1".parse().unwrap();
+        assert_eq!(upstream_uri(&root, "", None).unwrap().to_string(), "http://h:1/");
+        assert_eq!(upstream_uri(&root, "/z", Some("q")).unwrap().to_string(), "http://h:1/z?q");
+        let slash: Uri = "https://h/hook/".parse().unwrap();
+        assert_eq!(upstream_uri(&slash, "/z", None).unwrap().to_string(), "https://h/hook/z");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-connection", "keep-alive"),
+            ("http_synthflow_signature", "sig"),
+            ("content-type", "application/json"),
+        ] {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-type", "http_synthflow_signature"]);
+    }
+
+    #[test]
+    fn forwarded_headers_are_added() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("host", HeaderValue::from_static("guard.example"));
+        let fwd = ForwardedFor {
+            peer: "127.0.0.1".parse().unwrap(),
+            proto: "http",
+            host: Some("guard.example"),
+            request_id: "abc",
+            preserve_host: false,
+        };
+        prepare_request_headers(&mut h, &fwd);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "guard.example");
+        assert_eq!(h["x-request-id"], "abc");
+        assert!(!h.contains_key("host"));
+    }
+}

@@ -1,0 +1,28 @@
+//! payload-guard: a streaming reverse proxy that sits in front of webhook receivers and makes
+//! payload-size limits a solved problem.
+//!
+//! # Layout
+//! The modules follow a request through the proxy:
+//!
+//! - [`config`]: `proxy.toml` → validated [`config::Config`] (serde mirror, then validation).
+//! - [`server`]: accept loop, HTTP/1.1 + h2c, header timeout, connection cap, graceful shutdown.
+//! - [`proxy`]: the per-request pipeline that calls the stages below, top to bottom.
+//! - [`route`]: longest-prefix route matching on segment boundaries (pure).
+//! - [`limit`]: `Content-Length` pre-check, then a counting body with idle and total timeouts.
+//! - [`forward`]: upstream clients (pooled, TLS, HTTP/2 by ALPN), URI and header rewriting.
+//! - [`observe`]: the access-log line for each exchange.
+//! - [`error`]: the one mapping from an error to a status, a culprit and an incident kind.
+//! - [`cli`]: the `payload-guard` subcommands.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod limit;
+pub mod observe;
+pub mod proxy;
+pub mod route;
+pub mod server;

@@ -1,0 +1,465 @@
+//! Stage 3: body-size limits in two steps. [`precheck`] looks at the headers before any body byte
+//! is read (a `Content-Length` over the limit is refused at once); [`LimitedBody`] then counts the
+//! body while it streams, so chunked or unknown-length bodies are held to the same limit, and
+//! enforces the idle and total body timeouts that hyper leaves to us.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::ProxyError;
+
+/// A boxed, thread-safe error, as hyper's bodies use.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The error type of every body the proxy passes on. A concrete type rather than [`BoxError`]:
+/// a boxed trait object as a body error trips a higher-ranked lifetime limitation of the
+/// compiler when hyper's connection futures are spawned (axum uses a newtype for the same reason).
+#[derive(Debug)]
+pub struct BodyError(BoxError);
+
+impl BodyError {
+    /// Wraps any error.
+    pub fn new(err: impl Into<BoxError>) -> BodyError {
+        BodyError(err.into())
+    }
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// How long a refused sender's remaining body is still read and discarded (lingering close), so
+/// that it reads our error response instead of a connection reset.
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How many bytes a refused sender's remaining body may still send while we linger.
+pub const LINGER_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The declared body length, after refusing ambiguous framing and bodies declared over `max_body`.
+pub fn precheck(headers: &HeaderMap, max_body_bytes: u64) -> Result<Option<u64>, ProxyError> {
+    let has_te = headers.contains_key(TRANSFER_ENCODING);
+    let mut declared: Option<u64> = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        if has_te {
+            return Err(ProxyError::AmbiguousLength);
+        }
+        let text = value.to_str().map_err(|_| ProxyError::BadContentLength)?;
+        for part in text.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ProxyError::BadContentLength);
+            }
+            let n: u64 = part.parse().map_err(|_| ProxyError::BadContentLength)?;
+            if declared.is_some_and(|d| d != n) {
+                return Err(ProxyError::BadContentLength);
+            }
+            declared = Some(n);
+        }
+    }
+    match declared {
+        Some(n) if n > max_body_bytes => Err(ProxyError::BodyTooLarge {
+            limit: max_body_bytes,
+        }),
+        other => Ok(other),
+    }
+}
+
+/// Why a streamed body was cut off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// More bytes than the limit.
+    TooLarge,
+    /// No bytes for the idle timeout.
+    Idle(Duration),
+    /// Not complete within the total body timeout.
+    Deadline(Duration),
+    /// The sender's framing broke or the sender went away.
+    Read(String),
+}
+
+/// What the pipeline learns about a request body while it streams (shared with the body).
+#[derive(Debug, Default)]
+pub struct BodyStats {
+    bytes: AtomicU64,
+    over_soft_limit: AtomicBool,
+    complete: AtomicBool,
+    failure: Mutex<Option<BodyFailure>>,
+    finished: Notify,
+}
+
+impl BodyStats {
+    /// Body bytes received so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body passed the soft limit (the receiver's `upstream_limit`).
+    pub fn over_soft_limit(&self) -> bool {
+        self.over_soft_limit.load(Ordering::Relaxed)
+    }
+
+    /// Whether the whole body was received.
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// Why the body was cut off, if it was.
+    pub fn failure(&self) -> Option<BodyFailure> {
+        self.failure.lock().map(|f| f.clone()).unwrap_or(None)
+    }
+
+    /// Waits until the body completed or failed.
+    pub async fn finished(&self) {
+        loop {
+            let notified = self.finished.notified();
+            if self.is_complete() || self.failure().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn fail(&self, failure: BodyFailure) {
+        if let Ok(mut slot) = self.failure.lock() {
+            slot.get_or_insert(failure);
+        }
+        self.finished.notify_waiters();
+    }
+
+    fn complete(&self) {
+        self.complete.store(true, Ordering::Release);
+        self.finished.notify_waiters();
+    }
+
+    /// Records a body that was read elsewhere (e.g. buffered) as complete.
+    pub fn record_complete(&self, bytes: u64) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.complete();
+    }
+}
+
+/// The error a [`LimitedBody`] yields; the pipeline reads the reason from [`BodyStats`].
+#[derive(Debug, thiserror::Error)]
+#[error("request body cut off: {0:?}")]
+pub struct BodyCutOff(pub BodyFailure);
+
+/// Limits for a streamed body.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Hard limit: more fails the body.
+    pub max_bytes: u64,
+    /// Soft limit: more is only noted in the stats.
+    pub soft_bytes: Option<u64>,
+    /// Longest gap between body bytes.
+    pub idle_timeout: Duration,
+    /// Longest time for the whole body.
+    pub total_timeout: Duration,
+}
+
+/// A request body that counts its bytes, fails past the limit, and fails when the sender stalls.
+///
+/// On failure the upstream request it feeds is aborted by hyper (the receiver never sees a
+/// complete request); a body cut off for size is drained for a short while in the background so
+/// the sender can read the 413 instead of a reset.
+pub struct LimitedBody<B> {
+    inner: Option<B>,
+    limits: BodyLimits,
+    seen: u64,
+    idle: Pin<Box<Sleep>>,
+    deadline: Pin<Box<Sleep>>,
+    stats: Arc<BodyStats>,
+    ended: bool,
+}
+
+impl<B> LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Wraps `inner`; the clocks start now.
+    pub fn new(inner: B, limits: BodyLimits, stats: Arc<BodyStats>) -> Self {
+        let now = Instant::now();
+        let ended = inner.is_end_stream();
+        if ended {
+            stats.complete();
+        }
+        LimitedBody {
+            inner: Some(inner),
+            limits,
+            seen: 0,
+            idle: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            deadline: Box::pin(tokio::time::sleep_until(now + limits.total_timeout)),
+            stats,
+            ended,
+        }
+    }
+
+    fn cut_off(&mut self, failure: BodyFailure) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if failure == BodyFailure::TooLarge {
+            if let Some(inner) = self.inner.take() {
+                linger(inner);
+            }
+        }
+        self.inner = None;
+        self.stats.fail(failure.clone());
+        Poll::Ready(Some(Err(BodyError::new(BodyCutOff(failure)))))
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    this.stats.bytes.store(this.seen, Ordering::Relaxed);
+                    if this.seen > this.limits.max_bytes {
+                        return this.cut_off(BodyFailure::TooLarge);
+                    }
+                    if this.limits.soft_bytes.is_some_and(|soft| this.seen > soft) {
+                        this.stats.over_soft_limit.store(true, Ordering::Relaxed);
+                    }
+                    if !data.is_empty() {
+                        let next = Instant::now() + this.limits.idle_timeout;
+                        this.idle.as_mut().reset(next);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                let err: BoxError = err.into();
+                this.cut_off(BodyFailure::Read(err.to_string()))
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                this.ended = true;
+                this.stats.complete();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    return this.cut_off(BodyFailure::Deadline(this.limits.total_timeout));
+                }
+                if this.idle.as_mut().poll(cx).is_ready() {
+                    return this.cut_off(BodyFailure::Idle(this.limits.idle_timeout));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.as_ref().is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// Reads and discards what is left of a refused request body, for at most [`LINGER_TIME`] and
+/// [`LINGER_BYTES`], so the sender can read the response before the connection closes (what
+/// nginx calls lingering close). Dropping the body afterwards closes the connection.
+pub fn linger<B>(body: B)
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    if body.is_end_stream() {
+        return;
+    }
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        let mut body = body;
+        let mut drained = 0u64;
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            while drained < LINGER_BYTES {
+                match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                    Some(Ok(frame)) => {
+                        drained += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    }
+                    _ => break,
+                }
+            }
+        })
+        .await;
+    });
+}
+
+/// Converts a failure of the body into the error the sender gets.
+pub fn failure_to_error(failure: BodyFailure, max_body_bytes: u64) -> ProxyError {
+    match failure {
+        BodyFailure::TooLarge => ProxyError::BodyTooLarge {
+            limit: max_body_bytes,
+        },
+        BodyFailure::Idle(d) => ProxyError::BodyIdleTimeout(d),
+        BodyFailure::Deadline(d) => ProxyError::BodyTimeout(d),
+        BodyFailure::Read(why) => ProxyError::BodyRead(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn precheck_reads_content_length() {
+        assert_eq!(precheck(&headers(&[("content-length", "10")]), 10).unwrap(), Some(10));
+        assert_eq!(precheck(&headers(&[]), 10).unwrap(), None);
+        assert!(matches!(
+            precheck(&headers(&[("content-length", "11")]), 10),
+            Err(ProxyError::BodyTooLarge { limit: 10 })
+        ));
+        assert!(matches!(
+            precheck(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")]), 10),
+            Err(ProxyError::AmbiguousLength)
+        ));
+        assert!(matches!(
+            precheck(&headers(&[("content-length", "5, 6")]), 10),
+            Err(ProxyError::BadContentLength)
+        ));
+        assert!(matches!(
+            precheck(&headers(&[("content-length", "+5")]), 10),
+            Err(ProxyError::BadContentLength)
+        ));
+    }
+
+    type Chunks = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
+
+    fn channel_body() -> (
+        Chunks,
+        StreamBody<tokio_stream_shim::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        (tx, StreamBody::new(tokio_stream_shim::ReceiverStream(rx)))
+    }
+
+    /// A minimal `Stream` over an mpsc receiver, to drive bodies in tests without extra crates.
+    mod tokio_stream_shim {
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+        pub(super) struct ReceiverStream<T>(pub(super) tokio::sync::mpsc::Receiver<T>);
+        impl<T> futures_util::Stream for ReceiverStream<T> {
+            type Item = T;
+            fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+                self.0.poll_recv(cx)
+            }
+        }
+    }
+
+    fn limits(max: u64) -> BodyLimits {
+        BodyLimits {
+            max_bytes: max,
+            soft_bytes: Some(4),
+            idle_timeout: Duration::from_secs(30),
+            total_timeout: Duration::from_secs(300),
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_and_cuts_off_past_the_limit() {
+        let (tx, body) = channel_body();
+        let stats = Arc::new(BodyStats::default());
+        let mut limited = LimitedBody::new(body, limits(10), stats.clone());
+        tx.send(Ok(Frame::data(Bytes::from_static(b"123456")))).await.unwrap();
+        let frame = limited.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "123456");
+        assert!(stats.over_soft_limit());
+        tx.send(Ok(Frame::data(Bytes::from_static(b"78901")))).await.unwrap();
+        assert!(limited.frame().await.unwrap().is_err());
+        assert_eq!(stats.failure(), Some(BodyFailure::TooLarge));
+        assert_eq!(stats.bytes(), 11);
+    }
+
+    #[tokio::test]
+    async fn completes_within_the_limit() {
+        let (tx, body) = channel_body();
+        let stats = Arc::new(BodyStats::default());
+        let limited = LimitedBody::new(body, limits(10), stats.clone());
+        tx.send(Ok(Frame::data(Bytes::from_static(b"1234567890")))).await.unwrap();
+        drop(tx);
+        let all = limited.collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 10);
+        assert!(stats.is_complete());
+        assert_eq!(stats.failure(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_sender_times_out() {
+        let (tx, body) = channel_body();
+        let stats = Arc::new(BodyStats::default());
+        let mut lim = limits(100);
+        lim.idle_timeout = Duration::from_secs(5);
+        let mut limited = LimitedBody::new(body, lim, stats.clone());
+        tx.send(Ok(Frame::data(Bytes::from_static(b"12")))).await.unwrap();
+        assert!(limited.frame().await.unwrap().is_ok());
+        let started = Instant::now();
+        assert!(limited.frame().await.unwrap().is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(stats.failure(), Some(BodyFailure::Idle(Duration::from_secs(5))));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trickling_sender_hits_the_total_deadline() {
+        let (tx, body) = channel_body();
+        let stats = Arc::new(BodyStats::default());
+        let mut lim = limits(1000);
+        lim.idle_timeout = Duration::from_secs(5);
+        lim.total_timeout = Duration::from_secs(12);
+        let limited = LimitedBody::new(body, lim, stats.clone());
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                if tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        assert!(limited.collect().await.is_err());
+        assert_eq!(stats.failure(), Some(BodyFailure::Deadline(Duration::from_secs(12))));
+    }
+}

@@ -1,0 +1,191 @@
+//! Stage 7: observe the exchange. One access-log line per request, emitted when the response
+//! body has been sent or dropped (so it carries the real duration and bytes out, and is written
+//! even when the sender disconnects mid-way).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::Method;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+use crate::forward::UpstreamBody;
+use crate::limit::{BodyError, BodyStats};
+
+/// What the access log says about one request; logs itself when dropped.
+#[derive(Debug)]
+pub struct Exchange {
+    started: Instant,
+    /// The request id (propagated or generated).
+    pub request_id: String,
+    /// Matched route name.
+    pub route: Option<String>,
+    /// Request method.
+    pub method: Method,
+    /// Request path (no query: queries may carry secrets).
+    pub path: String,
+    /// The sender's address.
+    pub peer: SocketAddr,
+    /// Status sent to the sender (`None`: no response was sent).
+    pub status: Option<u16>,
+    /// The receiver's status, when it answered.
+    pub upstream_status: Option<u16>,
+    /// Request body statistics.
+    pub body: Option<Arc<BodyStats>>,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// Why the proxy answered itself, if it did.
+    pub error: Option<(&'static str, &'static str, String)>,
+    /// Whether the response body finished.
+    pub response_complete: bool,
+}
+
+impl Exchange {
+    /// Starts observing a request.
+    pub fn new(request_id: String, method: Method, path: String, peer: SocketAddr) -> Exchange {
+        Exchange {
+            started: Instant::now(),
+            request_id,
+            route: None,
+            method,
+            path,
+            peer,
+            status: None,
+            upstream_status: None,
+            body: None,
+            bytes_out: 0,
+            error: None,
+            response_complete: false,
+        }
+    }
+
+    /// Notes that the proxy answered with an error of its own.
+    pub fn set_error(&mut self, err: &ProxyError) {
+        self.error = Some((err.code(), err.culprit().as_str(), err.to_string()));
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let bytes_in = self.body.as_ref().map_or(0, |b| b.bytes());
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let route = self.route.as_deref().unwrap_or("-");
+        let status = self.status.unwrap_or(0);
+        let upstream_status = self.upstream_status.unwrap_or(0);
+        let outcome = if self.status.is_none() {
+            "sender_disconnected"
+        } else if !self.response_complete {
+            "response_incomplete"
+        } else {
+            "complete"
+        };
+        match &self.error {
+            Some((code, culprit, message)) => tracing::info!(
+                target: "access",
+                route,
+                method = %self.method,
+                path = %self.path,
+                peer = %self.peer.ip(),
+                status,
+                bytes_in,
+                bytes_out = self.bytes_out,
+                upstream_status,
+                duration_ms,
+                request_id = %self.request_id,
+                outcome,
+                error = code,
+                culprit,
+                reason = %message,
+                "request"
+            ),
+            None => tracing::info!(
+                target: "access",
+                route,
+                method = %self.method,
+                path = %self.path,
+                peer = %self.peer.ip(),
+                status,
+                bytes_in,
+                bytes_out = self.bytes_out,
+                upstream_status,
+                duration_ms,
+                request_id = %self.request_id,
+                outcome,
+                "request"
+            ),
+        }
+    }
+}
+
+/// A response body that counts the bytes sent and owns the [`Exchange`], so the access-log line
+/// is written once the body is done or dropped.
+pub struct ObservedBody<B> {
+    inner: B,
+    exchange: Exchange,
+    empty_at_start: bool,
+}
+
+impl<B> ObservedBody<B> {
+    /// Wraps a response body.
+    pub fn new(inner: B, exchange: Exchange) -> Self
+    where
+        B: Body,
+    {
+        let empty_at_start = inner.is_end_stream();
+        ObservedBody {
+            inner,
+            exchange,
+            empty_at_start,
+        }
+    }
+}
+
+impl Body for ObservedBody<UpstreamBody> {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.exchange.bytes_out += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                tracing::warn!(request_id = %this.exchange.request_id, error = %err, "response body failed mid-way");
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                this.exchange.response_complete = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for ObservedBody<B> {
+    fn drop(&mut self) {
+        // hyper does not poll a body that reports its end up front (an empty response).
+        if self.exchange.bytes_out == 0 && self.exchange.status.is_some() && self.empty_at_start {
+            self.exchange.response_complete = true;
+        }
+    }
+}
