@@ -256,6 +256,11 @@ where
                         this.idle.as_mut().reset(next);
                     }
                 }
+                // A length-delimited body may never be polled for its end: note it here.
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.ended = true;
+                    this.stats.complete();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {

@@ -118,27 +118,32 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
     for (index, spanned) in raw.routes.iter().enumerate() {
         let table_span = spanned.span();
         let route = spanned.get_ref();
-        if let Some(cfg) = validate_route(index, table_span, route, &defaults, &base_dir, &mut rep) {
-            if let Some(first) = names.insert(cfg.name.clone(), index) {
+        if let Some(name) = &route.name {
+            if let Some(first) = names.insert(name.get_ref().clone(), index) {
                 rep.at(
-                    route.name.as_ref().map(Spanned::span),
+                    Some(name.span()),
                     format!("routes[{index}].name"),
                     format!(
                         "duplicate route name {:?} (also routes[{first}]): names must be unique",
-                        cfg.name
+                        name.get_ref()
                     ),
                 );
             }
-            if let Some(first) = prefixes.insert(cfg.path_prefix.clone(), index) {
-                rep.at(
-                    route.path_prefix.as_ref().map(Spanned::span),
-                    format!("routes[{index}].path_prefix"),
-                    format!(
-                        "duplicate path_prefix {:?} (also routes[{first}]): each prefix may belong to one route",
-                        cfg.path_prefix
-                    ),
-                );
+        }
+        if let Some(prefix) = &route.path_prefix {
+            if let Ok(normal) = normalize_prefix(prefix.get_ref()) {
+                if let Some(first) = prefixes.insert(normal.clone(), index) {
+                    rep.at(
+                        Some(prefix.span()),
+                        format!("routes[{index}].path_prefix"),
+                        format!(
+                            "duplicate path_prefix {normal:?} (also routes[{first}]): each prefix may belong to one route"
+                        ),
+                    );
+                }
             }
+        }
+        if let Some(cfg) = validate_route(index, table_span, route, &defaults, &base_dir, &mut rep) {
             routes.push(cfg);
         }
     }

@@ -1,0 +1,10 @@
+//! Integration tests: the proxy in-process (or as the built binary) in front of real receivers
+//! on 127.0.0.1, driven by real HTTP clients.
+
+mod cli;
+mod forwarding;
+mod hardening;
+mod limits;
+mod nginx;
+mod support;
+mod upstream;

@@ -1,0 +1,1 @@
+//! Interop with a real nginx receiver (`client_max_body_size 1m`).

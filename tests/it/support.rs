@@ -1,0 +1,343 @@
+//! Test support: real receivers and the proxy on 127.0.0.1 with ephemeral ports, real clients.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use payload_guard::config::Config;
+use payload_guard::proxy::{Proxy, Runtime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// What a receiver saw of one request.
+#[derive(Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    /// The whole body, or why it could not be read completely.
+    pub body: Result<Bytes, String>,
+}
+
+/// How a test receiver answers.
+#[derive(Debug, Clone)]
+pub enum Behavior {
+    /// Read the body, answer 200 with `{"received": N}`.
+    Ok,
+    /// Read the body, answer with this status.
+    Status(u16),
+    /// Answer 413 at once, without reading the body, when Content-Length is over the limit
+    /// (as body parsers do); otherwise like `Ok`.
+    LimitEarly(u64),
+    /// Read the body and never answer.
+    Hang,
+}
+
+/// A real hyper receiver on 127.0.0.1:0 that reports every request it sees.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+    pub started: Arc<AtomicUsize>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Receiver {
+    pub async fn start(behavior: Behavior) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, seen) = mpsc::unbounded_channel();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let started = Arc::new(AtomicUsize::new(0));
+        let count = started.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    a = listener.accept() => a.unwrap(),
+                    _ = &mut stopped => return,
+                };
+                let tx = tx.clone();
+                let behavior = behavior.clone();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let tx = tx.clone();
+                        let behavior = behavior.clone();
+                        count.fetch_add(1, Ordering::SeqCst);
+                        async move { Ok::<_, Infallible>(receive(req, behavior, tx).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Receiver {
+            addr,
+            seen,
+            started,
+            _stop: stop,
+        }
+    }
+
+    /// The next request the receiver saw (waits for it).
+    pub async fn next(&mut self) -> Seen {
+        tokio::time::timeout(Duration::from_secs(20), self.seen.recv())
+            .await
+            .expect("receiver saw no request within 20s")
+            .expect("receiver stopped")
+    }
+
+    /// Whether any request was seen, without waiting.
+    pub fn try_next(&mut self) -> Option<Seen> {
+        self.seen.try_recv().ok()
+    }
+}
+
+async fn receive(
+    req: Request<Incoming>,
+    behavior: Behavior,
+    tx: mpsc::UnboundedSender<Seen>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    if let Behavior::LimitEarly(limit) = behavior {
+        let declared = parts
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|d| d > limit) {
+            let _ = tx.send(Seen {
+                method: parts.method,
+                uri: parts.uri,
+                headers: parts.headers,
+                body: Err("not read: over limit".into()),
+            });
+            let mut resp = Response::new(Full::new(Bytes::from_static(
+                b"PayloadTooLargeError: request entity too large",
+            )));
+            *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            resp.headers_mut().insert("connection", "close".parse().unwrap());
+            return resp;
+        }
+    }
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string());
+    let len = body.as_ref().map(|b| b.len()).unwrap_or(0);
+    let _ = tx.send(Seen {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+    });
+    let status = match behavior {
+        Behavior::Ok | Behavior::LimitEarly(_) => 200,
+        Behavior::Status(s) => s,
+        Behavior::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{{\"received\":{len}}}"))));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    resp.headers_mut()
+        .insert("x-receiver-hop", "secret".parse().unwrap());
+    resp.headers_mut()
+        .insert("connection", "x-receiver-hop".parse().unwrap());
+    resp
+}
+
+/// A running proxy, stopped (gracefully) when dropped or by `shutdown`.
+pub struct ProxyHandle {
+    pub addr: SocketAddr,
+    pub proxy: Proxy,
+    stop: Option<oneshot::Sender<()>>,
+    pub done: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl ProxyHandle {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Signals shutdown (in-flight requests may finish within the grace).
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Parses the config text (with `{upstream}` replaced by the receiver's address).
+pub fn config(text: &str, upstream: SocketAddr) -> Config {
+    let text = text.replace("{upstream}", &upstream.to_string());
+    Config::from_str(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts the proxy in-process on 127.0.0.1:0.
+pub async fn start_proxy(config: Config) -> ProxyHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = Proxy::new(Runtime::new(config).unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = proxy.clone();
+    let done = tokio::spawn(payload_guard::server::serve(listener, served, async move {
+        let _ = stopped.await;
+    }));
+    ProxyHandle {
+        addr,
+        proxy,
+        stop: Some(stop),
+        done: Some(done),
+    }
+}
+
+/// A config with one route `/hooks/test` to the receiver, plus extra route keys.
+pub fn one_route(extra_route_keys: &str, server_keys: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{server_keys}
+
+[[routes]]
+name = "test"
+path_prefix = "/hooks/test"
+upstream = "http://{{upstream}}/webhook"
+{extra_route_keys}
+"#
+    )
+}
+
+/// The body type tests send.
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+pub fn full(bytes: impl Into<Bytes>) -> TestBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A streamed request body fed through a channel.
+pub fn channel_body() -> (mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>, TestBody) {
+    let (tx, rx) = mpsc::channel(16);
+    (tx, StreamBody::new(ReceiverStream(rx)).boxed())
+}
+
+struct ReceiverStream<T>(mpsc::Receiver<T>);
+impl<T> futures_util::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Sends one request on a new HTTP/1.1 connection and reads the whole response.
+pub async fn send(addr: SocketAddr, req: Request<TestBody>) -> Got {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.expect("request failed");
+    read(resp).await
+}
+
+/// Sends one request over HTTP/2 prior knowledge (h2c).
+pub async fn send_h2(addr: SocketAddr, req: Request<TestBody>) -> Got {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.expect("h2 request failed");
+    read(resp).await
+}
+
+pub async fn read(resp: Response<Incoming>) -> Got {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Writes raw bytes on a new connection and reads until the proxy closes it (or 20 s pass).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_until_close(&mut stream).await
+}
+
+pub async fn read_until_close(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A JSON payload of about `size` bytes, Synthflow-shaped (call.transcript carries the bulk).
+pub fn payload(size: usize) -> Vec<u8> {
+    let head = br#"{"status":"completed","call":{"call_id":"1732630000000x222222222222222222","transcript":""#;
+    let tail = br#""},"analysis":{"call_flow":"partial"}}"#;
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(head);
+    let line = "\\nbot: Thanks for calling, caf\\u00e9 hours are 9 to 5 \u{2014} anything else?\\nhuman: No, that's all.";
+    while out.len() + line.len() + tail.len() < size {
+        out.extend_from_slice(line.as_bytes());
+    }
+    while out.len() + tail.len() < size {
+        out.push(b'x');
+    }
+    out.extend_from_slice(tail);
+    out
+}

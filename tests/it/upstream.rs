@@ -1,0 +1,185 @@
+//! The upstream side: refused and slow receivers, and an https receiver behind a private CA.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn refused_upstream_gets_502() {
+    // A port that was just free: nothing listens there.
+    let free = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let proxy = start_proxy(config(&one_route("", ""), free)).await;
+    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    assert_eq!(got.status, 502, "{:?}", got.body);
+    assert_eq!(got.json()["error"], "upstream_connect_failed");
+}
+
+#[tokio::test]
+async fn connect_timeout_gets_504() {
+    // A listener with a full accept backlog that never accepts: further SYNs are dropped, so
+    // a connect hangs (on loopback) until the proxy's connect_timeout.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            fillers.push(s);
+        }
+    }
+    let proxy = start_proxy(config(&one_route("connect_timeout = \"300ms\"", ""), addr)).await;
+    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    assert_eq!(got.status, 504, "{:?}", got.body);
+    assert_eq!(got.json()["error"], "upstream_connect_timeout");
+    drop(listener);
+}
+
+#[tokio::test]
+async fn response_timeout_gets_504() {
+    let mut receiver = Receiver::start(Behavior::Hang).await;
+    let proxy = start_proxy(config(&one_route("response_timeout = \"300ms\"", ""), receiver.addr)).await;
+    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    assert_eq!(got.status, 504);
+    assert_eq!(got.json()["error"], "upstream_response_timeout");
+    assert_eq!(receiver.next().await.body.unwrap(), "{}");
+}
+
+#[tokio::test]
+async fn receiver_that_resets_mid_response_gets_502() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial").await;
+            drop(stream);
+        }
+    });
+    let proxy = start_proxy(config(&one_route("", ""), addr)).await;
+    // Headers arrived, so the status is relayed; the body is cut and the client sees an error.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.into_body().collect().await.is_err(), "a truncated body must not look complete");
+
+    // A receiver that closes before any response: 502.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            drop(stream);
+        }
+    });
+    let proxy = start_proxy(config(&one_route("", ""), addr)).await;
+    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["error"], "upstream_failed");
+}
+
+/// A private CA and a certificate for 127.0.0.1 signed by it.
+fn private_ca() -> (String, rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "payload-guard test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    (
+        ca.pem(),
+        leaf.der().clone(),
+        rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )
+}
+
+#[tokio::test]
+async fn https_upstream_with_private_ca_and_h2_by_alpn() {
+    let (ca_pem, cert, key) = private_ca();
+    let mut server_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    server_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let version = req.version();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let _ = tx.send((version, body));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"secure"))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let text = format!(
+        r#"
+[[routes]]
+name = "tls"
+path_prefix = "/hooks/tls"
+upstream = "https://{addr}/secure"
+ca_file = "{}"
+"#,
+        ca_file.display()
+    );
+    let proxy = start_proxy(config(&text, addr)).await;
+    let body = payload(100_000);
+    let got = send(proxy.addr, Request::post(proxy.url("/hooks/tls")).body(full(body.clone())).unwrap()).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(got.body, "secure");
+    let (version, seen) = rx.recv().await.unwrap();
+    assert_eq!(version, http::Version::HTTP_2, "ALPN offered h2, so the upstream leg uses it");
+    assert_eq!(seen, body);
+
+    // Without the CA the certificate is not trusted: 502, nothing forwarded.
+    let untrusted = text.replace(&format!("ca_file = \"{}\"", ca_file.display()), "");
+    let proxy = start_proxy(config(&untrusted, addr)).await;
+    let got = send(proxy.addr, Request::post(proxy.url("/hooks/tls")).body(full("{}")).unwrap()).await;
+    assert_eq!(got.status, 502);
+    assert!(rx.try_recv().is_err());
+}
