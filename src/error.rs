@@ -36,7 +36,9 @@ pub enum ProxyError {
     #[error("CONNECT is not supported: this is not a forward proxy")]
     ConnectRefused,
     /// An absolute-form request target naming another host.
-    #[error("absolute-form request targets for other hosts are refused: this is not an open proxy")]
+    #[error(
+        "absolute-form request targets for other hosts are refused: this is not an open proxy"
+    )]
     ForeignTarget,
     /// `Upgrade` (WebSocket, h2c upgrade) on a webhook route.
     #[error("protocol upgrades are not supported on webhook routes")]
@@ -107,7 +109,9 @@ impl ProxyError {
             ProxyError::BodyIdleTimeout(_) | ProxyError::BodyTimeout(_) => {
                 StatusCode::REQUEST_TIMEOUT
             }
-            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamBroken(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -206,10 +210,19 @@ mod tests {
     fn statuses_and_culprits() {
         assert_eq!(ProxyError::NoRoute.status(), 404);
         assert_eq!(ProxyError::BodyTooLarge { limit: 1 }.status(), 413);
-        assert_eq!(ProxyError::BodyTooLarge { limit: 1 }.incident_kind(), Some("over_max_body"));
+        assert_eq!(
+            ProxyError::BodyTooLarge { limit: 1 }.incident_kind(),
+            Some("over_max_body")
+        );
         assert_eq!(ProxyError::UpstreamConnect("x".into()).status(), 502);
-        assert_eq!(ProxyError::UpstreamConnect("x".into()).culprit(), Culprit::Upstream);
-        assert_eq!(ProxyError::UpstreamResponseTimeout(Duration::ZERO).status(), 504);
+        assert_eq!(
+            ProxyError::UpstreamConnect("x".into()).culprit(),
+            Culprit::Upstream
+        );
+        assert_eq!(
+            ProxyError::UpstreamResponseTimeout(Duration::ZERO).status(),
+            504
+        );
         assert_eq!(ProxyError::BodyIdleTimeout(Duration::ZERO).status(), 408);
         assert_eq!(ProxyError::ConnectRefused.status(), 405);
         let body: serde_json::Value =

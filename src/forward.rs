@@ -100,7 +100,8 @@ pub fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, 
         .map_err(|e| ProxyError::Internal(format!("cannot build upstream path: {e}")))?;
     let mut parts = base.clone().into_parts();
     parts.path_and_query = Some(pq);
-    Uri::from_parts(parts).map_err(|e| ProxyError::Internal(format!("cannot build upstream URI: {e}")))
+    Uri::from_parts(parts)
+        .map_err(|e| ProxyError::Internal(format!("cannot build upstream URI: {e}")))
 }
 
 /// Headers that describe one connection, never the message: removed in both directions.
@@ -222,7 +223,9 @@ pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
 fn has_io_kind(err: &(dyn StdError + 'static), kind: std::io::ErrorKind) -> bool {
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(s) = source {
-        if s.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == kind) {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == kind)
+        {
             return true;
         }
         source = s.source();
@@ -239,12 +242,24 @@ mod tests {
         let base: Uri = "http://127.0.0.1:3000/webhook".parse().unwrap();
         let u = |rest, q| upstream_uri(&base, rest, q).unwrap().to_string();
         assert_eq!(u("", None), "http://127.0.0.1:3000/webhook");
-        assert_eq!(u("/x/y", Some("a=1&b=2")), "http://127.0.0.1:3000/webhook/x/y?a=1&b=2");
+        assert_eq!(
+            u("/x/y", Some("a=1&b=2")),
+            "http://127.0.0.1:3000/webhook/x/y?a=1&b=2"
+        );
         let root: Uri = "http://h:1".parse().unwrap();
-        assert_eq!(upstream_uri(&root, "", None).unwrap().to_string(), "http://h:1/");
-        assert_eq!(upstream_uri(&root, "/z", Some("q")).unwrap().to_string(), "http://h:1/z?q");
+        assert_eq!(
+            upstream_uri(&root, "", None).unwrap().to_string(),
+            "http://h:1/"
+        );
+        assert_eq!(
+            upstream_uri(&root, "/z", Some("q")).unwrap().to_string(),
+            "http://h:1/z?q"
+        );
         let slash: Uri = "https://h/hook/".parse().unwrap();
-        assert_eq!(upstream_uri(&slash, "/z", None).unwrap().to_string(), "https://h/hook/z");
+        assert_eq!(
+            upstream_uri(&slash, "/z", None).unwrap().to_string(),
+            "https://h/hook/z"
+        );
     }
 
     #[test]
@@ -262,7 +277,10 @@ mod tests {
             ("http_synthflow_signature", "sig"),
             ("content-type", "application/json"),
         ] {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_static(v));
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
         }
         strip_hop_by_hop(&mut h);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();

@@ -179,7 +179,10 @@ pub struct BodyLimits {
 /// On failure the upstream request it feeds is aborted by hyper (the receiver never sees a
 /// complete request); a body cut off for size is drained for a short while in the background so
 /// the sender can read the 413 instead of a reset.
-pub struct LimitedBody<B> {
+pub struct LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+{
     inner: Option<B>,
     limits: BodyLimits,
     seen: u64,
@@ -213,12 +216,11 @@ where
     }
 
     fn cut_off(&mut self, failure: BodyFailure) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if failure == BodyFailure::TooLarge {
-            if let Some(inner) = self.inner.take() {
+        if let Some(inner) = self.inner.take() {
+            if failure == BodyFailure::TooLarge {
                 linger(inner);
             }
         }
-        self.inner = None;
         self.stats.fail(failure.clone());
         Poll::Ready(Some(Err(BodyError::new(BodyCutOff(failure)))))
     }
@@ -290,7 +292,24 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl<B> Drop for LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    fn drop(&mut self) {
+        // Dropped before its end: the receiver answered early (e.g. its own 413) or the upstream
+        // request failed. Drain the rest so the sender reads our response, not a reset.
+        if let Some(inner) = self.inner.take() {
+            if !self.ended {
+                linger(inner);
+            }
+        }
     }
 }
 
@@ -352,14 +371,20 @@ mod tests {
 
     #[test]
     fn precheck_reads_content_length() {
-        assert_eq!(precheck(&headers(&[("content-length", "10")]), 10).unwrap(), Some(10));
+        assert_eq!(
+            precheck(&headers(&[("content-length", "10")]), 10).unwrap(),
+            Some(10)
+        );
         assert_eq!(precheck(&headers(&[]), 10).unwrap(), None);
         assert!(matches!(
             precheck(&headers(&[("content-length", "11")]), 10),
             Err(ProxyError::BodyTooLarge { limit: 10 })
         ));
         assert!(matches!(
-            precheck(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")]), 10),
+            precheck(
+                &headers(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+                10
+            ),
             Err(ProxyError::AmbiguousLength)
         ));
         assert!(matches!(
@@ -374,10 +399,10 @@ mod tests {
 
     type Chunks = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 
-    fn channel_body() -> (
-        Chunks,
-        StreamBody<tokio_stream_shim::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>,
-    ) {
+    type ChannelBody =
+        StreamBody<tokio_stream_shim::ReceiverStream<Result<Frame<Bytes>, std::io::Error>>>;
+
+    fn channel_body() -> (Chunks, ChannelBody) {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         (tx, StreamBody::new(tokio_stream_shim::ReceiverStream(rx)))
     }
@@ -409,11 +434,15 @@ mod tests {
         let (tx, body) = channel_body();
         let stats = Arc::new(BodyStats::default());
         let mut limited = LimitedBody::new(body, limits(10), stats.clone());
-        tx.send(Ok(Frame::data(Bytes::from_static(b"123456")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"123456"))))
+            .await
+            .unwrap();
         let frame = limited.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "123456");
         assert!(stats.over_soft_limit());
-        tx.send(Ok(Frame::data(Bytes::from_static(b"78901")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"78901"))))
+            .await
+            .unwrap();
         assert!(limited.frame().await.unwrap().is_err());
         assert_eq!(stats.failure(), Some(BodyFailure::TooLarge));
         assert_eq!(stats.bytes(), 11);
@@ -424,7 +453,9 @@ mod tests {
         let (tx, body) = channel_body();
         let stats = Arc::new(BodyStats::default());
         let limited = LimitedBody::new(body, limits(10), stats.clone());
-        tx.send(Ok(Frame::data(Bytes::from_static(b"1234567890")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"1234567890"))))
+            .await
+            .unwrap();
         drop(tx);
         let all = limited.collect().await.unwrap().to_bytes();
         assert_eq!(all.len(), 10);
@@ -439,12 +470,17 @@ mod tests {
         let mut lim = limits(100);
         lim.idle_timeout = Duration::from_secs(5);
         let mut limited = LimitedBody::new(body, lim, stats.clone());
-        tx.send(Ok(Frame::data(Bytes::from_static(b"12")))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"12"))))
+            .await
+            .unwrap();
         assert!(limited.frame().await.unwrap().is_ok());
         let started = Instant::now();
         assert!(limited.frame().await.unwrap().is_err());
         assert_eq!(started.elapsed(), Duration::from_secs(5));
-        assert_eq!(stats.failure(), Some(BodyFailure::Idle(Duration::from_secs(5))));
+        assert_eq!(
+            stats.failure(),
+            Some(BodyFailure::Idle(Duration::from_secs(5)))
+        );
         drop(tx);
     }
 
@@ -459,12 +495,19 @@ mod tests {
         tokio::spawn(async move {
             for _ in 0..10 {
                 tokio::time::sleep(Duration::from_secs(4)).await;
-                if tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).await.is_err() {
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
         });
         assert!(limited.collect().await.is_err());
-        assert_eq!(stats.failure(), Some(BodyFailure::Deadline(Duration::from_secs(12))));
+        assert_eq!(
+            stats.failure(),
+            Some(BodyFailure::Deadline(Duration::from_secs(12)))
+        );
     }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Version};
-use hyper::body::Incoming;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 
 use crate::config::{Config, OnOversize, RouteConfig};
 use crate::error::ProxyError;
@@ -180,9 +180,14 @@ fn targets_us(authority: &http::uri::Authority, local: SocketAddr) -> bool {
     if port != local.port() {
         return false;
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip == local.ip())
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip == local.ip())
 }
 
 async fn pipeline(
@@ -226,7 +231,8 @@ async fn pipeline(
         }
     };
     let reject_over_limit = cfg.on_oversize == OnOversize::Reject;
-    if let (true, Some(limit), Some(size)) = (reject_over_limit, cfg.upstream_limit_bytes, declared) {
+    if let (true, Some(limit), Some(size)) = (reject_over_limit, cfg.upstream_limit_bytes, declared)
+    {
         if size > limit {
             tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, rejected");
             return refuse(body, ProxyError::OverUpstreamLimit { size, limit });
@@ -310,8 +316,15 @@ async fn pipeline(
 
 /// Resolves with an error when the body stalls past `body_timeout`, or when the receiver sends
 /// no response headers within `response_timeout` after the body is complete.
-async fn deadline(stats: &BodyStats, response_timeout: Duration, body_timeout: Duration) -> ProxyError {
-    if tokio::time::timeout(body_timeout, stats.finished()).await.is_err() {
+async fn deadline(
+    stats: &BodyStats,
+    response_timeout: Duration,
+    body_timeout: Duration,
+) -> ProxyError {
+    if tokio::time::timeout(body_timeout, stats.finished())
+        .await
+        .is_err()
+    {
         return ProxyError::BodyTimeout(body_timeout);
     }
     if stats.failure().is_some() {

@@ -32,10 +32,16 @@ impl RouteTable {
     pub fn find<'p>(&self, path: &'p str) -> Option<RouteMatch<'p>> {
         self.prefixes.iter().find_map(|(prefix, index)| {
             if prefix == "/" {
-                return path.starts_with('/').then_some(RouteMatch { index: *index, rest: path });
+                return path.starts_with('/').then_some(RouteMatch {
+                    index: *index,
+                    rest: path,
+                });
             }
             let rest = path.strip_prefix(prefix.as_str())?;
-            (rest.is_empty() || rest.starts_with('/')).then_some(RouteMatch { index: *index, rest })
+            (rest.is_empty() || rest.starts_with('/')).then_some(RouteMatch {
+                index: *index,
+                rest,
+            })
         })
     }
 

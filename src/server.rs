@@ -23,9 +23,8 @@ use tokio::sync::Semaphore;
 use crate::config::{ServerConfig, MAX_HEADERS};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 
-type HandlerFuture = std::pin::Pin<
-    Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>,
->;
+type HandlerFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
 /// Builds the connection builder with the header timeout, header limits and HTTP/2 settings.
 pub fn connection_builder(server: &ServerConfig) -> Builder<TokioExecutor> {

@@ -22,7 +22,13 @@ pub const EXIT_USAGE: u8 = 64;
 #[command(name = "payload-guard", version, about, long_about = None)]
 pub struct Cli {
     /// The configuration file.
-    #[arg(long, short, global = true, default_value = "proxy.toml", value_name = "FILE")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "proxy.toml",
+        value_name = "FILE"
+    )]
     pub config: PathBuf,
     /// Log format (level via RUST_LOG, default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -56,6 +62,7 @@ pub fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -24,7 +24,12 @@ struct Reporter<'a> {
 }
 
 impl Reporter<'_> {
-    fn at(&mut self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) {
+    fn at(
+        &mut self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         let (line, column) = match span {
             Some(span) => line_col(self.text, span.start),
             None => (0, 0),
@@ -91,7 +96,10 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
     let defaults = raw.defaults.as_ref().map(|d| {
         for (key, span) in [
             ("name", d.get_ref().name.as_ref().map(Spanned::span)),
-            ("path_prefix", d.get_ref().path_prefix.as_ref().map(Spanned::span)),
+            (
+                "path_prefix",
+                d.get_ref().path_prefix.as_ref().map(Spanned::span),
+            ),
         ] {
             if let Some(span) = span {
                 rep.at(
@@ -143,7 +151,8 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
                 }
             }
         }
-        if let Some(cfg) = validate_route(index, table_span, route, &defaults, &base_dir, &mut rep) {
+        if let Some(cfg) = validate_route(index, table_span, route, &defaults, &base_dir, &mut rep)
+        {
             routes.push(cfg);
         }
     }
@@ -286,16 +295,24 @@ fn validate_server(raw: &RawConfig, rep: &mut Reporter<'_>) -> ServerConfig {
             100,
             10_000,
         ) as u32,
-        worker_threads: s
-            .worker_threads
-            .as_ref()
-            .map(|_| positive(rep, s.worker_threads.as_ref(), "server.worker_threads", 1, 1024) as usize),
+        worker_threads: s.worker_threads.as_ref().map(|_| {
+            positive(
+                rep,
+                s.worker_threads.as_ref(),
+                "server.worker_threads",
+                1,
+                1024,
+            ) as usize
+        }),
         buffer_budget_bytes,
     }
 }
 
 /// Picks the route's own value, else the `[defaults]` one.
-fn pick<'a, T>(own: &'a Option<Spanned<T>>, default: &'a Option<Spanned<T>>) -> Option<&'a Spanned<T>> {
+fn pick<'a, T>(
+    own: &'a Option<Spanned<T>>,
+    default: &'a Option<Spanned<T>>,
+) -> Option<&'a Spanned<T>> {
     own.as_ref().or(default.as_ref())
 }
 
@@ -324,7 +341,11 @@ fn validate_route(
             String::new()
         }
         None => {
-            rep.at(Some(table_span.clone()), key("name"), "missing: every route needs a name");
+            rep.at(
+                Some(table_span.clone()),
+                key("name"),
+                "missing: every route needs a name",
+            );
             String::new()
         }
     };
@@ -378,7 +399,11 @@ fn validate_route(
     let upstream_limit_bytes = upstream_limit.map(|l| l.get_ref().0);
     if let Some(limit) = upstream_limit {
         if limit.get_ref().0 == 0 {
-            rep.at(Some(limit.span()), key("upstream_limit"), "must be larger than 0");
+            rep.at(
+                Some(limit.span()),
+                key("upstream_limit"),
+                "must be larger than 0",
+            );
         } else if limit.get_ref().0 > max_body_bytes {
             rep.at(
                 Some(limit.span()),
@@ -436,7 +461,8 @@ fn validate_route(
         &key("response_timeout"),
         Duration::from_secs(60),
     );
-    let preserve_host = pick(&route.preserve_host, &defaults.preserve_host).is_some_and(|p| *p.get_ref());
+    let preserve_host =
+        pick(&route.preserve_host, &defaults.preserve_host).is_some_and(|p| *p.get_ref());
 
     if rep.errors.len() > before {
         return None;
@@ -484,7 +510,11 @@ fn normalize_prefix(prefix: &str) -> Result<String, String> {
         return Err(format!("{prefix:?} has a '.' or '..' segment: {hint}"));
     }
     let trimmed = prefix.trim_end_matches('/');
-    Ok(if trimmed.is_empty() { "/".to_string() } else { trimmed.to_string() })
+    Ok(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
 }
 
 /// Checks an upstream URL: http or https, a host, no query or fragment.
@@ -640,7 +670,10 @@ upstream = "http://127.0.0.1:1/"
     #[test]
     fn duplicate_names_are_errors() {
         let err = load(&format!("{MINIMAL}{}", MINIMAL.replace("/hooks/a/", "/b"))).unwrap_err();
-        assert!(err.to_string().contains("duplicate route name \"a\""), "{err}");
+        assert!(
+            err.to_string().contains("duplicate route name \"a\""),
+            "{err}"
+        );
     }
 
     #[test]

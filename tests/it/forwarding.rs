@@ -22,7 +22,10 @@ async fn forwards_body_path_query_and_headers() {
     assert_eq!(got.status, 200, "{:?}", got.body);
     assert_eq!(got.json()["received"], body.len());
     assert_eq!(got.headers["x-request-id"], "req-123");
-    assert!(!got.headers.contains_key("x-receiver-hop"), "hop-by-hop header named by the receiver's Connection leaked");
+    assert!(
+        !got.headers.contains_key("x-receiver-hop"),
+        "hop-by-hop header named by the receiver's Connection leaked"
+    );
 
     let seen = receiver.next().await;
     assert_eq!(seen.uri.path(), "/webhook/extra/path");
@@ -42,7 +45,11 @@ async fn forwards_body_path_query_and_headers() {
 #[tokio::test]
 async fn generates_request_id_and_preserves_host_when_asked() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
-    let proxy = start_proxy(config(&one_route("preserve_host = true", ""), receiver.addr)).await;
+    let proxy = start_proxy(config(
+        &one_route("preserve_host = true", ""),
+        receiver.addr,
+    ))
+    .await;
     let req = Request::post(proxy.url("/hooks/test"))
         .header("host", "guard.example")
         .body(full("{}"))
@@ -75,11 +82,7 @@ upstream = "http://{}/ab"
         a.addr, b.addr
     );
     let proxy = start_proxy(config(&text, a.addr)).await;
-    let go = |path: &str| {
-        Request::post(proxy.url(path))
-            .body(full("{}"))
-            .unwrap()
-    };
+    let go = |path: &str| Request::post(proxy.url(path)).body(full("{}")).unwrap();
     assert_eq!(send(proxy.addr, go("/hooks/a/b/c")).await.status, 200);
     assert_eq!(b.next().await.uri.path(), "/ab/c");
     assert_eq!(send(proxy.addr, go("/hooks/a/bc")).await.status, 200);
@@ -111,7 +114,13 @@ async fn h2c_prior_knowledge_is_served() {
 async fn receiver_status_and_body_are_relayed() {
     let mut receiver = Receiver::start(Behavior::Status(422)).await;
     let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 422);
     assert_eq!(got.json()["received"], 2);
     receiver.next().await;

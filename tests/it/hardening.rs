@@ -13,12 +13,22 @@ use crate::support::*;
 #[tokio::test]
 async fn slow_headers_are_disconnected_after_header_read_timeout() {
     let receiver = Receiver::start(Behavior::Ok).await;
-    let proxy = start_proxy(config(&one_route("", "header_read_timeout = \"300ms\""), receiver.addr)).await;
+    let proxy = start_proxy(config(
+        &one_route("", "header_read_timeout = \"300ms\""),
+        receiver.addr,
+    ))
+    .await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    stream.write_all(b"POST /hooks/test HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    stream
+        .write_all(b"POST /hooks/test HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let rest = read_until_close(&mut stream).await;
-    assert!(started.elapsed() < Duration::from_secs(15), "connection was not closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "connection was not closed"
+    );
     assert!(!rest.contains("200 OK"), "{rest}");
     assert_eq!(receiver.started.load(Ordering::SeqCst), 0);
 }
@@ -47,14 +57,21 @@ async fn malformed_chunked_framing_is_refused() {
     .await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     if receiver.started.load(Ordering::SeqCst) > 0 {
-        assert!(receiver.next().await.body.is_err(), "nothing complete may be forwarded");
+        assert!(
+            receiver.next().await.body.is_err(),
+            "nothing complete may be forwarded"
+        );
     }
 }
 
 #[tokio::test]
 async fn oversized_or_too_many_headers_get_431() {
     let receiver = Receiver::start(Behavior::Ok).await;
-    let proxy = start_proxy(config(&one_route("", "max_header_bytes = \"16KiB\""), receiver.addr)).await;
+    let proxy = start_proxy(config(
+        &one_route("", "max_header_bytes = \"16KiB\""),
+        receiver.addr,
+    ))
+    .await;
     let big = format!(
         "POST /hooks/test HTTP/1.1\r\nhost: x\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
         "a".repeat(20 * 1024)
@@ -75,7 +92,11 @@ async fn oversized_or_too_many_headers_get_431() {
 async fn connect_absolute_form_and_upgrade_are_refused() {
     let receiver = Receiver::start(Behavior::Ok).await;
     let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
-    let response = raw_exchange(proxy.addr, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n").await;
+    let response = raw_exchange(
+        proxy.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n",
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 405"), "{response}");
     let response = raw_exchange(
         proxy.addr,
@@ -89,7 +110,10 @@ async fn connect_absolute_form_and_upgrade_are_refused() {
         proxy.addr, proxy.addr
     );
     let response = raw_exchange(proxy.addr, own.as_bytes()).await;
-    assert!(response.starts_with("HTTP/1.1 200"), "absolute form naming us is fine: {response}");
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "absolute form naming us is fine: {response}"
+    );
     let response = raw_exchange(
         proxy.addr,
         b"GET /hooks/test HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
@@ -115,7 +139,10 @@ async fn max_connections_makes_extra_connections_wait() {
     let mut second = TcpStream::connect(proxy.addr).await.unwrap();
     second.write_all(request).await.unwrap();
     let waited = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
-    assert!(waited.is_err(), "second connection was served while the first was open");
+    assert!(
+        waited.is_err(),
+        "second connection was served while the first was open"
+    );
     drop(first);
     let n = tokio::time::timeout(Duration::from_secs(20), second.read(&mut buf))
         .await
@@ -127,12 +154,20 @@ async fn max_connections_makes_extra_connections_wait() {
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
-    let mut proxy = start_proxy(config(&one_route("", "shutdown_grace = \"10s\""), receiver.addr)).await;
+    let mut proxy = start_proxy(config(
+        &one_route("", "shutdown_grace = \"10s\""),
+        receiver.addr,
+    ))
+    .await;
     let (tx, body) = channel_body();
     let req = Request::post(proxy.url("/hooks/test")).body(body).unwrap();
     let addr = proxy.addr;
     let client = tokio::spawn(async move { send(addr, req).await });
-    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"{\"a\":")))).await.unwrap();
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"{\"a\":",
+    ))))
+    .await
+    .unwrap();
     while receiver.started.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
@@ -140,7 +175,9 @@ async fn shutdown_lets_in_flight_requests_finish() {
     // New connections are refused once the listener is closed...
     let done = proxy.done.take().unwrap();
     // ...while the in-flight request completes.
-    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"1}")))).await.unwrap();
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"1}"))))
+        .await
+        .unwrap();
     drop(tx);
     let got = client.await.unwrap();
     assert_eq!(got.status, 200);
@@ -150,5 +187,8 @@ async fn shutdown_lets_in_flight_requests_finish() {
         .expect("server did not stop after the in-flight request")
         .unwrap()
         .unwrap();
-    assert!(TcpStream::connect(addr).await.is_err(), "listener still open after shutdown");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener still open after shutdown"
+    );
 }

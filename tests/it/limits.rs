@@ -22,9 +22,19 @@ async fn content_length_over_max_body_is_refused_before_reading() {
     )
     .await;
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
-    assert!(response.to_ascii_lowercase().contains("connection: close"), "{response}");
-    assert!(response.contains("\"error\":\"body_too_large\""), "{response}");
-    assert_eq!(receiver.started.load(Ordering::SeqCst), 0, "receiver must not be contacted");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    assert!(
+        response.contains("\"error\":\"body_too_large\""),
+        "{response}"
+    );
+    assert_eq!(
+        receiver.started.load(Ordering::SeqCst),
+        0,
+        "receiver must not be contacted"
+    );
 }
 
 #[tokio::test]
@@ -35,14 +45,22 @@ async fn chunked_body_over_max_body_aborts_the_upstream_request() {
     let req = Request::post(proxy.url("/hooks/test")).body(body).unwrap();
     let addr = proxy.addr;
     let client = tokio::spawn(async move { send(addr, req).await });
-    tx.send(Ok(Frame::data(Bytes::from(vec![b'a'; 600])))).await.unwrap();
+    tx.send(Ok(Frame::data(Bytes::from(vec![b'a'; 600]))))
+        .await
+        .unwrap();
     // Wait until the receiver has the upstream request open, then push past the limit.
     while receiver.started.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
-    tx.send(Ok(Frame::data(Bytes::from(vec![b'b'; 600])))).await.unwrap();
+    tx.send(Ok(Frame::data(Bytes::from(vec![b'b'; 600]))))
+        .await
+        .unwrap();
     let seen = receiver.next().await;
-    assert!(seen.body.is_err(), "receiver must never see a complete request: {:?}", seen.body.map(|b| b.len()));
+    assert!(
+        seen.body.is_err(),
+        "receiver must never see a complete request: {:?}",
+        seen.body.map(|b| b.len())
+    );
     let got = client.await.unwrap();
     assert_eq!(got.status, 413);
     assert_eq!(got.json()["error"], "body_too_large");
@@ -52,12 +70,18 @@ async fn chunked_body_over_max_body_aborts_the_upstream_request() {
 #[tokio::test]
 async fn stalled_body_gets_408_and_the_upstream_request_is_aborted() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
-    let proxy = start_proxy(config(&one_route("", "body_idle_timeout = \"300ms\""), receiver.addr)).await;
+    let proxy = start_proxy(config(
+        &one_route("", "body_idle_timeout = \"300ms\""),
+        receiver.addr,
+    ))
+    .await;
     let (tx, body) = channel_body();
     let req = Request::post(proxy.url("/hooks/test")).body(body).unwrap();
     let addr = proxy.addr;
     let client = tokio::spawn(async move { send(addr, req).await });
-    tx.send(Ok(Frame::data(Bytes::from_static(b"{\"partial\":")))).await.unwrap();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"{\"partial\":"))))
+        .await
+        .unwrap();
     let got = client.await.unwrap();
     assert_eq!(got.status, 408);
     assert_eq!(got.json()["error"], "body_idle_timeout");
@@ -79,9 +103,18 @@ async fn sender_disconnect_mid_upload_aborts_the_upstream_request() {
     }
     drop(stream);
     let seen = receiver.next().await;
-    assert!(seen.body.is_err(), "the receiver must see an aborted request");
+    assert!(
+        seen.body.is_err(),
+        "the receiver must see an aborted request"
+    );
     // The proxy is still healthy.
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 200);
 }
 
@@ -93,7 +126,13 @@ async fn reject_mode_refuses_payloads_over_upstream_limit() {
         receiver.addr,
     ))
     .await;
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full(payload(5000))).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full(payload(5000)))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 413);
     assert_eq!(got.json()["error"], "over_upstream_limit");
     assert_eq!(receiver.started.load(Ordering::SeqCst), 0);
@@ -103,8 +142,12 @@ async fn reject_mode_refuses_payloads_over_upstream_limit() {
     let addr = proxy.addr;
     let req = Request::post(proxy.url("/hooks/test")).body(body).unwrap();
     let client = tokio::spawn(async move { send(addr, req).await });
-    tx.send(Ok(Frame::data(Bytes::from(vec![b'a'; 800])))).await.unwrap();
-    tx.send(Ok(Frame::data(Bytes::from(vec![b'a'; 800])))).await.unwrap();
+    tx.send(Ok(Frame::data(Bytes::from(vec![b'a'; 800]))))
+        .await
+        .unwrap();
+    tx.send(Ok(Frame::data(Bytes::from(vec![b'a'; 800]))))
+        .await
+        .unwrap();
     let got = client.await.unwrap();
     assert_eq!(got.status, 413);
     assert_eq!(got.json()["error"], "over_upstream_limit");
@@ -112,7 +155,13 @@ async fn reject_mode_refuses_payloads_over_upstream_limit() {
         assert!(receiver.next().await.body.is_err());
     }
     // Under the limit passes.
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full(payload(900))).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full(payload(900)))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 200);
     drop(tx);
 }
@@ -120,9 +169,19 @@ async fn reject_mode_refuses_payloads_over_upstream_limit() {
 #[tokio::test]
 async fn forward_mode_sends_payloads_over_upstream_limit_as_is() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
-    let proxy = start_proxy(config(&one_route("upstream_limit = 1000", ""), receiver.addr)).await;
+    let proxy = start_proxy(config(
+        &one_route("upstream_limit = 1000", ""),
+        receiver.addr,
+    ))
+    .await;
     let body = payload(5000);
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full(body.clone())).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full(body.clone()))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 200);
     assert_eq!(receiver.next().await.body.unwrap(), body);
 }

@@ -131,7 +131,8 @@ async fn receive(
                 b"PayloadTooLargeError: request entity too large",
             )));
             *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-            resp.headers_mut().insert("connection", "close".parse().unwrap());
+            resp.headers_mut()
+                .insert("connection", "close".parse().unwrap());
             return resp;
         }
     }
@@ -238,7 +239,9 @@ upstream = "http://{{upstream}}/webhook"
 pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 pub fn full(bytes: impl Into<Bytes>) -> TestBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A streamed request body fed through a channel.
@@ -295,7 +298,11 @@ pub async fn send_h2(addr: SocketAddr, req: Request<TestBody>) -> Got {
 
 pub async fn read(resp: Response<Incoming>) -> Got {
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     Got {
         status: parts.status,
         headers: parts.headers,

@@ -17,9 +17,19 @@ use crate::support::*;
 #[tokio::test]
 async fn refused_upstream_gets_502() {
     // A port that was just free: nothing listens there.
-    let free = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let free = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let proxy = start_proxy(config(&one_route("", ""), free)).await;
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 502, "{:?}", got.body);
     assert_eq!(got.json()["error"], "upstream_connect_failed");
 }
@@ -34,12 +44,20 @@ async fn connect_timeout_gets_504() {
     let addr = listener.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
             fillers.push(s);
         }
     }
     let proxy = start_proxy(config(&one_route("connect_timeout = \"300ms\"", ""), addr)).await;
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 504, "{:?}", got.body);
     assert_eq!(got.json()["error"], "upstream_connect_timeout");
     drop(listener);
@@ -48,8 +66,18 @@ async fn connect_timeout_gets_504() {
 #[tokio::test]
 async fn response_timeout_gets_504() {
     let mut receiver = Receiver::start(Behavior::Hang).await;
-    let proxy = start_proxy(config(&one_route("response_timeout = \"300ms\"", ""), receiver.addr)).await;
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    let proxy = start_proxy(config(
+        &one_route("response_timeout = \"300ms\"", ""),
+        receiver.addr,
+    ))
+    .await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 504);
     assert_eq!(got.json()["error"], "upstream_response_timeout");
     assert_eq!(receiver.next().await.body.unwrap(), "{}");
@@ -64,21 +92,32 @@ async fn receiver_that_resets_mid_response_gets_502() {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut buf = [0u8; 4096];
             let _ = stream.read(&mut buf).await;
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial").await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                .await;
             drop(stream);
         }
     });
     let proxy = start_proxy(config(&one_route("", ""), addr)).await;
     // Headers arrived, so the status is relayed; the body is cut and the client sees an error.
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let resp = sender
-        .send_request(Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap())
+        .send_request(
+            Request::post(proxy.url("/hooks/test"))
+                .body(full("{}"))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.into_body().collect().await.is_err(), "a truncated body must not look complete");
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "a truncated body must not look complete"
+    );
 
     // A receiver that closes before any response: 502.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -92,18 +131,30 @@ async fn receiver_that_resets_mid_response_gets_502() {
         }
     });
     let proxy = start_proxy(config(&one_route("", ""), addr)).await;
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/test")).body(full("{}")).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 502);
     assert_eq!(got.json()["error"], "upstream_failed");
 }
 
 /// A private CA and a certificate for 127.0.0.1 signed by it.
-fn private_ca() -> (String, rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
+fn private_ca() -> (
+    String,
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "payload-guard test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "payload-guard test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf_key = KeyPair::generate().unwrap();
     let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
@@ -138,7 +189,9 @@ async fn https_upstream_with_private_ca_and_h2_by_alpn() {
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let tx = tx.clone();
                     async move {
@@ -169,17 +222,33 @@ ca_file = "{}"
     );
     let proxy = start_proxy(config(&text, addr)).await;
     let body = payload(100_000);
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/tls")).body(full(body.clone())).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/tls"))
+            .body(full(body.clone()))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 200, "{:?}", got.body);
     assert_eq!(got.body, "secure");
     let (version, seen) = rx.recv().await.unwrap();
-    assert_eq!(version, http::Version::HTTP_2, "ALPN offered h2, so the upstream leg uses it");
+    assert_eq!(
+        version,
+        http::Version::HTTP_2,
+        "ALPN offered h2, so the upstream leg uses it"
+    );
     assert_eq!(seen, body);
 
     // Without the CA the certificate is not trusted: 502, nothing forwarded.
     let untrusted = text.replace(&format!("ca_file = \"{}\"", ca_file.display()), "");
     let proxy = start_proxy(config(&untrusted, addr)).await;
-    let got = send(proxy.addr, Request::post(proxy.url("/hooks/tls")).body(full("{}")).unwrap()).await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/tls"))
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(got.status, 502);
     assert!(rx.try_recv().is_err());
 }
