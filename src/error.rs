@@ -36,9 +36,7 @@ pub enum ProxyError {
     #[error("CONNECT is not supported: this is not a forward proxy")]
     ConnectRefused,
     /// An absolute-form request target naming another host.
-    #[error(
-        "absolute-form request targets for other hosts are refused: this is not an open proxy"
-    )]
+    #[error("absolute-form request targets for other hosts are refused: this is not an open proxy")]
     ForeignTarget,
     /// `Upgrade` (WebSocket, h2c upgrade) on a webhook route.
     #[error("protocol upgrades are not supported on webhook routes")]

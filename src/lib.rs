@@ -26,3 +26,4 @@ pub mod observe;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod trim;

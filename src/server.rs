@@ -20,7 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::{ServerConfig, MAX_HEADERS};
+use crate::config::{MAX_HEADERS, ServerConfig};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 
 type HandlerFuture =

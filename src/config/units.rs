@@ -4,8 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
 /// A number of bytes, written in TOML as a plain integer or a string with a unit
 /// (`B`, `KB`, `KiB`, `MB`, `MiB`, `GB`, `GiB`).

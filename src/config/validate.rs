@@ -12,8 +12,8 @@ use toml::Spanned;
 
 use super::raw::{OnOversize, RawConfig, RawRoute};
 use super::{
-    Config, ConfigError, ConfigErrors, IncidentsConfig, RouteConfig, ServerConfig,
-    DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES,
+    Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, RouteConfig, ServerConfig,
 };
 
 /// Collects errors, turning byte spans into line and column.
@@ -528,7 +528,7 @@ fn parse_upstream(url: &str) -> Result<Uri, String> {
         Some(other) => {
             return Err(format!(
                 "unsupported scheme {other:?} in {url:?}: use http:// or https://"
-            ))
+            ));
         }
         None => return Err(format!("{url:?} has no scheme: {hint}")),
     }

@@ -1,0 +1,605 @@
+//! The span scanner: one validating pass over the raw bytes that records every value as a
+//! [`Node`] on a flat tape (byte offsets only, nothing decoded).
+//!
+//! The rewriter and the field reports work on this tape instead of a DOM so that every byte
+//! outside an edited span can be copied through untouched. Strings, which make up almost all of
+//! a large webhook body, are skipped 8 bytes at a time and UTF-8 is checked inline only where
+//! non-ASCII bytes are, so the scan runs near memory speed.
+
+use super::{JsonErrorKind, TrimError};
+
+/// Deepest nesting of objects and arrays accepted; deeper documents are rejected with
+/// [`TrimError::TooDeep`] instead of risking the stack.
+pub const MAX_DEPTH: usize = 128;
+
+/// What kind of JSON value a [`Node`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Object,
+    Array,
+    String,
+    Number,
+    Bool,
+    Null,
+}
+
+/// One value on the tape. Offsets are `u32` to keep the tape small (a body over 4 GiB is
+/// rejected up front); children of a container follow it directly, and `next` jumps over the
+/// whole subtree.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Node {
+    /// Start of the member: the key's opening quote for object members, else the value start.
+    pub(crate) start: u32,
+    /// Object members: offset of the key's closing quote. Array elements: the element index.
+    pub(crate) key_end_or_index: u32,
+    /// First byte of the value (the opening quote of a string).
+    pub(crate) value_start: u32,
+    /// One past the last byte of the value.
+    pub(crate) end: u32,
+    /// Tape index just past this node's subtree (its next sibling, if any).
+    pub(crate) next: u32,
+    /// Tape index of the enclosing container; the root points at itself.
+    pub(crate) parent: u32,
+    pub(crate) kind: Kind,
+    /// Whether the member key contains a backslash (and so needs decoding to compare).
+    pub(crate) key_escaped: bool,
+}
+
+/// Role of a node inside its parent, derived from the parent's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot<'a> {
+    Root,
+    Key { raw: &'a [u8], escaped: bool },
+    Index(u32),
+}
+
+/// A parsed document: the original bytes plus the tape. Index 0 is the root value.
+#[derive(Debug)]
+pub(crate) struct Tape<'a> {
+    pub(crate) body: &'a [u8],
+    pub(crate) nodes: Vec<Node>,
+}
+
+impl<'a> Tape<'a> {
+    /// Validates `body` as one JSON value (with optional surrounding whitespace) and records
+    /// every value.
+    pub(crate) fn parse(body: &'a [u8]) -> Result<Self, TrimError> {
+        if u32::try_from(body.len()).is_err() {
+            return Err(TrimError::TooLarge { len: body.len() });
+        }
+        let mut parser = Parser {
+            body,
+            pos: 0,
+            nodes: Vec::new(),
+        };
+        parser.skip_ws();
+        parser.value(0, 0, 0, None)?;
+        parser.skip_ws();
+        if parser.pos != body.len() {
+            return Err(parser.err(JsonErrorKind::TrailingData));
+        }
+        Ok(Tape {
+            body,
+            nodes: parser.nodes,
+        })
+    }
+
+    /// The node's position in its parent.
+    pub(crate) fn slot(&self, idx: u32) -> Slot<'a> {
+        let node = &self.nodes[idx as usize];
+        if idx == 0 {
+            return Slot::Root;
+        }
+        match self.nodes[node.parent as usize].kind {
+            Kind::Object => Slot::Key {
+                raw: &self.body[node.start as usize + 1..node.key_end_or_index as usize],
+                escaped: node.key_escaped,
+            },
+            _ => Slot::Index(node.key_end_or_index),
+        }
+    }
+
+    /// Iterates the direct children of a container, in document order.
+    pub(crate) fn children(&self, idx: u32) -> Children<'_, 'a> {
+        let node = &self.nodes[idx as usize];
+        let is_container = matches!(node.kind, Kind::Object | Kind::Array);
+        Children {
+            tape: self,
+            cur: idx + 1,
+            end: if is_container { node.next } else { idx + 1 },
+        }
+    }
+
+    /// Raw content of a string node, between its quotes.
+    pub(crate) fn string_raw(&self, idx: u32) -> &'a [u8] {
+        let node = &self.nodes[idx as usize];
+        &self.body[node.value_start as usize + 1..node.end as usize - 1]
+    }
+}
+
+/// Iterator over a container's direct children.
+pub(crate) struct Children<'t, 'a> {
+    tape: &'t Tape<'a>,
+    cur: u32,
+    end: u32,
+}
+
+impl Iterator for Children<'_, '_> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.cur >= self.end {
+            return None;
+        }
+        let idx = self.cur;
+        self.cur = self.tape.nodes[idx as usize].next;
+        Some(idx)
+    }
+}
+
+struct Parser<'a> {
+    body: &'a [u8],
+    pos: usize,
+    nodes: Vec<Node>,
+}
+
+/// Offsets fit in `u32`: `Tape::parse` rejects longer bodies before any node is built.
+fn off(pos: usize) -> u32 {
+    pos as u32
+}
+
+impl Parser<'_> {
+    fn err(&self, kind: JsonErrorKind) -> TrimError {
+        TrimError::InvalidJson {
+            offset: self.pos,
+            reason: kind,
+        }
+    }
+
+    fn err_at(&self, offset: usize, kind: JsonErrorKind) -> TrimError {
+        TrimError::InvalidJson {
+            offset,
+            reason: kind,
+        }
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(&b) = self.body.get(self.pos) {
+            if matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.body.get(self.pos).copied()
+    }
+
+    /// Parses one value at `self.pos` (whitespace already skipped) and pushes its node(s).
+    /// `member_start` / `key_end` describe the key for object members.
+    fn value(
+        &mut self,
+        depth: usize,
+        parent: u32,
+        key_end_or_index: u32,
+        member: Option<(usize, bool)>,
+    ) -> Result<(), TrimError> {
+        let value_start = self.pos;
+        let (start, key_escaped) = member.unwrap_or((value_start, false));
+        let idx = self.nodes.len();
+        let Some(b) = self.peek() else {
+            return Err(self.err(JsonErrorKind::UnexpectedEnd));
+        };
+        let kind = match b {
+            b'{' => Kind::Object,
+            b'[' => Kind::Array,
+            b'"' => Kind::String,
+            b't' | b'f' => Kind::Bool,
+            b'n' => Kind::Null,
+            b'-' | b'0'..=b'9' => Kind::Number,
+            _ => return Err(self.err(JsonErrorKind::ExpectedValue)),
+        };
+        self.nodes.push(Node {
+            start: off(start),
+            key_end_or_index,
+            value_start: off(value_start),
+            end: 0,
+            next: 0,
+            parent,
+            kind,
+            key_escaped,
+        });
+        match kind {
+            Kind::Object => self.object(depth + 1, off(idx))?,
+            Kind::Array => self.array(depth + 1, off(idx))?,
+            Kind::String => {
+                self.string()?;
+            }
+            Kind::Bool if b == b't' => self.literal(b"true")?,
+            Kind::Bool => self.literal(b"false")?,
+            Kind::Null => self.literal(b"null")?,
+            Kind::Number => self.number()?,
+        }
+        let next = off(self.nodes.len());
+        let node = &mut self.nodes[idx];
+        node.end = off(self.pos);
+        node.next = next;
+        Ok(())
+    }
+
+    fn object(&mut self, depth: usize, idx: u32) -> Result<(), TrimError> {
+        if depth > MAX_DEPTH {
+            return Err(TrimError::TooDeep {
+                offset: self.pos,
+                max_depth: MAX_DEPTH,
+            });
+        }
+        self.pos += 1;
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            if self.peek() != Some(b'"') {
+                return Err(self.missing(JsonErrorKind::ExpectedKey));
+            }
+            let member_start = self.pos;
+            let escaped = self.string()?;
+            let key_end = self.pos - 1;
+            self.skip_ws();
+            if self.peek() != Some(b':') {
+                return Err(self.missing(JsonErrorKind::ExpectedColon));
+            }
+            self.pos += 1;
+            self.skip_ws();
+            self.value(depth, idx, off(key_end), Some((member_start, escaped)))?;
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => {
+                    self.pos += 1;
+                    self.skip_ws();
+                }
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.missing(JsonErrorKind::ExpectedCommaOrEnd)),
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize, idx: u32) -> Result<(), TrimError> {
+        if depth > MAX_DEPTH {
+            return Err(TrimError::TooDeep {
+                offset: self.pos,
+                max_depth: MAX_DEPTH,
+            });
+        }
+        self.pos += 1;
+        self.skip_ws();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            return Ok(());
+        }
+        let mut index = 0u32;
+        loop {
+            self.value(depth, idx, index, None)?;
+            index += 1;
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => {
+                    self.pos += 1;
+                    self.skip_ws();
+                }
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.missing(JsonErrorKind::ExpectedCommaOrEnd)),
+            }
+        }
+    }
+
+    /// An expected token is absent: at the end of input that is the more useful reason.
+    fn missing(&self, kind: JsonErrorKind) -> TrimError {
+        if self.pos >= self.body.len() {
+            self.err(JsonErrorKind::UnexpectedEnd)
+        } else {
+            self.err(kind)
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), TrimError> {
+        for &want in word {
+            match self.peek() {
+                Some(b) if b == want => self.pos += 1,
+                None => return Err(self.err(JsonErrorKind::UnexpectedEnd)),
+                Some(_) => return Err(self.err(JsonErrorKind::InvalidLiteral)),
+            }
+        }
+        Ok(())
+    }
+
+    fn number(&mut self) -> Result<(), TrimError> {
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.missing(JsonErrorKind::InvalidNumber)),
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.missing(JsonErrorKind::InvalidNumber));
+            }
+            self.digits();
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.missing(JsonErrorKind::InvalidNumber));
+            }
+            self.digits();
+        }
+        Ok(())
+    }
+
+    fn digits(&mut self) {
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.pos += 1;
+        }
+    }
+
+    /// Scans a string starting at its opening quote; leaves `pos` after the closing quote and
+    /// returns whether it contains any escape.
+    ///
+    /// This is the hot loop: a large body is mostly one long transcript with an escape (`\n`)
+    /// every few dozen bytes and non-ASCII text on most lines, so a `memchr2` call per escape
+    /// plus a separate `str::from_utf8` pass per segment would dominate. Instead it tests 8
+    /// bytes per step (SWAR) for a quote, a backslash, a control byte or a non-ASCII byte, and
+    /// validates UTF-8 inline, one character at a time, only where non-ASCII bytes are.
+    fn string(&mut self) -> Result<bool, TrimError> {
+        let body = self.body;
+        let mut pos = self.pos + 1;
+        let mut escaped = false;
+        loop {
+            let stop = loop {
+                if let Some(chunk) = body.get(pos..pos + 32) {
+                    // Test word by word: the first hit ends the search, no re-scan.
+                    let found = special(word(&chunk[..8]));
+                    if found != 0 {
+                        break pos + first_flagged(found);
+                    }
+                    let found = special(word(&chunk[8..16]));
+                    if found != 0 {
+                        break pos + 8 + first_flagged(found);
+                    }
+                    let found = special(word(&chunk[16..24]));
+                    if found != 0 {
+                        break pos + 16 + first_flagged(found);
+                    }
+                    let found = special(word(&chunk[24..]));
+                    if found != 0 {
+                        break pos + 24 + first_flagged(found);
+                    }
+                    pos += 32;
+                } else {
+                    let rest = &body[pos..];
+                    break pos
+                        + rest
+                            .iter()
+                            .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b))
+                            .unwrap_or(rest.len());
+                }
+            };
+            match body.get(stop) {
+                Some(b'\\') => {
+                    escaped = true;
+                    // Two-byte escapes (`\n` above all) are the common case: no call.
+                    pos = match body.get(stop + 1) {
+                        Some(b'n' | b'"' | b'\\' | b'/' | b't' | b'r' | b'b' | b'f') => stop + 2,
+                        _ => escape_end(body, stop)?,
+                    };
+                }
+                Some(b'"') => {
+                    self.pos = stop + 1;
+                    return Ok(escaped);
+                }
+                Some(&b) if b >= 0x80 => {
+                    pos = stop;
+                    // Non-ASCII text comes in runs (words): stay here for the whole run.
+                    while let Some(&lead) = body.get(pos) {
+                        let len = match lead {
+                            0..0x80 => break,
+                            // Two-byte characters (Latin, Cyrillic, ...) are the common case.
+                            0xC2..=0xDF if body.get(pos + 1).is_some_and(|&b| b & 0xC0 == 0x80) => {
+                                2
+                            }
+                            _ => utf8_char_len(body, pos).ok_or(TrimError::InvalidJson {
+                                offset: pos,
+                                reason: JsonErrorKind::InvalidUtf8,
+                            })?,
+                        };
+                        pos += len;
+                    }
+                }
+                Some(_) => return Err(self.err_at(stop, JsonErrorKind::ControlCharInString)),
+                None => return Err(self.err_at(stop, JsonErrorKind::UnterminatedString)),
+            }
+        }
+    }
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// Offset of the first flagged byte; borrows only run upwards, so the lowest flag is a true
+/// hit.
+fn first_flagged(found: u64) -> usize {
+    (found.trailing_zeros() / 8) as usize
+}
+
+fn word(bytes: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    buf.copy_from_slice(bytes);
+    u64::from_le_bytes(buf)
+}
+
+/// High bit set in each byte of `w` that is `"`, `\`, below 0x20 or non-ASCII (plus possibly
+/// some bytes above the lowest such byte, from borrows).
+fn special(w: u64) -> u64 {
+    let quote = w ^ (ONES * u64::from(b'"'));
+    let backslash = w ^ (ONES * u64::from(b'\\'));
+    let zero_quote = quote.wrapping_sub(ONES) & !quote;
+    let zero_backslash = backslash.wrapping_sub(ONES) & !backslash;
+    let control = w.wrapping_sub(ONES * 0x20) & !w;
+    (zero_quote | zero_backslash | control | w) & HIGH_BITS
+}
+
+/// Length of the valid UTF-8 character starting at `pos` (a non-ASCII lead byte), following
+/// the Unicode table of well-formed sequences (no overlongs, surrogates or values past
+/// U+10FFFF), or `None` if it is malformed.
+fn utf8_char_len(body: &[u8], pos: usize) -> Option<usize> {
+    let cont = |i: usize| body.get(pos + i).is_some_and(|&b| b & 0xC0 == 0x80);
+    let second_in = |lo: u8, hi: u8| body.get(pos + 1).is_some_and(|&b| (lo..=hi).contains(&b));
+    let (ok, len) = match body[pos] {
+        0xC2..=0xDF => (cont(1), 2),
+        0xE0 => (second_in(0xA0, 0xBF) && cont(2), 3),
+        0xE1..=0xEC | 0xEE..=0xEF => (cont(1) && cont(2), 3),
+        0xED => (second_in(0x80, 0x9F) && cont(2), 3),
+        0xF0 => (second_in(0x90, 0xBF) && cont(2) && cont(3), 4),
+        0xF1..=0xF3 => (cont(1) && cont(2) && cont(3), 4),
+        0xF4 => (second_in(0x80, 0x8F) && cont(2) && cont(3), 4),
+        _ => (false, 1),
+    };
+    ok.then_some(len)
+}
+
+/// Validates the escape starting with the backslash at `pos` and returns the offset after it.
+fn escape_end(body: &[u8], pos: usize) -> Result<usize, TrimError> {
+    let bad = |offset| TrimError::InvalidJson {
+        offset,
+        reason: JsonErrorKind::InvalidEscape,
+    };
+    match body.get(pos + 1) {
+        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(pos + 2),
+        Some(b'u') => {
+            let hex = body.get(pos + 2..pos + 6).ok_or(TrimError::InvalidJson {
+                offset: body.len(),
+                reason: JsonErrorKind::UnexpectedEnd,
+            })?;
+            match hex.iter().position(|b| !b.is_ascii_hexdigit()) {
+                Some(i) => Err(bad(pos + 2 + i)),
+                None => Ok(pos + 6),
+            }
+        }
+        Some(_) => Err(bad(pos)),
+        None => Err(TrimError::InvalidJson {
+            offset: body.len(),
+            reason: JsonErrorKind::UnexpectedEnd,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_of(input: &str) -> (usize, JsonErrorKind) {
+        match Tape::parse(input.as_bytes()) {
+            Err(TrimError::InvalidJson { offset, reason }) => (offset, reason),
+            other => panic!("expected invalid json for {input:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tape_records_members_and_elements() {
+        let body = br#" {"a": [1, "x"], "b\n": {}} "#;
+        let tape = Tape::parse(body).unwrap();
+        assert_eq!(tape.nodes.len(), 5);
+        let kids: Vec<u32> = tape.children(0).collect();
+        assert_eq!(kids, vec![1, 4]);
+        assert_eq!(
+            tape.slot(1),
+            Slot::Key {
+                raw: b"a",
+                escaped: false
+            }
+        );
+        assert_eq!(
+            tape.slot(4),
+            Slot::Key {
+                raw: b"b\\n",
+                escaped: true
+            }
+        );
+        assert_eq!(tape.slot(3), Slot::Index(1));
+        assert_eq!(tape.string_raw(3), b"x");
+        let root = tape.nodes[0];
+        assert_eq!((root.start, root.end), (1, body.len() as u32 - 1));
+    }
+
+    #[test]
+    fn accepts_number_spellings_and_lone_surrogates() {
+        for ok in [
+            "1.0",
+            "1e3",
+            "-0.5E-7",
+            "12345678901234567890",
+            r#""\uDE00 lone low""#,
+            r#""\uD83D\uDE00""#,
+            "[]",
+            " {} ",
+        ] {
+            Tape::parse(ok.as_bytes()).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn rejects_invalid_json_with_offsets() {
+        assert_eq!(err_of("{} x"), (3, JsonErrorKind::TrailingData));
+        assert_eq!(err_of(r#"{"a":"b"#), (7, JsonErrorKind::UnterminatedString));
+        assert_eq!(err_of(r#""a\x""#), (2, JsonErrorKind::InvalidEscape));
+        assert_eq!(err_of(r#""\u12g4""#), (5, JsonErrorKind::InvalidEscape));
+        assert_eq!(
+            err_of("\"a\u{1}\""),
+            (2, JsonErrorKind::ControlCharInString)
+        );
+        assert_eq!(err_of("01"), (1, JsonErrorKind::TrailingData));
+        assert_eq!(err_of("1."), (2, JsonErrorKind::UnexpectedEnd));
+        assert_eq!(err_of("[1,]"), (3, JsonErrorKind::ExpectedValue));
+        assert_eq!(err_of(r#"{"a" 1}"#), (5, JsonErrorKind::ExpectedColon));
+        assert_eq!(err_of("{1:2}"), (1, JsonErrorKind::ExpectedKey));
+        assert_eq!(err_of("[1 2]"), (3, JsonErrorKind::ExpectedCommaOrEnd));
+        assert_eq!(err_of("tru"), (3, JsonErrorKind::UnexpectedEnd));
+        assert_eq!(err_of("nul!"), (3, JsonErrorKind::InvalidLiteral));
+        assert_eq!(err_of(""), (0, JsonErrorKind::UnexpectedEnd));
+        let bad_utf8 = [b'"', b'a', 0xff, b'"'];
+        assert!(matches!(
+            Tape::parse(&bad_utf8),
+            Err(TrimError::InvalidJson {
+                offset: 2,
+                reason: JsonErrorKind::InvalidUtf8
+            })
+        ));
+    }
+
+    #[test]
+    fn depth_limit_is_an_error_not_a_crash() {
+        let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
+        Tape::parse(ok.as_bytes()).unwrap();
+        let deep = "[".repeat(100_000);
+        assert!(matches!(
+            Tape::parse(deep.as_bytes()),
+            Err(TrimError::TooDeep { .. })
+        ));
+    }
+}
