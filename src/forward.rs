@@ -185,10 +185,10 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) 
     if !fwd.preserve_host {
         // The client sets Host from the upstream URI when it is absent.
         headers.remove(header::HOST);
-    } else if !headers.contains_key(header::HOST) {
-        if let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok()) {
-            headers.insert(header::HOST, host);
-        }
+    } else if !headers.contains_key(header::HOST)
+        && let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        headers.insert(header::HOST, host);
     }
 }
 

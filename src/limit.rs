@@ -216,10 +216,10 @@ where
     }
 
     fn cut_off(&mut self, failure: BodyFailure) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if let Some(inner) = self.inner.take() {
-            if failure == BodyFailure::TooLarge {
-                linger(inner);
-            }
+        if let Some(inner) = self.inner.take()
+            && failure == BodyFailure::TooLarge
+        {
+            linger(inner);
         }
         self.stats.fail(failure.clone());
         Poll::Ready(Some(Err(BodyError::new(BodyCutOff(failure)))))
@@ -305,10 +305,10 @@ where
     fn drop(&mut self) {
         // Dropped before its end: the receiver answered early (e.g. its own 413) or the upstream
         // request failed. Drain the rest so the sender reads our response, not a reset.
-        if let Some(inner) = self.inner.take() {
-            if !self.ended {
-                linger(inner);
-            }
+        if let Some(inner) = self.inner.take()
+            && !self.ended
+        {
+            linger(inner);
         }
     }
 }

@@ -204,12 +204,11 @@ async fn pipeline(
     if parts.method == Method::CONNECT {
         return refuse(body, ProxyError::ConnectRefused);
     }
-    if parts.version < Version::HTTP_2 {
-        if let Some(authority) = parts.uri.authority() {
-            if !targets_us(authority, conn.local) {
-                return refuse(body, ProxyError::ForeignTarget);
-            }
-        }
+    if parts.version < Version::HTTP_2
+        && let Some(authority) = parts.uri.authority()
+        && !targets_us(authority, conn.local)
+    {
+        return refuse(body, ProxyError::ForeignTarget);
     }
     if parts.headers.contains_key(header::UPGRADE) {
         return refuse(body, ProxyError::UpgradeRefused);
@@ -232,16 +231,15 @@ async fn pipeline(
     };
     let reject_over_limit = cfg.on_oversize == OnOversize::Reject;
     if let (true, Some(limit), Some(size)) = (reject_over_limit, cfg.upstream_limit_bytes, declared)
+        && size > limit
     {
-        if size > limit {
-            tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, rejected");
-            return refuse(body, ProxyError::OverUpstreamLimit { size, limit });
-        }
+        tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, rejected");
+        return refuse(body, ProxyError::OverUpstreamLimit { size, limit });
     }
-    if let (Some(limit), Some(size)) = (cfg.upstream_limit_bytes, declared) {
-        if size > limit {
-            tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, forwarded as is");
-        }
+    if let (Some(limit), Some(size)) = (cfg.upstream_limit_bytes, declared)
+        && size > limit
+    {
+        tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, forwarded as is");
     }
 
     let server = &rt.config.server;

@@ -126,30 +126,29 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
     for (index, spanned) in raw.routes.iter().enumerate() {
         let table_span = spanned.span();
         let route = spanned.get_ref();
-        if let Some(name) = &route.name {
-            if let Some(first) = names.insert(name.get_ref().clone(), index) {
-                rep.at(
-                    Some(name.span()),
-                    format!("routes[{index}].name"),
-                    format!(
-                        "duplicate route name {:?} (also routes[{first}]): names must be unique",
-                        name.get_ref()
-                    ),
-                );
-            }
+        if let Some(name) = &route.name
+            && let Some(first) = names.insert(name.get_ref().clone(), index)
+        {
+            rep.at(
+                Some(name.span()),
+                format!("routes[{index}].name"),
+                format!(
+                    "duplicate route name {:?} (also routes[{first}]): names must be unique",
+                    name.get_ref()
+                ),
+            );
         }
-        if let Some(prefix) = &route.path_prefix {
-            if let Ok(normal) = normalize_prefix(prefix.get_ref()) {
-                if let Some(first) = prefixes.insert(normal.clone(), index) {
-                    rep.at(
+        if let Some(prefix) = &route.path_prefix
+            && let Ok(normal) = normalize_prefix(prefix.get_ref())
+            && let Some(first) = prefixes.insert(normal.clone(), index)
+        {
+            rep.at(
                         Some(prefix.span()),
                         format!("routes[{index}].path_prefix"),
                         format!(
                             "duplicate path_prefix {normal:?} (also routes[{first}]): each prefix may belong to one route"
                         ),
                     );
-                }
-            }
         }
         if let Some(cfg) = validate_route(index, table_span, route, &defaults, &base_dir, &mut rep)
         {
@@ -222,14 +221,15 @@ fn validate_server(raw: &RawConfig, rep: &mut Reporter<'_>) -> ServerConfig {
         .map(|l| *l.get_ref())
         .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid literal address"));
     let admin_listen = s.admin_listen.as_ref().map(|a| *a.get_ref());
-    if let (Some(admin), Some(span)) = (admin_listen, s.admin_listen.as_ref().map(Spanned::span)) {
-        if admin == listen && admin.port() != 0 {
-            rep.at(
-                Some(span),
-                "server.admin_listen",
-                "must differ from server.listen",
-            );
-        }
+    if let (Some(admin), Some(span)) = (admin_listen, s.admin_listen.as_ref().map(Spanned::span))
+        && admin == listen
+        && admin.port() != 0
+    {
+        rep.at(
+            Some(span),
+            "server.admin_listen",
+            "must differ from server.listen",
+        );
     }
     let max_header_bytes = match &s.max_header_bytes {
         None => DEFAULT_MAX_HEADER_BYTES,
@@ -440,13 +440,12 @@ fn validate_route(
             }
         },
     };
-    if !ca_certs.is_empty() {
-        if let Some(u) = &upstream {
-            if u.scheme_str() != Some("https") {
-                let span = pick(&route.ca_file, &defaults.ca_file).map(Spanned::span);
-                rep.at(span, key("ca_file"), "only applies to an https:// upstream");
-            }
-        }
+    if !ca_certs.is_empty()
+        && let Some(u) = &upstream
+        && u.scheme_str() != Some("https")
+    {
+        let span = pick(&route.ca_file, &defaults.ca_file).map(Spanned::span);
+        rep.at(span, key("ca_file"), "only applies to an https:// upstream");
     }
 
     let connect_timeout = nonzero_duration(
