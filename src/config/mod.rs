@@ -11,12 +11,15 @@ mod validate;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
 use rustls::pki_types::CertificateDer;
 
-pub use raw::OnOversize;
+use crate::trim::{RuleSet, RuleSpec};
+
+pub use raw::{LimitCounts, OnOversize, OnTrimFailure};
 
 /// Default `max_body` when neither the route nor `[defaults]` sets one.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
@@ -97,6 +100,25 @@ pub struct RouteConfig {
     pub preserve_host: bool,
     /// Extra trusted CA certificates for an `https://` upstream (from `ca_file`).
     pub ca_certs: Vec<CertificateDer<'static>>,
+    /// Trim rules and their settings, when the route has `[[routes.trim]]` rules.
+    pub trim: Option<TrimConfig>,
+}
+
+/// A route's trim settings with its rules compiled.
+#[derive(Debug, Clone)]
+pub struct TrimConfig {
+    /// The compiled rules (shared: compiled once per config load).
+    pub rules: Arc<RuleSet>,
+    /// The rules as written, for `check` and reports.
+    pub specs: Vec<RuleSpec>,
+    /// Paths no rule may touch.
+    pub protect: Vec<String>,
+    /// What to do when the rules cannot reach the limit.
+    pub on_failure: OnTrimFailure,
+    /// Compute and record the trim, but forward the original.
+    pub dry_run: bool,
+    /// Whether `upstream_limit` counts wire or decoded bytes.
+    pub limit_counts: LimitCounts,
 }
 
 /// One mistake in the configuration, located in the file.

@@ -80,4 +80,61 @@ pub struct RawRoute {
     pub response_timeout: Option<Spanned<Dur>>,
     pub preserve_host: Option<Spanned<bool>>,
     pub ca_file: Option<Spanned<PathBuf>>,
+    pub protect: Option<Spanned<Vec<String>>>,
+    pub on_trim_failure: Option<Spanned<OnTrimFailure>>,
+    pub trim_dry_run: Option<Spanned<bool>>,
+    pub limit_counts: Option<Spanned<LimitCounts>>,
+    pub trim: Option<Vec<Spanned<RawTrimRule>>>,
+}
+
+/// What to do when the trim rules cannot bring a payload under the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTrimFailure {
+    /// Answer 413 (the receiver would reject it anyway).
+    Reject,
+    /// Send the smallest result reached.
+    Forward,
+}
+
+/// Which bytes `upstream_limit` counts when the body is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitCounts {
+    /// The bytes on the wire (what nginx counts).
+    Wire,
+    /// The bytes after decoding `Content-Encoding` (what Express's body-parser counts).
+    Decoded,
+}
+
+/// A trim action's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawAction {
+    Truncate,
+    Drop,
+    KeepItems,
+    KeepLines,
+}
+
+/// Which part of a truncated string survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawKeep {
+    Head,
+    Tail,
+    HeadTail,
+}
+
+/// One `[[routes.trim]]` rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrimRule {
+    pub path: Spanned<String>,
+    pub action: Spanned<RawAction>,
+    pub keep: Option<Spanned<RawKeep>>,
+    pub max_bytes: Option<Spanned<ByteSize>>,
+    pub marker: Option<Spanned<String>>,
+    pub head: Option<Spanned<i64>>,
+    pub tail: Option<Spanned<i64>>,
 }

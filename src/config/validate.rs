@@ -4,17 +4,20 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
 use rustls::pki_types::CertificateDer;
 use toml::Spanned;
 
-use super::raw::{OnOversize, RawConfig, RawRoute};
+use super::raw::{OnOversize, RawAction, RawConfig, RawKeep, RawRoute};
 use super::{
     Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, RouteConfig, ServerConfig,
+    DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure, RouteConfig,
+    ServerConfig, TrimConfig,
 };
+use crate::trim::{ActionSpec, DEFAULT_PROTECT, Keep, RuleOrigin, RuleSet, RuleSpec};
 
 /// Collects errors, turning byte spans into line and column.
 struct Reporter<'a> {
@@ -417,16 +420,18 @@ fn validate_route(
         }
     }
 
+    let trim = validate_trim(index, &table_span, route, defaults, rep);
     let on_oversize = match pick(&route.on_oversize, &defaults.on_oversize) {
-        Some(o) if *o.get_ref() == OnOversize::Trim => {
+        Some(o) if *o.get_ref() == OnOversize::Trim && route.trim.is_none() && defaults.trim.is_none() => {
             rep.at(
                 Some(o.span()),
                 key("on_oversize"),
-                "\"trim\" needs trim rules, which this version does not support yet: use \"forward\" or \"reject\"",
+                "\"trim\" needs trim rules: add [[routes.trim]] tables to this route, or use \"forward\" or \"reject\"",
             );
             OnOversize::Forward
         }
         Some(o) => *o.get_ref(),
+        None if trim.is_some() => OnOversize::Trim,
         None => OnOversize::Forward,
     };
 
@@ -477,6 +482,180 @@ fn validate_route(
         response_timeout,
         preserve_host,
         ca_certs,
+        trim,
+    })
+}
+
+/// Validates and compiles a route's trim rules (its own, else those in `[defaults]`).
+fn validate_trim(
+    index: usize,
+    table_span: &Range<usize>,
+    route: &RawRoute,
+    defaults: &RawRoute,
+    rep: &mut Reporter<'_>,
+) -> Option<TrimConfig> {
+    let key = |k: &str| format!("routes[{index}].{k}");
+    let raw_rules = route.trim.as_ref().or(defaults.trim.as_ref());
+    let protect_raw = pick(&route.protect, &defaults.protect);
+    let protect: Vec<String> = protect_raw.map_or_else(
+        || DEFAULT_PROTECT.iter().map(|p| p.to_string()).collect(),
+        |p| p.get_ref().clone(),
+    );
+    let on_failure = pick(&route.on_trim_failure, &defaults.on_trim_failure)
+        .map_or(OnTrimFailure::Reject, |o| *o.get_ref());
+    let dry_run = pick(&route.trim_dry_run, &defaults.trim_dry_run).is_some_and(|d| *d.get_ref());
+    let limit_counts = pick(&route.limit_counts, &defaults.limit_counts)
+        .map_or(LimitCounts::Wire, |l| *l.get_ref());
+    let Some(raw_rules) = raw_rules else {
+        for (name, span) in [
+            ("on_trim_failure", pick(&route.on_trim_failure, &defaults.on_trim_failure).map(Spanned::span)),
+            ("trim_dry_run", pick(&route.trim_dry_run, &defaults.trim_dry_run).map(Spanned::span)),
+        ] {
+            if let Some(span) = span {
+                rep.at(
+                    Some(span),
+                    key(name),
+                    "has no effect without trim rules: add [[routes.trim]] tables or remove it",
+                );
+            }
+        }
+        return None;
+    };
+    if raw_rules.is_empty() {
+        rep.at(
+            Some(table_span.clone()),
+            key("trim"),
+            "is empty: add at least one rule with path and action",
+        );
+        return None;
+    }
+    let before = rep.errors.len();
+    let mut specs = Vec::with_capacity(raw_rules.len());
+    for (i, rule) in raw_rules.iter().enumerate() {
+        let rule = rule.get_ref();
+        let rkey = |k: &str| format!("routes[{index}].trim[{i}].{k}");
+        let action = *rule.action.get_ref();
+        let allowed: &[&str] = match action {
+            RawAction::Truncate => &["keep", "max_bytes", "marker"],
+            RawAction::Drop => &[],
+            RawAction::KeepItems => &["head", "tail"],
+            RawAction::KeepLines => &["head", "tail", "marker"],
+        };
+        let action_name = match action {
+            RawAction::Truncate => "truncate",
+            RawAction::Drop => "drop",
+            RawAction::KeepItems => "keep_items",
+            RawAction::KeepLines => "keep_lines",
+        };
+        for (name, span) in [
+            ("keep", rule.keep.as_ref().map(Spanned::span)),
+            ("max_bytes", rule.max_bytes.as_ref().map(Spanned::span)),
+            ("marker", rule.marker.as_ref().map(Spanned::span)),
+            ("head", rule.head.as_ref().map(Spanned::span)),
+            ("tail", rule.tail.as_ref().map(Spanned::span)),
+        ] {
+            if let Some(span) = span
+                && !allowed.contains(&name)
+            {
+                rep.at(
+                    Some(span),
+                    rkey(name),
+                    format!(
+                        "does not apply to action \"{action_name}\" (it takes: {})",
+                        if allowed.is_empty() { "no options".to_string() } else { allowed.join(", ") }
+                    ),
+                );
+            }
+        }
+        let mut count = |v: &Option<Spanned<i64>>, name: &str| -> usize {
+            match v {
+                None => 0,
+                Some(n) if *n.get_ref() >= 0 => *n.get_ref() as usize,
+                Some(n) => {
+                    rep.at(Some(n.span()), rkey(name), "must be 0 or more");
+                    0
+                }
+            }
+        };
+        let head = count(&rule.head, "head");
+        let tail = count(&rule.tail, "tail");
+        if matches!(action, RawAction::KeepItems | RawAction::KeepLines)
+            && rule.head.is_none()
+            && rule.tail.is_none()
+        {
+            rep.at(
+                Some(rule.action.span()),
+                rkey("action"),
+                format!("\"{action_name}\" needs head and/or tail: how many items to keep from each end"),
+            );
+        }
+        let spec_action = match action {
+            RawAction::Truncate => ActionSpec::Truncate {
+                keep: match rule.keep.as_ref().map(|k| *k.get_ref()) {
+                    Some(RawKeep::Head) => Keep::Head,
+                    Some(RawKeep::Tail) => Keep::Tail,
+                    Some(RawKeep::HeadTail) | None => Keep::HeadTail,
+                },
+                max_bytes: rule.max_bytes.as_ref().map(|m| m.get_ref().0),
+                marker: rule.marker.as_ref().map(|m| m.get_ref().clone()),
+            },
+            RawAction::Drop => ActionSpec::Drop,
+            RawAction::KeepItems => ActionSpec::KeepItems { head, tail },
+            RawAction::KeepLines => ActionSpec::KeepLines {
+                head,
+                tail,
+                marker: rule.marker.as_ref().map(|m| m.get_ref().clone()),
+            },
+        };
+        specs.push(RuleSpec {
+            path: rule.path.get_ref().clone(),
+            action: spec_action,
+        });
+    }
+    let rules = match RuleSet::compile(&specs, &protect) {
+        Ok(rules) => Some(rules),
+        Err(errors) => {
+            for err in errors {
+                let (span, name) = match err.origin {
+                    RuleOrigin::Rule(i) => {
+                        let rule = raw_rules[i].get_ref();
+                        let span = match err.field {
+                            "max_bytes" => rule.max_bytes.as_ref().map(Spanned::span),
+                            "marker" => rule.marker.as_ref().map(Spanned::span),
+                            _ => None,
+                        }
+                        .unwrap_or_else(|| {
+                            // Point into the quoted path string at the mistake.
+                            let s = rule.path.span();
+                            let at = s.start + 1 + err.position.unwrap_or(0);
+                            at..at
+                        });
+                        (span, format!("routes[{index}].trim[{i}].{}", err.field))
+                    }
+                    RuleOrigin::Protect(i) => (
+                        protect_raw.map_or_else(|| table_span.clone(), Spanned::span),
+                        format!("routes[{index}].protect[{i}]"),
+                    ),
+                };
+                let message = match err.position {
+                    Some(pos) => format!("{} (at char {pos})", err.message),
+                    None => err.message.clone(),
+                };
+                rep.at(Some(span), name, message);
+            }
+            None
+        }
+    };
+    if rep.errors.len() > before {
+        return None;
+    }
+    Some(TrimConfig {
+        rules: Arc::new(rules?),
+        specs,
+        protect,
+        on_failure,
+        dry_run,
+        limit_counts,
     })
 }
 
@@ -676,9 +855,42 @@ upstream = "http://127.0.0.1:1/"
     }
 
     #[test]
-    fn trim_is_refused_until_supported() {
+    fn trim_without_rules_is_an_error() {
         let err = load(&format!("{MINIMAL}on_oversize = \"trim\"\n")).unwrap_err();
         assert!(err.to_string().contains("needs trim rules"), "{err}");
+    }
+
+    #[test]
+    fn trim_rules_compile_and_default_on_oversize_to_trim() {
+        let cfg = load(&format!(
+            "{MINIMAL}upstream_limit = \"1MiB\"\n[[routes.trim]]\npath = \"call.transcript\"\naction = \"truncate\"\nkeep = \"head\"\nmax_bytes = \"200KiB\"\n[[routes.trim]]\npath = \"analysis.*_feedback\"\naction = \"drop\"\n"
+        ))
+        .unwrap();
+        let r = &cfg.routes[0];
+        assert_eq!(r.on_oversize, OnOversize::Trim);
+        let trim = r.trim.as_ref().unwrap();
+        assert_eq!(trim.specs.len(), 2);
+        assert_eq!(trim.protect, ["call.call_id"]);
+        assert_eq!(trim.on_failure, OnTrimFailure::Reject);
+        assert_eq!(trim.limit_counts, LimitCounts::Wire);
+    }
+
+    #[test]
+    fn trim_rule_errors_are_located() {
+        let err = load(&format!(
+            "{MINIMAL}[[routes.trim]]\npath = \"call..transcript\"\naction = \"truncate\"\n[[routes.trim]]\npath = \"call.call_id\"\naction = \"drop\"\n[[routes.trim]]\npath = \"x\"\naction = \"drop\"\nhead = 3\n[[routes.trim]]\npath = \"y\"\naction = \"keep_items\"\n"
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "proxy.toml:7:14: routes[0].trim[0].path: empty segment",
+            "routes[0].trim[1].path: ",
+            "routes[0].trim[2].head: does not apply to action \"drop\"",
+            "routes[0].trim[3].action: \"keep_items\" needs head and/or tail",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(text.contains("call.call_id"), "{text}");
     }
 
     #[test]
