@@ -61,6 +61,24 @@ pub enum ProxyError {
         /// The route's effective upstream limit.
         limit: u64,
     },
+    /// The payload is over the receiver's limit and the trim rules could not bring it under.
+    #[error(
+        "request body of {size} bytes is over the receiver's limit of {limit} bytes and could not be trimmed: {reason}"
+    )]
+    TrimFailed {
+        /// The body size.
+        size: u64,
+        /// The effective upstream limit.
+        limit: u64,
+        /// Why trimming failed.
+        reason: String,
+    },
+    /// A compressed body decodes to more than `max_body` or past the ratio guard.
+    #[error("compressed request body decodes to more than {limit} bytes")]
+    DecompressionBomb {
+        /// The decoded-size cap that was hit.
+        limit: u64,
+    },
     /// No body bytes for `body_idle_timeout`.
     #[error("no request body bytes received for {0:?}")]
     BodyIdleTimeout(Duration),
@@ -101,9 +119,10 @@ impl ProxyError {
             | ProxyError::AmbiguousLength
             | ProxyError::BadContentLength
             | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
-            ProxyError::BodyTooLarge { .. } | ProxyError::OverUpstreamLimit { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::OverUpstreamLimit { .. }
+            | ProxyError::TrimFailed { .. }
+            | ProxyError::DecompressionBomb { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyIdleTimeout(_) | ProxyError::BodyTimeout(_) => {
                 StatusCode::REQUEST_TIMEOUT
             }
@@ -129,6 +148,8 @@ impl ProxyError {
             ProxyError::BadContentLength => "bad_content_length",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::OverUpstreamLimit { .. } => "over_upstream_limit",
+            ProxyError::TrimFailed { .. } => "trim_failed",
+            ProxyError::DecompressionBomb { .. } => "decompression_bomb",
             ProxyError::BodyIdleTimeout(_) => "body_idle_timeout",
             ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::BodyRead(_) => "body_read_failed",
@@ -157,7 +178,10 @@ impl ProxyError {
     pub fn incident_kind(&self) -> Option<&'static str> {
         match self {
             ProxyError::BodyTooLarge { .. } => Some("over_max_body"),
-            ProxyError::OverUpstreamLimit { .. } => Some("over_upstream_limit"),
+            ProxyError::OverUpstreamLimit { .. } | ProxyError::TrimFailed { .. } => {
+                Some("over_upstream_limit")
+            }
+            ProxyError::DecompressionBomb { .. } => Some("over_max_body"),
             ProxyError::BufferBudgetExhausted => Some("buffer_budget_exhausted"),
             _ => None,
         }
@@ -172,6 +196,7 @@ impl ProxyError {
                 | ProxyError::BadContentLength
                 | ProxyError::BodyTooLarge { .. }
                 | ProxyError::OverUpstreamLimit { .. }
+                | ProxyError::DecompressionBomb { .. }
                 | ProxyError::BodyIdleTimeout(_)
                 | ProxyError::BodyTimeout(_)
                 | ProxyError::BodyRead(_)

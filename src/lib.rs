@@ -9,18 +9,23 @@
 //! - [`proxy`]: the per-request pipeline that calls the stages below, top to bottom.
 //! - [`route`]: longest-prefix route matching on segment boundaries (pure).
 //! - [`limit`]: `Content-Length` pre-check, then a counting body with idle and total timeouts.
+//! - [`buffer`]: bounded buffering under a global budget, only when trimming may be needed.
+//! - [`trim`]: byte-faithful JSON trimming by path rules (and the gzip/deflate wrapper).
 //! - [`forward`]: upstream clients (pooled, TLS, HTTP/2 by ALPN), URI and header rewriting.
 //! - [`observe`]: the access-log line for each exchange.
+//! - [`incident`]: the 413 incident log, fingerprints of who rejected, learned limits, diagnosis.
 //! - [`error`]: the one mapping from an error to a status, a culprit and an incident kind.
 //! - [`cli`]: the `payload-guard` subcommands.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod buffer;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod incident;
 pub mod limit;
 pub mod observe;
 pub mod proxy;

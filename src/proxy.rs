@@ -1,26 +1,39 @@
 //! The per-request pipeline, top to bottom: refuse what is not a webhook request, match the
-//! route, pre-check the declared length, stream the body through [`LimitedBody`] to the
-//! receiver, and relay the receiver's response (or answer with the proxy's own error).
+//! route, pre-check the declared length, then either stream the body through [`LimitedBody`]
+//! to the receiver or — only when the payload may need trimming — buffer it under the global
+//! budget, trim it, and send it with a `Content-Length`. The receiver's response is relayed;
+//! every size incident on the way is recorded.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, Version};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::config::{Config, OnOversize, RouteConfig};
+use crate::buffer::{self, BufferBudget, CollectError, Reservation};
+use crate::config::{Config, OnOversize, OnTrimFailure, RouteConfig, TrimConfig};
 use crate::error::ProxyError;
 use crate::forward::{self, ForwardedFor, UpstreamBody, UpstreamClient};
+use crate::incident::{
+    self, Action, FieldBytes, Incident, IncidentLog, Kind, LimitLearner, Removed, Retry,
+};
 use crate::limit::{self, BodyError, BodyFailure, BodyLimits, BodyStats, LimitedBody};
 use crate::observe::{Exchange, ObservedBody};
 use crate::route::RouteTable;
+use crate::trim::payload::{self, Encoding, ShrinkError, Shrunk};
 
 /// The response body type of the proxy.
 pub type ProxyBody = ObservedBody<UpstreamBody>;
+
+/// Default capacity of the incident queue.
+pub const INCIDENT_QUEUE: usize = 1024;
+
+/// How many bytes of a receiver's 413 body are read for its fingerprint and snippet.
+const SNIFF_BYTES: usize = 4096;
 
 /// Facts about the connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -70,18 +83,55 @@ impl Runtime {
     }
 }
 
+/// State that outlives a configuration reload: the buffer budget, the incident log and what
+/// was learned about receivers' limits.
+pub struct Shared {
+    /// Memory all buffered bodies share.
+    pub budget: Arc<BufferBudget>,
+    /// The incident log.
+    pub incidents: IncidentLog,
+    /// Learned receiver limits, per route.
+    pub learner: Arc<LimitLearner>,
+}
+
+impl Shared {
+    /// Budget from `[server] buffer_budget`, the incident log at `[incidents] path` (its writer
+    /// task starts on the current tokio runtime), and limits learned from that log.
+    pub fn for_config(config: &Config) -> Shared {
+        let path = config.incidents.path.clone();
+        Shared {
+            budget: BufferBudget::new(config.server.buffer_budget_bytes),
+            learner: Arc::new(incident::learn::rebuild_from_log(&path)),
+            incidents: IncidentLog::start(path, INCIDENT_QUEUE),
+        }
+    }
+}
+
 /// The proxy service: the current [`Runtime`] behind a lock, swapped atomically on reload.
 #[derive(Clone)]
 pub struct Proxy {
     runtime: Arc<RwLock<Arc<Runtime>>>,
+    shared: Arc<Shared>,
 }
 
 impl Proxy {
-    /// A proxy serving `runtime`.
-    pub fn new(runtime: Runtime) -> Proxy {
+    /// A proxy serving `runtime` with `shared` state.
+    pub fn new(runtime: Runtime, shared: Shared) -> Proxy {
         Proxy {
             runtime: Arc::new(RwLock::new(Arc::new(runtime))),
+            shared: Arc::new(shared),
         }
+    }
+
+    /// Builds the runtime and the shared state for `config` (inside a tokio runtime).
+    pub fn start(config: Config) -> Result<Proxy, ProxyError> {
+        let shared = Shared::for_config(&config);
+        Ok(Proxy::new(Runtime::new(config)?, shared))
+    }
+
+    /// The state shared across reloads.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// The runtime new requests use.
@@ -112,7 +162,7 @@ impl Proxy {
             conn.peer,
         );
         let is_h1 = req.version() < Version::HTTP_2;
-        let mut response = match pipeline(&rt, req, &conn, &mut exchange).await {
+        let mut response = match pipeline(&rt, &self.shared, req, &conn, &mut exchange).await {
             Ok(response) => response,
             Err(err) => error_response(&err, &request_id, is_h1, &mut exchange),
         };
@@ -126,7 +176,7 @@ impl Proxy {
 }
 
 /// The request id: the sender's `X-Request-Id` when it is sane, else a new UUID.
-pub fn request_id(headers: &http::HeaderMap) -> String {
+pub fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -149,10 +199,7 @@ pub fn error_response(
     } else {
         tracing::warn!(request_id, error = %err, "request failed");
     }
-    let body = Full::new(Bytes::from(err.json_body(request_id)))
-        .map_err(|never| match never {})
-        .boxed_unsync();
-    let mut response = Response::new(body);
+    let mut response = Response::new(full_body(Bytes::from(err.json_body(request_id))));
     *response.status_mut() = err.status();
     let headers = response.headers_mut();
     headers.insert(
@@ -174,6 +221,12 @@ pub fn error_response(
     response
 }
 
+fn full_body(bytes: Bytes) -> UpstreamBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// Whether an absolute-form target names this listener (the only absolute form we accept).
 fn targets_us(authority: &http::uri::Authority, local: SocketAddr) -> bool {
     let port = authority.port_u16().unwrap_or(80);
@@ -190,8 +243,190 @@ fn targets_us(authority: &http::uri::Authority, local: SocketAddr) -> bool {
             .is_ok_and(|ip| ip == local.ip())
 }
 
+/// The request headers the pipeline and incidents look at.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// `User-Agent`
+    pub user_agent: Option<String>,
+    /// `Content-Type`
+    pub content_type: Option<String>,
+    /// `Content-Encoding`
+    pub content_encoding: Option<String>,
+}
+
+impl Facts {
+    fn from_headers(headers: &HeaderMap) -> Facts {
+        let get = |name: HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Facts {
+            user_agent: get(header::USER_AGENT),
+            content_type: get(header::CONTENT_TYPE),
+            content_encoding: get(header::CONTENT_ENCODING),
+        }
+    }
+}
+
+/// How one request's body will be handled.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Refuse now: the declared length is over the receiver's limit and the route rejects.
+    Reject {
+        /// The declared size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Stream it, cut off past `hard_limit`.
+    Stream {
+        /// The limit that fails the body (`max_body`, or the receiver's limit when rejecting).
+        hard_limit: u64,
+        /// Why a trim route streams instead of trimming (not JSON, unknown encoding), if so.
+        untrimmable: Option<String>,
+    },
+    /// Buffer it (within `max_body` and the budget) and run the trim stage.
+    Buffer {
+        /// The body's `Content-Encoding`.
+        encoding: Encoding,
+    },
+}
+
+/// Decides how to handle a body (pure): stream unless the route trims and the payload may be
+/// over the receiver's `limit` (unknown length, declared over, or compressed with the limit
+/// counting decoded bytes); never buffer on a route that does not trim.
+pub fn plan(cfg: &RouteConfig, facts: &Facts, declared: Option<u64>, limit: Option<u64>) -> Plan {
+    let over = |size: Option<u64>| matches!((size, limit), (Some(s), Some(l)) if s > l);
+    let trim = cfg
+        .trim
+        .as_ref()
+        .filter(|_| cfg.on_oversize == OnOversize::Trim);
+    let (reject, untrimmable) = match (trim, limit) {
+        (Some(tc), Some(_)) => {
+            let problem = if !payload::is_json(facts.content_type.as_deref()) {
+                Some(format!(
+                    "not JSON (content-type {})",
+                    facts.content_type.as_deref().unwrap_or("missing")
+                ))
+            } else {
+                match payload::encoding(facts.content_encoding.as_deref()) {
+                    Err(enc) => Some(format!("unsupported content-encoding {enc}")),
+                    Ok(encoding) => {
+                        let counts_decoded = tc.limit_counts == crate::config::LimitCounts::Decoded;
+                        if declared.is_none()
+                            || over(declared)
+                            || (encoding != Encoding::Identity && counts_decoded)
+                            || cfg.retry_on_413
+                        {
+                            return Plan::Buffer { encoding };
+                        }
+                        None
+                    }
+                }
+            };
+            let reject = problem.is_some() && tc.on_failure == OnTrimFailure::Reject && !tc.dry_run;
+            (reject, problem)
+        }
+        _ => (cfg.on_oversize == OnOversize::Reject, None),
+    };
+    match (reject, limit) {
+        (true, Some(l)) if over(declared) => Plan::Reject {
+            size: declared.unwrap_or(0),
+            limit: l,
+        },
+        (true, Some(l)) => Plan::Stream {
+            hard_limit: l.min(cfg.max_body_bytes),
+            untrimmable,
+        },
+        _ => Plan::Stream {
+            hard_limit: cfg.max_body_bytes,
+            untrimmable,
+        },
+    }
+}
+
+/// What the pipeline knows about one request, for incidents and decisions.
+struct Ctx<'a> {
+    shared: &'a Shared,
+    cfg: &'a RouteConfig,
+    client: &'a UpstreamClient,
+    request_id: String,
+    method: Method,
+    path: String,
+    peer: SocketAddr,
+    facts: Facts,
+    declared: Option<u64>,
+    /// The receiver limit in force: configured, or learned from its 413s.
+    limit: Option<u64>,
+    body_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Ctx<'_> {
+    /// An incident with everything known about the request filled in.
+    fn incident(&self, kind: Kind) -> Incident {
+        let mut inc = Incident::new(kind, self.cfg.name.clone(), self.request_id.clone());
+        inc.method = Some(self.method.to_string());
+        inc.path = Some(self.path.clone());
+        inc.peer = Some(self.peer.ip());
+        inc.user_agent = self.facts.user_agent.clone();
+        inc.content_type = self.facts.content_type.clone();
+        inc.content_length = self.declared;
+        inc.max_body = Some(self.cfg.max_body_bytes);
+        inc.upstream_limit = self.limit;
+        inc
+    }
+
+    fn record(&self, incident: Incident) {
+        self.shared.incidents.record(incident);
+    }
+
+    fn limits(&self, hard_limit: u64) -> BodyLimits {
+        BodyLimits {
+            max_bytes: hard_limit,
+            soft_bytes: self.limit,
+            idle_timeout: self.idle_timeout,
+            total_timeout: self.body_timeout,
+        }
+    }
+}
+
+/// What the JSON body says, for incidents (only when the body was read).
+#[derive(Debug, Default, Clone)]
+struct BodyFacts {
+    call_id: Option<String>,
+    top_fields: Vec<FieldBytes>,
+}
+
+impl BodyFacts {
+    fn read(json: &[u8], id_path: &str) -> BodyFacts {
+        BodyFacts {
+            call_id: crate::trim::string_at(json, id_path),
+            top_fields: crate::trim::top_fields(json, incident::TOP_FIELDS)
+                .map(|fields| {
+                    fields
+                        .into_iter()
+                        .map(|f| FieldBytes {
+                            path: f.path,
+                            bytes: f.bytes as u64,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    fn fill(&self, inc: &mut Incident) {
+        inc.call_id.clone_from(&self.call_id);
+        inc.top_fields.clone_from(&self.top_fields);
+    }
+}
+
 async fn pipeline(
     rt: &Runtime,
+    shared: &Shared,
     req: Request<Incoming>,
     conn: &ConnInfo,
     exchange: &mut Exchange,
@@ -219,46 +454,43 @@ async fn pipeline(
     let route = &rt.routes[found.index];
     let cfg = &route.config;
     exchange.route = Some(cfg.name.clone());
+    let learned = shared.learner.bracket(&cfg.name);
+    let mut ctx = Ctx {
+        shared,
+        cfg,
+        client: &route.client,
+        request_id: exchange.request_id.clone(),
+        method: parts.method.clone(),
+        path: parts.uri.path().to_string(),
+        peer: conn.peer,
+        facts: Facts::from_headers(&parts.headers),
+        declared: None,
+        limit: incident::effective_limit(cfg.upstream_limit_bytes, &learned),
+        body_timeout: rt.config.server.body_timeout,
+        idle_timeout: rt.config.server.body_idle_timeout,
+    };
+    if ctx.limit != cfg.upstream_limit_bytes {
+        tracing::debug!(route = %cfg.name, limit = ?ctx.limit, "using the receiver limit learned from its 413s");
+    }
 
     let declared = match limit::precheck(&parts.headers, cfg.max_body_bytes) {
         Ok(declared) => declared,
         Err(err) => {
             if let ProxyError::BodyTooLarge { limit } = err {
                 tracing::warn!(route = %cfg.name, limit, declared = ?parts.headers.get(header::CONTENT_LENGTH), "body over max_body");
+                let mut inc = ctx.incident(Kind::OverMaxBody);
+                inc.content_length = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok());
+                inc.body_bytes = Some(0);
+                ctx.record(inc);
             }
             return refuse(body, err);
         }
     };
-    let reject_over_limit = cfg.on_oversize == OnOversize::Reject;
-    if let (true, Some(limit), Some(size)) = (reject_over_limit, cfg.upstream_limit_bytes, declared)
-        && size > limit
-    {
-        tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, rejected");
-        return refuse(body, ProxyError::OverUpstreamLimit { size, limit });
-    }
-    if let (Some(limit), Some(size)) = (cfg.upstream_limit_bytes, declared)
-        && size > limit
-    {
-        tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, forwarded as is");
-    }
-
-    let server = &rt.config.server;
-    let hard_limit = match (reject_over_limit, cfg.upstream_limit_bytes) {
-        (true, Some(limit)) => limit.min(cfg.max_body_bytes),
-        _ => cfg.max_body_bytes,
-    };
-    let stats = Arc::new(BodyStats::default());
-    exchange.body = Some(stats.clone());
-    let limited = LimitedBody::new(
-        body,
-        BodyLimits {
-            max_bytes: hard_limit,
-            soft_bytes: cfg.upstream_limit_bytes,
-            idle_timeout: server.body_idle_timeout,
-            total_timeout: server.body_timeout,
-        },
-        stats.clone(),
-    );
+    ctx.declared = declared;
 
     let uri = forward::upstream_uri(&cfg.upstream, found.rest, parts.uri.query())?;
     let host = parts
@@ -277,39 +509,78 @@ async fn pipeline(
             preserve_host: cfg.preserve_host,
         },
     );
-    let mut upstream_req = Request::new(limited.boxed_unsync());
-    *upstream_req.method_mut() = parts.method;
-    *upstream_req.uri_mut() = uri;
-    *upstream_req.headers_mut() = parts.headers;
-    *upstream_req.version_mut() = Version::HTTP_11;
+    let target = Target {
+        method: parts.method,
+        uri,
+        headers: parts.headers,
+    };
 
-    let sent = route.client.request(upstream_req);
+    match plan(cfg, &ctx.facts, declared, ctx.limit) {
+        Plan::Reject { size, limit } => {
+            tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, rejected");
+            let mut inc = ctx.incident(Kind::OverUpstreamLimit);
+            inc.action = Some(Action::Rejected);
+            ctx.record(inc);
+            refuse(body, ProxyError::OverUpstreamLimit { size, limit })
+        }
+        Plan::Stream {
+            hard_limit,
+            untrimmable,
+        } => stream(&ctx, target, body, hard_limit, untrimmable, exchange).await,
+        Plan::Buffer { encoding } => {
+            let tc = cfg
+                .trim
+                .as_ref()
+                .ok_or_else(|| ProxyError::Internal("buffer plan without trim rules".into()))?;
+            buffered(&ctx, tc, target, body, encoding, exchange).await
+        }
+    }
+}
+
+/// Where the request goes: method, upstream URI, rewritten headers.
+struct Target {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+/// Why sending upstream failed.
+enum SendError {
+    /// The request body failed (size, timeouts, sender).
+    Body(BodyFailure),
+    /// The proxy gave up (response or body deadline).
+    Proxy(ProxyError),
+    /// The upstream failed.
+    Upstream(ProxyError),
+}
+
+async fn send(
+    ctx: &Ctx<'_>,
+    target: &Target,
+    body: UpstreamBody,
+    stats: &BodyStats,
+) -> Result<Response<Incoming>, SendError> {
+    let mut req = Request::new(body);
+    *req.method_mut() = target.method.clone();
+    *req.uri_mut() = target.uri.clone();
+    *req.headers_mut() = target.headers.clone();
+    *req.version_mut() = Version::HTTP_11;
+    let sent = ctx.client.request(req);
     let result = tokio::select! {
         result = sent => result,
-        err = deadline(&stats, cfg.response_timeout, server.body_timeout) => return Err(err),
+        err = deadline(stats, ctx.cfg.response_timeout, ctx.body_timeout) => return Err(SendError::Proxy(err)),
     };
-    let response = match result {
-        Ok(response) => response,
+    match result {
+        Ok(response) => Ok(response),
         Err(err) => {
             if let Some(failure) = stats.failure() {
-                return Err(body_error(failure, cfg, hard_limit, stats.bytes()));
+                return Err(SendError::Body(failure));
             }
-            let err = forward::classify_error(&err, cfg);
-            tracing::warn!(route = %cfg.name, error = %err, "upstream request failed");
-            return Err(err);
+            let err = forward::classify_error(&err, ctx.cfg);
+            tracing::warn!(route = %ctx.cfg.name, error = %err, "upstream request failed");
+            Err(SendError::Upstream(err))
         }
-    };
-    exchange.upstream_status = Some(response.status().as_u16());
-    if !stats.is_complete() {
-        tracing::debug!(route = %cfg.name, status = response.status().as_u16(), "receiver answered before the body was complete");
     }
-    let (mut parts, body) = response.into_parts();
-    forward::strip_hop_by_hop(&mut parts.headers);
-    parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(BodyError::new).boxed_unsync(),
-    ))
 }
 
 /// Resolves with an error when the body stalls past `body_timeout`, or when the receiver sends
@@ -333,10 +604,91 @@ async fn deadline(
     ProxyError::UpstreamResponseTimeout(response_timeout)
 }
 
-fn body_error(failure: BodyFailure, cfg: &RouteConfig, hard_limit: u64, seen: u64) -> ProxyError {
+/// Streams the body to the receiver, never holding it whole.
+async fn stream(
+    ctx: &Ctx<'_>,
+    target: Target,
+    body: Incoming,
+    hard_limit: u64,
+    untrimmable: Option<String>,
+    exchange: &mut Exchange,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let cfg = ctx.cfg;
+    let over_known = matches!((ctx.declared, ctx.limit), (Some(s), Some(l)) if s > l);
+    if over_known {
+        // Forwarded as is (forward mode, or a trim route that cannot trim this payload).
+        tracing::warn!(route = %cfg.name, limit = ?ctx.limit, size = ?ctx.declared, reason = ?untrimmable, "body over upstream_limit, forwarded as is");
+        let mut inc = ctx.incident(Kind::OverUpstreamLimit);
+        inc.action = Some(if untrimmable.is_some() {
+            Action::TrimFailed
+        } else {
+            Action::Forwarded
+        });
+        inc.reason.clone_from(&untrimmable);
+        ctx.record(inc);
+    }
+    let stats = Arc::new(BodyStats::default());
+    exchange.body = Some(stats.clone());
+    let limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone());
+    let response = match send(ctx, &target, limited.boxed_unsync(), &stats).await {
+        Ok(response) => response,
+        Err(SendError::Body(failure)) => {
+            return Err(body_error(
+                ctx,
+                failure,
+                hard_limit,
+                stats.bytes(),
+                untrimmable,
+            ));
+        }
+        Err(SendError::Proxy(err) | SendError::Upstream(err)) => return Err(err),
+    };
+    if !over_known && ctx.declared.is_none() && stats.over_soft_limit() {
+        let mut inc = ctx.incident(Kind::OverUpstreamLimit);
+        inc.action = Some(if untrimmable.is_some() {
+            Action::TrimFailed
+        } else {
+            Action::Forwarded
+        });
+        inc.body_bytes = Some(stats.bytes());
+        inc.reason = untrimmable;
+        ctx.record(inc);
+    }
+    let sent = stats.bytes();
+    let complete = stats.is_complete();
+    relay(
+        ctx,
+        response,
+        sent,
+        complete,
+        &BodyFacts::default(),
+        None,
+        exchange,
+    )
+    .await
+}
+
+/// Records the incident for a body cut off mid-stream and names the error.
+fn body_error(
+    ctx: &Ctx<'_>,
+    failure: BodyFailure,
+    hard_limit: u64,
+    seen: u64,
+    reason: Option<String>,
+) -> ProxyError {
+    let cfg = ctx.cfg;
     match failure {
         BodyFailure::TooLarge if hard_limit < cfg.max_body_bytes => {
             tracing::warn!(route = %cfg.name, limit = hard_limit, received = seen, "body over upstream_limit, rejected mid-stream");
+            let mut inc = ctx.incident(Kind::OverUpstreamLimit);
+            inc.action = Some(if reason.is_some() {
+                Action::TrimFailed
+            } else {
+                Action::Rejected
+            });
+            inc.body_bytes = Some(seen);
+            inc.reason = reason;
+            ctx.record(inc);
             ProxyError::OverUpstreamLimit {
                 size: seen,
                 limit: hard_limit,
@@ -344,8 +696,467 @@ fn body_error(failure: BodyFailure, cfg: &RouteConfig, hard_limit: u64, seen: u6
         }
         BodyFailure::TooLarge => {
             tracing::warn!(route = %cfg.name, limit = cfg.max_body_bytes, received = seen, "body over max_body mid-stream, upstream request aborted");
+            let mut inc = ctx.incident(Kind::OverMaxBody);
+            inc.body_bytes = Some(seen);
+            ctx.record(inc);
             limit::failure_to_error(failure, cfg.max_body_bytes)
         }
         other => limit::failure_to_error(other, cfg.max_body_bytes),
+    }
+}
+
+/// Buffers the body under the budget, runs the trim stage, and sends the result with a
+/// `Content-Length` (some receivers silently truncate chunked bodies over their limit).
+async fn buffered(
+    ctx: &Ctx<'_>,
+    tc: &TrimConfig,
+    mut target: Target,
+    body: Incoming,
+    encoding: Encoding,
+    exchange: &mut Exchange,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let cfg = ctx.cfg;
+    let limit = ctx.limit.unwrap_or(cfg.max_body_bytes);
+    let budget_incident = |bytes: u64| {
+        tracing::warn!(route = %cfg.name, in_use = ctx.shared.budget.in_use(), budget = ctx.shared.budget.limit(), "buffer budget exhausted");
+        let mut inc = ctx.incident(Kind::BufferBudgetExhausted);
+        inc.body_bytes = Some(bytes);
+        ctx.record(inc);
+        ProxyError::BufferBudgetExhausted
+    };
+    let mut reservation = match ctx.shared.budget.reserve(ctx.declared.unwrap_or(0)) {
+        Ok(r) => r,
+        Err(_) => {
+            limit::linger(body);
+            return Err(budget_incident(0));
+        }
+    };
+    let stats = Arc::new(BodyStats::default());
+    exchange.body = Some(stats.clone());
+    let limited = LimitedBody::new(body, ctx.limits(cfg.max_body_bytes), stats.clone());
+    let capacity = ctx.declared.unwrap_or(0) as usize;
+    let wire = match buffer::collect(limited, capacity, &mut reservation).await {
+        Ok(wire) => wire,
+        Err(CollectError::Budget(_)) => return Err(budget_incident(stats.bytes())),
+        Err(CollectError::Body(_)) => {
+            let failure = stats
+                .failure()
+                .unwrap_or(BodyFailure::Read("body failed".into()));
+            return Err(body_error(
+                ctx,
+                failure,
+                cfg.max_body_bytes,
+                stats.bytes(),
+                None,
+            ));
+        }
+    };
+    let original_len = wire.len() as u64;
+
+    // Decode (within the budget) and trim.
+    let decoded = match decode_within_budget(&wire, encoding, cfg, &mut reservation) {
+        Ok(decoded) => decoded,
+        Err(DecodeFailure::Budget) => return Err(budget_incident(original_len)),
+        Err(DecodeFailure::Shrink(err)) => {
+            return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await;
+        }
+    };
+    let measured = match (encoding, tc.limit_counts) {
+        (Encoding::Identity, _) | (_, crate::config::LimitCounts::Wire) => wire.len(),
+        (_, crate::config::LimitCounts::Decoded) => decoded.len(),
+    } as u64;
+    if measured <= limit && !cfg.retry_on_413 {
+        // Fits as it is: forward byte-identical.
+        return send_buffered(ctx, &target, wire, &stats, None, None, exchange).await;
+    }
+    if reservation
+        .ensure(original_len + crate::trim::memory_estimate(&decoded))
+        .is_err()
+    {
+        return Err(budget_incident(original_len));
+    }
+    let facts = BodyFacts::read(&decoded, &cfg.id_path);
+    if measured <= limit {
+        // retry_on_413 buffers every payload so it can be trimmed if the receiver refuses it.
+        let retry = RetryState {
+            decoded: &decoded,
+            encoding,
+            wire: &wire,
+        };
+        return send_buffered(
+            ctx,
+            &target,
+            wire.clone(),
+            &stats,
+            Some(&facts),
+            Some(retry),
+            exchange,
+        )
+        .await;
+    }
+    let shrunk = match payload::shrink(&wire, &decoded, encoding, tc, limit) {
+        Ok(shrunk) => shrunk,
+        Err(err) => return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await,
+    };
+    let mut inc = ctx.incident(Kind::OverUpstreamLimit);
+    inc.body_bytes = Some(original_len);
+    inc.bytes_after = Some(shrunk.body.len() as u64);
+    inc.trimmed = removed(&shrunk);
+    inc.dry_run = tc.dry_run;
+    facts.fill(&mut inc);
+    if shrunk.fits {
+        inc.action = Some(if tc.dry_run {
+            Action::Forwarded
+        } else {
+            Action::Trimmed
+        });
+        tracing::info!(route = %cfg.name, before = original_len, after = shrunk.body.len(), limit, dry_run = tc.dry_run, trimmed = %shrunk.trimmed_header(), "payload trimmed");
+        ctx.record(inc);
+        if tc.dry_run {
+            return send_buffered(ctx, &target, wire, &stats, Some(&facts), None, exchange).await;
+        }
+        mark_trimmed(&mut target.headers, &shrunk);
+        let body = Bytes::from(shrunk.body);
+        return send_buffered(ctx, &target, body, &stats, Some(&facts), None, exchange).await;
+    }
+    inc.action = Some(Action::TrimFailed);
+    inc.reason = Some(format!(
+        "the rules could only reach {} bytes",
+        shrunk.measured_after
+    ));
+    tracing::warn!(route = %cfg.name, before = original_len, smallest = shrunk.body.len(), limit, on_trim_failure = ?tc.on_failure, "trim rules cannot bring the payload under the limit");
+    ctx.record(inc);
+    if tc.dry_run {
+        return send_buffered(ctx, &target, wire, &stats, Some(&facts), None, exchange).await;
+    }
+    match tc.on_failure {
+        OnTrimFailure::Reject => Err(ProxyError::TrimFailed {
+            size: original_len,
+            limit,
+            reason: format!(
+                "the trim rules could only reach {} bytes",
+                shrunk.measured_after
+            ),
+        }),
+        OnTrimFailure::Forward => {
+            mark_trimmed(&mut target.headers, &shrunk);
+            let body = Bytes::from(shrunk.body);
+            send_buffered(ctx, &target, body, &stats, Some(&facts), None, exchange).await
+        }
+    }
+}
+
+enum DecodeFailure {
+    Budget,
+    Shrink(ShrinkError),
+}
+
+fn decode_within_budget(
+    wire: &Bytes,
+    encoding: Encoding,
+    cfg: &RouteConfig,
+    reservation: &mut Reservation,
+) -> Result<Bytes, DecodeFailure> {
+    if encoding == Encoding::Identity {
+        return Ok(wire.clone());
+    }
+    let cap = payload::decoded_cap(wire.len(), cfg.max_body_bytes);
+    reservation
+        .ensure(wire.len() as u64 + cap)
+        .map_err(|_| DecodeFailure::Budget)?;
+    payload::decode(wire, encoding, cfg.max_body_bytes)
+        .map(Bytes::from)
+        .map_err(DecodeFailure::Shrink)
+}
+
+/// The payload cannot go through the trim stage (invalid JSON, bad encoding, a bomb).
+#[allow(clippy::too_many_arguments)]
+async fn untrimmable(
+    ctx: &Ctx<'_>,
+    tc: &TrimConfig,
+    target: Target,
+    wire: Bytes,
+    limit: u64,
+    err: ShrinkError,
+    exchange: &mut Exchange,
+    stats: &BodyStats,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let cfg = ctx.cfg;
+    let size = wire.len() as u64;
+    if let ShrinkError::Bomb { limit: cap } = err {
+        tracing::warn!(route = %cfg.name, cap, "compressed body decodes past the cap: refused");
+        let mut inc = ctx.incident(Kind::OverMaxBody);
+        inc.body_bytes = Some(size);
+        inc.reason = Some(err.to_string());
+        ctx.record(inc);
+        return Err(ProxyError::DecompressionBomb { limit: cap });
+    }
+    let over = size > limit;
+    if !over {
+        // Under the limit and not ours to judge: pass it on untouched.
+        return send_buffered(ctx, &target, wire, stats, None, None, exchange).await;
+    }
+    tracing::warn!(route = %cfg.name, reason = %err, on_trim_failure = ?tc.on_failure, "payload over upstream_limit cannot be trimmed");
+    let mut inc = ctx.incident(Kind::OverUpstreamLimit);
+    inc.action = Some(Action::TrimFailed);
+    inc.body_bytes = Some(size);
+    inc.reason = Some(err.to_string());
+    inc.dry_run = tc.dry_run;
+    ctx.record(inc);
+    if tc.on_failure == OnTrimFailure::Reject && !tc.dry_run {
+        return Err(ProxyError::TrimFailed {
+            size,
+            limit,
+            reason: err.to_string(),
+        });
+    }
+    send_buffered(ctx, &target, wire, stats, None, None, exchange).await
+}
+
+fn removed(shrunk: &Shrunk) -> Vec<Removed> {
+    shrunk
+        .applied
+        .iter()
+        .map(|a| Removed {
+            path: a.path.clone(),
+            removed: a.removed as u64,
+        })
+        .collect()
+}
+
+/// Adds `Payload-Guard-Trimmed` and `Payload-Guard-Original-Length`.
+fn mark_trimmed(headers: &mut HeaderMap, shrunk: &Shrunk) {
+    if let Ok(v) = HeaderValue::from_str(&shrunk.trimmed_header()) {
+        headers.insert(HeaderName::from_static("payload-guard-trimmed"), v);
+    }
+    headers.insert(
+        HeaderName::from_static("payload-guard-original-length"),
+        HeaderValue::from(shrunk.original_len as u64),
+    );
+}
+
+/// What a retry after a receiver's 413 needs.
+#[derive(Clone, Copy)]
+struct RetryState<'a> {
+    decoded: &'a Bytes,
+    encoding: Encoding,
+    wire: &'a Bytes,
+}
+
+/// Sends a buffered body with its exact `Content-Length`.
+async fn send_buffered(
+    ctx: &Ctx<'_>,
+    target: &Target,
+    body: Bytes,
+    stats: &BodyStats,
+    facts: Option<&BodyFacts>,
+    retry: Option<RetryState<'_>>,
+    exchange: &mut Exchange,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let mut target_headers = target.headers.clone();
+    target_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len() as u64));
+    target_headers.remove(header::TRANSFER_ENCODING);
+    let sending = Target {
+        method: target.method.clone(),
+        uri: target.uri.clone(),
+        headers: target_headers,
+    };
+    let sent = body.len() as u64;
+    let response = match send(ctx, &sending, full_body(body), stats).await {
+        Ok(response) => response,
+        Err(SendError::Body(failure)) => {
+            return Err(limit::failure_to_error(failure, ctx.cfg.max_body_bytes));
+        }
+        Err(SendError::Proxy(err) | SendError::Upstream(err)) => return Err(err),
+    };
+    let facts = facts.cloned().unwrap_or_default();
+    let retry = retry.map(|r| (r, sending));
+    relay(ctx, response, sent, true, &facts, retry, exchange).await
+}
+
+/// Relays the receiver's response; on a 413, fingerprints it, learns from it, records the
+/// incident, and (with `retry_on_413`) trims below the learned bound and tries once more.
+async fn relay(
+    ctx: &Ctx<'_>,
+    response: Response<Incoming>,
+    sent: u64,
+    complete: bool,
+    facts: &BodyFacts,
+    retry: Option<(RetryState<'_>, Target)>,
+    exchange: &mut Exchange,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let cfg = ctx.cfg;
+    let status = response.status().as_u16();
+    exchange.upstream_status = Some(status);
+    if response.status().is_success() && complete {
+        ctx.shared.learner.record_accepted(&cfg.name, sent);
+    }
+    if status != 413 {
+        return Ok(convert_response(response));
+    }
+    // The receiver refused the size: read the start of its answer to name who refused.
+    let (mut parts, body) = response.into_parts();
+    let (prefix, rest) = sniff(body, SNIFF_BYTES).await;
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let rejector = incident::fingerprint(status, &headers, &prefix);
+    let bracket = if complete {
+        ctx.shared.learner.record_rejected(&cfg.name, sent)
+    } else {
+        ctx.shared.learner.bracket(&cfg.name)
+    };
+    tracing::warn!(route = %cfg.name, rejector = rejector.as_str(), bytes = sent, "receiver answered 413");
+    let mut inc = ctx.incident(Kind::Upstream413);
+    inc.body_bytes = Some(sent);
+    inc.upstream_status = Some(status);
+    inc.rejector = Some(rejector);
+    inc.upstream_snippet = Some(incident::snippet(&prefix));
+    inc.learned = Some(bracket);
+    facts.fill(&mut inc);
+
+    if let Some((state, target)) = retry
+        && let Some(tc) = cfg.trim.as_ref()
+        && let Some(bound) = incident::effective_limit(cfg.upstream_limit_bytes, &bracket)
+        && bound < sent
+        && !tc.dry_run
+    {
+        match payload::shrink(state.wire, state.decoded, state.encoding, tc, bound) {
+            Ok(shrunk) if shrunk.fits && shrunk.changed() => {
+                let mut headers = target.headers.clone();
+                mark_trimmed(&mut headers, &shrunk);
+                let again = Target {
+                    method: target.method.clone(),
+                    uri: target.uri.clone(),
+                    headers,
+                };
+                let len = shrunk.body.len() as u64;
+                let trimmed = removed(&shrunk);
+                tracing::info!(route = %cfg.name, bound, bytes = len, "retrying the refused payload trimmed below the learned limit");
+                let stats = BodyStats::default();
+                stats.record_complete(len);
+                let mut again_headers = again.headers;
+                again_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                let again = Target {
+                    headers: again_headers,
+                    ..again
+                };
+                match send(ctx, &again, full_body(Bytes::from(shrunk.body)), &stats).await {
+                    Ok(second) => {
+                        let second_status = second.status().as_u16();
+                        inc.retry = Some(Retry {
+                            attempted: true,
+                            status: Some(second_status),
+                            bytes: Some(len),
+                        });
+                        inc.trimmed = trimmed;
+                        inc.bytes_after = Some(len);
+                        exchange.upstream_status = Some(second_status);
+                        if second.status().is_success() {
+                            ctx.shared.learner.record_accepted(&cfg.name, len);
+                        } else if second_status == 413 {
+                            inc.learned = Some(ctx.shared.learner.record_rejected(&cfg.name, len));
+                        }
+                        ctx.record(inc);
+                        return Ok(convert_response(second));
+                    }
+                    Err(_) => {
+                        inc.retry = Some(Retry {
+                            attempted: true,
+                            status: None,
+                            bytes: Some(len),
+                        });
+                    }
+                }
+            }
+            _ => {
+                inc.retry = Some(Retry {
+                    attempted: false,
+                    status: None,
+                    bytes: None,
+                });
+                inc.reason = Some(format!(
+                    "trim rules cannot reach the learned limit of {bound} bytes"
+                ));
+            }
+        }
+    }
+    ctx.record(inc);
+    forward::strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    Ok(Response::from_parts(parts, prefixed_body(prefix, rest)))
+}
+
+fn convert_response(response: Response<Incoming>) -> Response<UpstreamBody> {
+    let (mut parts, body) = response.into_parts();
+    forward::strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, body.map_err(BodyError::new).boxed_unsync())
+}
+
+/// Reads up to `max` bytes of a body, returning them and the rest of the body.
+async fn sniff(mut body: Incoming, max: usize) -> (Bytes, Option<Incoming>) {
+    let mut prefix = Vec::new();
+    loop {
+        if prefix.len() >= max {
+            return (Bytes::from(prefix), Some(body));
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    prefix.extend_from_slice(&data);
+                }
+            }
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "receiver's 413 body ended early");
+                return (Bytes::from(prefix), None);
+            }
+            None => return (Bytes::from(prefix), None),
+        }
+    }
+}
+
+/// A body that yields `prefix`, then the rest of the original body.
+fn prefixed_body(prefix: Bytes, rest: Option<Incoming>) -> UpstreamBody {
+    Prefixed {
+        prefix: (!prefix.is_empty()).then_some(prefix),
+        rest,
+    }
+    .boxed_unsync()
+}
+
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Option<Incoming>,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
+        }
+        match self.rest.as_mut() {
+            None => std::task::Poll::Ready(None),
+            Some(rest) => std::pin::Pin::new(rest)
+                .poll_frame(cx)
+                .map_err(BodyError::new),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
 }

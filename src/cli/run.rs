@@ -6,7 +6,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::proxy::{Proxy, Runtime};
+use crate::proxy::Proxy;
 use crate::server;
 
 use super::{EXIT_ERROR, EXIT_OK, EXIT_USAGE};
@@ -47,8 +47,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
-    let runtime = Runtime::new(config).context("cannot set up the routes")?;
-    let proxy = Proxy::new(runtime);
+    let proxy = Proxy::start(config).context("cannot set up the routes")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = admin_listen {
         let admin = TcpListener::bind(addr)

@@ -102,6 +102,10 @@ pub struct RouteConfig {
     pub ca_certs: Vec<CertificateDer<'static>>,
     /// Trim rules and their settings, when the route has `[[routes.trim]]` rules.
     pub trim: Option<TrimConfig>,
+    /// Where the payload's id lives (for incidents and idempotency keys).
+    pub id_path: String,
+    /// After a receiver's 413, trim below the learned bound and send once more.
+    pub retry_on_413: bool,
 }
 
 /// A route's trim settings with its rules compiled.

@@ -85,6 +85,8 @@ pub struct RawRoute {
     pub trim_dry_run: Option<Spanned<bool>>,
     pub limit_counts: Option<Spanned<LimitCounts>>,
     pub trim: Option<Vec<Spanned<RawTrimRule>>>,
+    pub id_path: Option<Spanned<String>>,
+    pub retry_on_413: Option<Spanned<bool>>,
 }
 
 /// What to do when the trim rules cannot bring a payload under the limit.

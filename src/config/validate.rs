@@ -422,7 +422,11 @@ fn validate_route(
 
     let trim = validate_trim(index, &table_span, route, defaults, rep);
     let on_oversize = match pick(&route.on_oversize, &defaults.on_oversize) {
-        Some(o) if *o.get_ref() == OnOversize::Trim && route.trim.is_none() && defaults.trim.is_none() => {
+        Some(o)
+            if *o.get_ref() == OnOversize::Trim
+                && route.trim.is_none()
+                && defaults.trim.is_none() =>
+        {
             rep.at(
                 Some(o.span()),
                 key("on_oversize"),
@@ -465,6 +469,18 @@ fn validate_route(
         &key("response_timeout"),
         Duration::from_secs(60),
     );
+    let retry_on_413 = match pick(&route.retry_on_413, &defaults.retry_on_413) {
+        Some(r) if *r.get_ref() && (trim.is_none() || on_oversize != OnOversize::Trim) => {
+            rep.at(
+                Some(r.span()),
+                key("retry_on_413"),
+                "needs a trim route (on_oversize = \"trim\" with [[routes.trim]] rules): the retry trims the payload below the receiver's learned limit",
+            );
+            false
+        }
+        Some(r) => *r.get_ref(),
+        None => false,
+    };
     let preserve_host =
         pick(&route.preserve_host, &defaults.preserve_host).is_some_and(|p| *p.get_ref());
 
@@ -483,6 +499,9 @@ fn validate_route(
         preserve_host,
         ca_certs,
         trim,
+        id_path: pick(&route.id_path, &defaults.id_path)
+            .map_or_else(|| "call.call_id".to_string(), |p| p.get_ref().clone()),
+        retry_on_413,
     })
 }
 
@@ -508,8 +527,14 @@ fn validate_trim(
         .map_or(LimitCounts::Wire, |l| *l.get_ref());
     let Some(raw_rules) = raw_rules else {
         for (name, span) in [
-            ("on_trim_failure", pick(&route.on_trim_failure, &defaults.on_trim_failure).map(Spanned::span)),
-            ("trim_dry_run", pick(&route.trim_dry_run, &defaults.trim_dry_run).map(Spanned::span)),
+            (
+                "on_trim_failure",
+                pick(&route.on_trim_failure, &defaults.on_trim_failure).map(Spanned::span),
+            ),
+            (
+                "trim_dry_run",
+                pick(&route.trim_dry_run, &defaults.trim_dry_run).map(Spanned::span),
+            ),
         ] {
             if let Some(span) = span {
                 rep.at(
@@ -562,7 +587,11 @@ fn validate_trim(
                     rkey(name),
                     format!(
                         "does not apply to action \"{action_name}\" (it takes: {})",
-                        if allowed.is_empty() { "no options".to_string() } else { allowed.join(", ") }
+                        if allowed.is_empty() {
+                            "no options".to_string()
+                        } else {
+                            allowed.join(", ")
+                        }
                     ),
                 );
             }
@@ -586,7 +615,9 @@ fn validate_trim(
             rep.at(
                 Some(rule.action.span()),
                 rkey("action"),
-                format!("\"{action_name}\" needs head and/or tail: how many items to keep from each end"),
+                format!(
+                    "\"{action_name}\" needs head and/or tail: how many items to keep from each end"
+                ),
             );
         }
         let spec_action = match action {

@@ -44,6 +44,7 @@
 
 mod fields;
 mod path;
+pub mod payload;
 mod rewrite;
 mod scan;
 #[doc(hidden)]
@@ -59,6 +60,14 @@ pub use self::rewrite::trim;
 pub use self::scan::MAX_DEPTH;
 
 use self::path::Pattern;
+
+/// An upper bound on the memory [`trim`] needs for `body`: the output plus one 28-byte tape
+/// node per JSON value (counted from the structural characters that can start one), so a body
+/// of millions of tiny values cannot blow through the buffer budget.
+pub fn memory_estimate(body: &[u8]) -> u64 {
+    let starts = memchr::memchr3_iter(b',', b'[', b'{', body).count() as u64 + 1;
+    body.len() as u64 + starts * std::mem::size_of::<scan::Node>() as u64
+}
 
 /// The protect list used when a route names none: the value Synthflow signs.
 pub const DEFAULT_PROTECT: &[&str] = &["call.call_id"];

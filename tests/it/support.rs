@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use payload_guard::config::Config;
-use payload_guard::proxy::{Proxy, Runtime};
+use payload_guard::proxy::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -171,6 +171,8 @@ async fn receive(
 pub struct ProxyHandle {
     pub addr: SocketAddr,
     pub proxy: Proxy,
+    /// The incident log (a temp file unless the config names one).
+    pub incidents: std::path::PathBuf,
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -178,6 +180,18 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// Every incident written so far (waits for the writer to catch up).
+    pub async fn incidents(&self) -> Vec<serde_json::Value> {
+        self.proxy.shared().incidents.flush().await;
+        std::fs::read_to_string(&self.incidents)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad incident line ({e}): {l}"))
+            })
+            .collect()
     }
 
     /// Signals shutdown (in-flight requests may finish within the grace).
@@ -191,6 +205,9 @@ impl ProxyHandle {
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
         self.shutdown();
+        if self.incidents.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_file(&self.incidents);
+        }
     }
 }
 
@@ -201,10 +218,15 @@ pub fn config(text: &str, upstream: SocketAddr) -> Config {
 }
 
 /// Starts the proxy in-process on 127.0.0.1:0.
-pub async fn start_proxy(config: Config) -> ProxyHandle {
+pub async fn start_proxy(mut config: Config) -> ProxyHandle {
+    if config.incidents.path == std::path::Path::new("incidents.jsonl") {
+        // Keep test incident logs out of the work tree.
+        config.incidents.path = std::env::temp_dir().join(format!("pg-it-{}.jsonl", uuid_like()));
+    }
+    let incidents = config.incidents.path.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Proxy::new(Runtime::new(config).unwrap());
+    let proxy = Proxy::start(config).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let served = proxy.clone();
     let done = tokio::spawn(payload_guard::server::serve(listener, served, async move {
@@ -213,9 +235,20 @@ pub async fn start_proxy(config: Config) -> ProxyHandle {
     ProxyHandle {
         addr,
         proxy,
+        incidents,
         stop: Some(stop),
         done: Some(done),
     }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// A config with one route `/hooks/test` to the receiver, plus extra route keys.
