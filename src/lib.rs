@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: `proxy.toml` → validated [`config::Config`] (serde mirror, then validation).
 //! - [`server`]: accept loop, HTTP/1.1 + h2c, header timeout, connection cap, graceful shutdown.
+//! - [`framing`]: follows HTTP/1 framing on the raw bytes to catch Content-Length + Transfer-Encoding.
 //! - [`proxy`]: the per-request pipeline that calls the stages below, top to bottom.
 //! - [`route`]: longest-prefix route matching on segment boundaries (pure).
 //! - [`limit`]: `Content-Length` pre-check, then a counting body with idle and total timeouts.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod framing;
 pub mod incident;
 pub mod limit;
 pub mod observe;

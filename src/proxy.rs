@@ -44,6 +44,8 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// `http` or `https`.
     pub proto: &'static str,
+    /// The request carried both `Content-Length` and `Transfer-Encoding` (see [`crate::framing`]).
+    pub framing_conflict: bool,
 }
 
 /// One route, ready to serve: its configuration and its pooled upstream client.
@@ -436,6 +438,9 @@ async fn pipeline(
         limit::linger(body);
         Err(err)
     };
+    if conn.framing_conflict {
+        return refuse(body, ProxyError::AmbiguousLength);
+    }
     if parts.method == Method::CONNECT {
         return refuse(body, ProxyError::ConnectRefused);
     }

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::config::{MAX_HEADERS, ServerConfig};
+use crate::framing::{FramingFlags, FramingWatch};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 
 type HandlerFuture =
@@ -83,10 +84,18 @@ pub async fn serve(
             peer,
             local,
             proto: "http",
+            framing_conflict: false,
         };
+        let flags = Arc::new(FramingFlags::default());
+        let stream = FramingWatch::new(stream, flags.clone());
         let proxy = proxy.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
+            let info = ConnInfo {
+                framing_conflict: req.version() < http::Version::HTTP_2
+                    && flags.next_request_conflicts(),
+                ..info
+            };
             // Boxed so the compiler checks `Send` on concrete types (works around a
             // higher-ranked lifetime limitation with boxed error types in async fns).
             let fut: HandlerFuture = Box::pin(async move { Ok(proxy.handle(req, info).await) });

@@ -107,10 +107,10 @@ impl LimitLearner {
         if let Some(learned) = incident.learned {
             *bracket = learned;
         }
-        if incident.kind == Kind::Upstream413 {
-            if let Some(bytes) = incident.body_bytes {
-                bracket.rejected(bytes);
-            }
+        if incident.kind == Kind::Upstream413
+            && let Some(bytes) = incident.body_bytes
+        {
+            bracket.rejected(bytes);
         }
     }
 
