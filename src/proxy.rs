@@ -281,6 +281,8 @@ pub enum Plan {
         size: u64,
         /// The limit.
         limit: u64,
+        /// Why a trim route cannot trim this payload, if that is the reason.
+        untrimmable: Option<String>,
     },
     /// Stream it, cut off past `hard_limit`.
     Stream {
@@ -337,6 +339,7 @@ pub fn plan(cfg: &RouteConfig, facts: &Facts, declared: Option<u64>, limit: Opti
         (true, Some(l)) if over(declared) => Plan::Reject {
             size: declared.unwrap_or(0),
             limit: l,
+            untrimmable,
         },
         (true, Some(l)) => Plan::Stream {
             hard_limit: l.min(cfg.max_body_bytes),
@@ -521,10 +524,19 @@ async fn pipeline(
     };
 
     match plan(cfg, &ctx.facts, declared, ctx.limit) {
-        Plan::Reject { size, limit } => {
-            tracing::warn!(route = %cfg.name, limit, size, "body over upstream_limit, rejected");
+        Plan::Reject {
+            size,
+            limit,
+            untrimmable,
+        } => {
+            tracing::warn!(route = %cfg.name, limit, size, reason = ?untrimmable, "body over upstream_limit, rejected");
             let mut inc = ctx.incident(Kind::OverUpstreamLimit);
-            inc.action = Some(Action::Rejected);
+            inc.action = Some(if untrimmable.is_some() {
+                Action::TrimFailed
+            } else {
+                Action::Rejected
+            });
+            inc.reason = untrimmable;
             ctx.record(inc);
             refuse(body, ProxyError::OverUpstreamLimit { size, limit })
         }
@@ -659,12 +671,14 @@ async fn stream(
         inc.reason = untrimmable;
         ctx.record(inc);
     }
-    let sent = stats.bytes();
+    // The receiver may answer before the whole body arrived (an early 413): the payload's
+    // size is then its declared length.
     let complete = stats.is_complete();
+    let size = ctx.declared.or(complete.then(|| stats.bytes()));
     relay(
         ctx,
         response,
-        sent,
+        size,
         complete,
         &BodyFacts::default(),
         None,
@@ -976,7 +990,7 @@ async fn send_buffered(
     };
     let facts = facts.cloned().unwrap_or_default();
     let retry = retry.map(|r| (r, sending));
-    relay(ctx, response, sent, true, &facts, retry, exchange).await
+    relay(ctx, response, Some(sent), true, &facts, retry, exchange).await
 }
 
 /// Relays the receiver's response; on a 413, fingerprints it, learns from it, records the
@@ -984,7 +998,7 @@ async fn send_buffered(
 async fn relay(
     ctx: &Ctx<'_>,
     response: Response<Incoming>,
-    sent: u64,
+    size: Option<u64>,
     complete: bool,
     facts: &BodyFacts,
     retry: Option<(RetryState<'_>, Target)>,
@@ -993,8 +1007,11 @@ async fn relay(
     let cfg = ctx.cfg;
     let status = response.status().as_u16();
     exchange.upstream_status = Some(status);
-    if response.status().is_success() && complete {
-        ctx.shared.learner.record_accepted(&cfg.name, sent);
+    if response.status().is_success()
+        && complete
+        && let Some(size) = size
+    {
+        ctx.shared.learner.record_accepted(&cfg.name, size);
     }
     if status != 413 {
         return Ok(convert_response(response));
@@ -1013,14 +1030,13 @@ async fn relay(
         })
         .collect();
     let rejector = incident::fingerprint(status, &headers, &prefix);
-    let bracket = if complete {
-        ctx.shared.learner.record_rejected(&cfg.name, sent)
-    } else {
-        ctx.shared.learner.bracket(&cfg.name)
+    let bracket = match size {
+        Some(size) => ctx.shared.learner.record_rejected(&cfg.name, size),
+        None => ctx.shared.learner.bracket(&cfg.name),
     };
-    tracing::warn!(route = %cfg.name, rejector = rejector.as_str(), bytes = sent, "receiver answered 413");
+    tracing::warn!(route = %cfg.name, rejector = rejector.as_str(), bytes = ?size, "receiver answered 413");
     let mut inc = ctx.incident(Kind::Upstream413);
-    inc.body_bytes = Some(sent);
+    inc.body_bytes = size;
     inc.upstream_status = Some(status);
     inc.rejector = Some(rejector);
     inc.upstream_snippet = Some(incident::snippet(&prefix));
@@ -1030,7 +1046,7 @@ async fn relay(
     if let Some((state, target)) = retry
         && let Some(tc) = cfg.trim.as_ref()
         && let Some(bound) = incident::effective_limit(cfg.upstream_limit_bytes, &bracket)
-        && bound < sent
+        && size.is_some_and(|sent| bound < sent)
         && !tc.dry_run
     {
         match payload::shrink(state.wire, state.decoded, state.encoding, tc, bound) {

@@ -2,7 +2,9 @@
 //! file per subcommand; `anyhow` lives only here.
 
 mod check;
+mod diagnose;
 mod run;
+mod trim;
 
 use std::path::PathBuf;
 
@@ -54,6 +56,40 @@ pub enum Command {
     Run,
     /// Validate the configuration and print the effective routes.
     Check,
+    /// Trim a payload by a route's rules: the bytes the proxy would forward go to stdout, a
+    /// report to stderr (exit 0: fits, 1: cannot fit, smallest result written, 2: bad input).
+    Trim {
+        /// The route whose rules and limit apply.
+        #[arg(long)]
+        route: String,
+        /// The payload (default: stdin).
+        file: Option<PathBuf>,
+    },
+    /// Explain the recorded 413 incidents per route, with concrete fixes.
+    Diagnose {
+        /// Only incidents newer than this (e.g. 24h, 7d).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+}
+
+/// Report format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// An aligned table for a terminal.
+    Text,
+    /// Stable JSON for scripts.
+    Json,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e}: write it like 24h, 30m or 7d"))
 }
 
 /// Sets up the tracing subscriber (stderr, `RUST_LOG` or `info`).
@@ -75,5 +111,11 @@ pub fn run(cli: Cli) -> u8 {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run::run(&cli.config),
         Command::Check => check::check(&cli.config),
+        Command::Trim { route, file } => trim::trim(&cli.config, &route, file.as_deref()),
+        Command::Diagnose {
+            since,
+            route,
+            format,
+        } => diagnose::diagnose(&cli.config, since, route.as_deref(), format),
     }
 }

@@ -1185,7 +1185,7 @@ mod tests {
                 smallest_rejected: Some(120_000)
             }
         );
-        assert_eq!(r.effective_limit, Some(90_000));
+        assert_eq!(r.effective_limit, Some(100 * 1024));
         let s = r.body_bytes.unwrap();
         assert_eq!((s.p50, s.p95, s.max), (150_000, 300_000, 300_000));
         assert_eq!(r.rejectors[0].rejector, Rejector::Express);

@@ -61,17 +61,49 @@ impl Bracket {
     }
 }
 
+/// Body limits that receivers commonly use, in bytes: body-parser's `100kb` default, nginx's
+/// `1m`, AWS Lambda's 6 MB and API Gateway's 10 MB, and round sizes around them. When only a
+/// refusal is known, the largest of these below it is the best guess of the receiver's limit.
+pub const COMMON_LIMITS: &[u64] = &[
+    64 * 1024,
+    100_000,
+    100 * 1024,
+    256 * 1024,
+    500_000,
+    512 * 1024,
+    1_000_000,
+    1024 * 1024,
+    2 * 1024 * 1024,
+    5_000_000,
+    5 * 1024 * 1024,
+    6 * 1024 * 1024,
+    8 * 1024 * 1024,
+    10_000_000,
+    10 * 1024 * 1024,
+    16 * 1024 * 1024,
+    20 * 1024 * 1024,
+    32 * 1024 * 1024,
+    50 * 1024 * 1024,
+    64 * 1024 * 1024,
+    100 * 1024 * 1024,
+];
+
 /// The receiver limit to enforce for a route: the configured `upstream_limit`, unless the
-/// receiver has refused a size at or under it (or none is configured), in which case the
-/// largest size known to pass — the largest accepted size if it is below the smallest refused
-/// one, else one byte under the smallest refused size.
+/// receiver has refused a size at or under it (or none is configured). Then the limit lies
+/// between the largest accepted size (if below the refusal) and the smallest refused one; the
+/// guess is the largest [`COMMON_LIMITS`] value in that bracket, else the largest accepted
+/// size, else half the refused size — never one byte under the refusal, which would let a
+/// receiver with a round limit refuse payload after payload.
 pub fn effective_limit(configured: Option<u64>, bracket: &Bracket) -> Option<u64> {
     match bracket.smallest_rejected {
         Some(rejected) if configured.is_none_or(|c| c >= rejected) => {
-            Some(match bracket.largest_accepted {
-                Some(accepted) if accepted < rejected => accepted,
-                _ => rejected.saturating_sub(1),
-            })
+            let floor = bracket.largest_accepted.filter(|&a| a < rejected);
+            let guess = COMMON_LIMITS
+                .iter()
+                .rev()
+                .copied()
+                .find(|&l| l < rejected && floor.is_none_or(|f| l > f));
+            Some(guess.or(floor).unwrap_or(rejected / 2))
         }
         _ => configured,
     }
@@ -235,24 +267,33 @@ mod tests {
             effective_limit(Some(1000), &bracket(Some(900), Some(1500))),
             Some(1000)
         );
-        // Configured too generous: the largest accepted size.
+        // Configured too generous, no common limit in the bracket: the largest accepted size.
         assert_eq!(
             effective_limit(Some(2000), &bracket(Some(900), Some(1500))),
             Some(900)
         );
-        // Configured exactly at a refused size is too generous.
+        // Configured exactly at a refused size is too generous; tiny refusals halve.
         assert_eq!(
             effective_limit(Some(1500), &bracket(None, Some(1500))),
-            Some(1499)
+            Some(750)
         );
-        // Nothing configured: learned bound.
+        // A refusal above a common limit: that limit (body-parser's 100kb here).
         assert_eq!(
-            effective_limit(None, &bracket(None, Some(1500))),
-            Some(1499)
+            effective_limit(None, &bracket(None, Some(300_000))),
+            Some(256 * 1024)
         );
         assert_eq!(
-            effective_limit(None, &bracket(Some(1200), Some(1500))),
-            Some(1200)
+            effective_limit(None, &bracket(Some(120_000), Some(250_000))),
+            Some(120_000)
+        );
+        assert_eq!(
+            effective_limit(None, &bracket(Some(90_000), Some(250_000))),
+            Some(100 * 1024)
+        );
+        // nginx's 1m: a 1.5 MiB refusal guesses 1 MiB.
+        assert_eq!(
+            effective_limit(None, &bracket(Some(10_000), Some(1_500_000))),
+            Some(1024 * 1024)
         );
         // Only acceptances known: no bound from them.
         assert_eq!(effective_limit(None, &bracket(Some(1200), None)), None);
@@ -297,6 +338,6 @@ mod tests {
         let learner = rebuild_from_log(&path);
         assert_eq!(learner.bracket("a"), bracket(None, Some(2500)));
         assert_eq!(learner.bracket("b"), bracket(Some(4000), Some(5000)));
-        assert_eq!(effective_limit(None, &learner.bracket("a")), Some(2499));
+        assert_eq!(effective_limit(None, &learner.bracket("a")), Some(1250));
     }
 }

@@ -4,7 +4,9 @@
 mod cli;
 mod forwarding;
 mod hardening;
+mod incidents;
 mod limits;
 mod nginx;
 mod support;
+mod trimming;
 mod upstream;

@@ -121,6 +121,11 @@ async fn receive(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|d| d > limit) {
+            // Answer at once without using the body, and discard the rest of it in the
+            // background as Node's http server and nginx do (no reset under the sender).
+            tokio::spawn(async move {
+                let _ = body.collect().await;
+            });
             let _ = tx.send(Seen {
                 method: parts.method,
                 uri: parts.uri,

@@ -1,0 +1,102 @@
+//! `payload-guard trim`: run a route's trim stage on a payload file (or stdin) and write the
+//! exact bytes the proxy would forward to stdout, with a report on stderr.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+
+use crate::config::Config;
+use crate::config::units::human_bytes;
+use crate::incident;
+use crate::trim::payload::{self, Encoding};
+
+use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
+
+/// Trims `file` (stdin when `None`) by `route`'s rules.
+pub(super) fn trim(config: &Path, route: &str, file: Option<&Path>) -> u8 {
+    let config = match Config::load(config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{err}");
+            return EXIT_USAGE;
+        }
+    };
+    match run(&config, route, file) {
+        Ok(true) => EXIT_OK,
+        Ok(false) => EXIT_PROBLEMS,
+        Err(err) => {
+            eprintln!("payload-guard trim: {err:#}");
+            EXIT_ERROR
+        }
+    }
+}
+
+fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result<bool> {
+    let Some(route) = config.route(route_name) else {
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        bail!(
+            "no route named {route_name:?} in {} (routes: {})",
+            config.source.display(),
+            names.join(", ")
+        );
+    };
+    let Some(tc) = route.trim.as_ref() else {
+        bail!("route {route_name:?} has no trim rules: add [[routes.trim]] tables to it");
+    };
+    let learned = incident::learn::rebuild_from_log(&config.incidents.path).bracket(route_name);
+    let Some(limit) = incident::effective_limit(route.upstream_limit_bytes, &learned) else {
+        bail!(
+            "route {route_name:?} has no upstream_limit (and none was learned yet): nothing to trim to"
+        );
+    };
+    let mut body = Vec::new();
+    match file {
+        Some(path) => {
+            body =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        }
+        None => {
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .context("cannot read stdin")?;
+        }
+    }
+    let shrunk =
+        payload::shrink(&body, &body, Encoding::Identity, tc, limit).with_context(|| {
+            format!(
+                "cannot trim {}",
+                file.map_or("stdin".into(), |p| p.display().to_string())
+            )
+        })?;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&shrunk.body)
+        .context("cannot write stdout")?;
+    stdout.flush().context("cannot write stdout")?;
+
+    let mut report = format!(
+        "route {route_name}: {} -> {} (target {}, {} bytes)\n",
+        human_bytes(body.len() as u64),
+        human_bytes(shrunk.body.len() as u64),
+        human_bytes(limit),
+        limit
+    );
+    if shrunk.applied.is_empty() {
+        report.push_str("  nothing removed: the payload already fits\n");
+    }
+    for a in &shrunk.applied {
+        let rule = &tc.specs[a.rule];
+        report.push_str(&format!(
+            "  rule {} ({} {:?}): {} removed {} bytes\n",
+            a.rule, rule.path, rule.action, a.path, a.removed
+        ));
+    }
+    report.push_str(if shrunk.fits {
+        "fits: yes\n"
+    } else {
+        "fits: no (the smallest result was written; the rules cannot reach the target)\n"
+    });
+    eprint!("{report}");
+    Ok(shrunk.fits)
+}

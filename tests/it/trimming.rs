@@ -1,0 +1,361 @@
+//! The trim stage through the proxy: oversized Synthflow payloads arrive trimmed, valid and
+//! under the receiver's limit, with everything but the trimmed values byte-identical.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::Request;
+use http_body::Frame;
+use payload_guard::trim::testdata::synthflow_payload;
+use serde_json::Value;
+
+use crate::support::*;
+
+const MIB: usize = 1024 * 1024;
+
+/// A trim route in front of a receiver that refuses bodies over 1 MiB (as body parsers do).
+fn trim_route(extra: &str) -> String {
+    one_route(
+        &format!(
+            r#"upstream_limit = "1MiB"
+max_body = "32MiB"
+{extra}
+[[routes.trim]]
+path = "analysis.*_feedback"
+action = "drop"
+[[routes.trim]]
+path = "call.transcript"
+action = "truncate"
+keep = "head_tail"
+"#
+        ),
+        "",
+    )
+}
+
+/// The document without the values the rules may touch.
+fn without_trimmed(mut v: Value) -> Value {
+    v["call"]["transcript"] = Value::Null;
+    v["analysis"]
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| !k.ends_with("_feedback"));
+    v
+}
+
+#[tokio::test]
+async fn five_mib_synthflow_payload_arrives_trimmed_under_one_mib() {
+    let mut receiver = Receiver::start(Behavior::LimitEarly(MIB as u64)).await;
+    let proxy = start_proxy(config(&trim_route(""), receiver.addr)).await;
+    let original = synthflow_payload(5 * MIB, 42);
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .header("synthflow-signature", "sig")
+            .body(full(original.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let seen = receiver.next().await;
+    let body = seen.body.unwrap();
+    assert!(body.len() <= MIB, "{} bytes arrived", body.len());
+    assert_eq!(seen.headers["content-length"], body.len().to_string());
+    assert!(!seen.headers.contains_key("transfer-encoding"));
+    assert_eq!(
+        seen.headers["payload-guard-original-length"],
+        original.len().to_string()
+    );
+    let trimmed_header = seen.headers["payload-guard-trimmed"].to_str().unwrap();
+    assert!(
+        trimmed_header.contains("call.transcript="),
+        "{trimmed_header}"
+    );
+    assert_eq!(seen.headers["synthflow-signature"], "sig");
+
+    let before: Value = serde_json::from_slice(&original).unwrap();
+    let after: Value = serde_json::from_slice(&body).expect("trimmed body is valid JSON");
+    assert_eq!(after["call"]["call_id"], before["call"]["call_id"]);
+    assert_eq!(
+        without_trimmed(after.clone()),
+        without_trimmed(before.clone())
+    );
+    let transcript = after["call"]["transcript"].as_str().unwrap();
+    let full_transcript = before["call"]["transcript"].as_str().unwrap();
+    assert!(transcript.contains("bytes removed by payload-guard"));
+    assert!(full_transcript.starts_with(&transcript[..200]), "head kept");
+
+    let incidents = proxy.incidents().await;
+    let inc = incidents
+        .iter()
+        .find(|i| i["kind"] == "over_upstream_limit")
+        .expect("incident recorded");
+    assert_eq!(inc["action"], "trimmed");
+    assert_eq!(inc["body_bytes"], original.len());
+    assert_eq!(inc["bytes_after"], body.len());
+    assert_eq!(inc["call_id"], before["call"]["call_id"]);
+    assert_eq!(inc["top_fields"][0]["path"], "call.transcript");
+}
+
+#[tokio::test]
+async fn small_payloads_pass_byte_identical_and_chunked_ones_get_a_content_length() {
+    let mut receiver = Receiver::start(Behavior::LimitEarly(MIB as u64)).await;
+    let proxy = start_proxy(config(&trim_route(""), receiver.addr)).await;
+    let small = synthflow_payload(300_000, 1);
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .body(full(small.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(receiver.next().await.body.unwrap(), small);
+
+    // Chunked and over the limit: buffered, trimmed, sent with Content-Length.
+    let big = synthflow_payload(3 * MIB, 2);
+    let (tx, body) = channel_body();
+    let addr = proxy.addr;
+    let req = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let client = tokio::spawn(async move { send(addr, req).await });
+    for chunk in big.chunks(64 * 1024) {
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(chunk))))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    assert_eq!(client.await.unwrap().status, 200);
+    let seen = receiver.next().await;
+    let body = seen.body.unwrap();
+    assert!(body.len() <= MIB);
+    assert_eq!(seen.headers["content-length"], body.len().to_string());
+    serde_json::from_slice::<Value>(&body).unwrap();
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_decoded_trimmed_and_reencoded() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let proxy = start_proxy(config(
+        &trim_route("limit_counts = \"decoded\""),
+        receiver.addr,
+    ))
+    .await;
+    let original = synthflow_payload(3 * MIB, 9);
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&original).unwrap();
+    let wire = enc.finish().unwrap();
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(full(wire))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let seen = receiver.next().await;
+    assert_eq!(seen.headers["content-encoding"], "gzip");
+    let mut decoded = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&seen.body.unwrap()[..]),
+        &mut decoded,
+    )
+    .unwrap();
+    assert!(decoded.len() <= MIB, "decoded {} bytes", decoded.len());
+    let after: Value = serde_json::from_slice(&decoded).unwrap();
+    let before: Value = serde_json::from_slice(&original).unwrap();
+    assert_eq!(after["call"]["call_id"], before["call"]["call_id"]);
+
+    // A decompression bomb: 413, nothing forwarded.
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(&vec![b' '; 40 * MIB]).unwrap();
+    let bomb = enc.finish().unwrap();
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(full(bomb))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 413);
+    assert_eq!(got.json()["error"], "decompression_bomb");
+    assert!(receiver.try_next().is_none());
+}
+
+#[tokio::test]
+async fn untrimmable_payloads_follow_on_trim_failure() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let proxy = start_proxy(config(&trim_route(""), receiver.addr)).await;
+    let big_text = vec![b'a'; 2 * MIB];
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "text/plain")
+            .body(full(big_text.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 413, "not JSON and on_trim_failure = reject");
+    assert_eq!(got.json()["error"], "over_upstream_limit");
+    let mut broken = synthflow_payload(2 * MIB, 3);
+    broken.truncate(broken.len() - 10);
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .body(full(broken.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 413);
+    assert_eq!(got.json()["error"], "trim_failed");
+    assert!(receiver.try_next().is_none());
+    let incidents = proxy.incidents().await;
+    let failed: Vec<_> = incidents
+        .iter()
+        .filter(|i| i["action"] == "trim_failed")
+        .collect();
+    assert_eq!(failed.len(), 2, "{incidents:#?}");
+    assert!(failed[0]["reason"].as_str().unwrap().contains("not JSON"));
+    assert!(
+        failed[1]["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("invalid json"),
+        "{}",
+        failed[1]["reason"]
+    );
+
+    // With on_trim_failure = "forward" both pass unchanged.
+    let proxy = start_proxy(config(
+        &trim_route("on_trim_failure = \"forward\""),
+        receiver.addr,
+    ))
+    .await;
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "text/plain")
+            .body(full(big_text.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(receiver.next().await.body.unwrap(), big_text);
+}
+
+#[tokio::test]
+async fn rules_that_cannot_reach_the_limit_reject_or_forward_the_smallest() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let only_feedback = |extra: &str| {
+        one_route(
+            &format!(
+                "upstream_limit = \"1MiB\"\n{extra}\n[[routes.trim]]\npath = \"analysis.*_feedback\"\naction = \"drop\"\n"
+            ),
+            "",
+        )
+    };
+    let proxy = start_proxy(config(&only_feedback(""), receiver.addr)).await;
+    let big = synthflow_payload(2 * MIB, 4);
+    let req = || {
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .body(full(big.clone()))
+            .unwrap()
+    };
+    let got = send(proxy.addr, req()).await;
+    assert_eq!(got.status, 413);
+    assert_eq!(got.json()["error"], "trim_failed");
+    assert!(receiver.try_next().is_none());
+
+    let proxy2 = start_proxy(config(
+        &only_feedback("on_trim_failure = \"forward\""),
+        receiver.addr,
+    ))
+    .await;
+    let got = send(
+        proxy2.addr,
+        Request::post(proxy2.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .body(full(big.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let seen = receiver.next().await;
+    let body = seen.body.unwrap();
+    assert!(
+        body.len() < big.len() && body.len() > MIB,
+        "smallest result forwarded"
+    );
+    assert!(
+        seen.headers["payload-guard-trimmed"]
+            .to_str()
+            .unwrap()
+            .contains("_feedback=")
+    );
+}
+
+#[tokio::test]
+async fn dry_run_forwards_the_original_and_records_what_would_happen() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let proxy = start_proxy(config(&trim_route("trim_dry_run = true"), receiver.addr)).await;
+    let big = synthflow_payload(2 * MIB, 5);
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .body(full(big.clone()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let seen = receiver.next().await;
+    assert_eq!(seen.body.unwrap(), big);
+    assert!(!seen.headers.contains_key("payload-guard-trimmed"));
+    let incidents = proxy.incidents().await;
+    assert_eq!(incidents.len(), 1, "{incidents:#?}");
+    assert_eq!(incidents[0]["dry_run"], true);
+    assert_eq!(incidents[0]["action"], "forwarded");
+    assert!(incidents[0]["bytes_after"].as_u64().unwrap() <= MIB as u64);
+}
+
+#[tokio::test]
+async fn buffer_budget_exhaustion_gets_503_with_retry_after() {
+    let receiver = Receiver::start(Behavior::Ok).await;
+    let text = trim_route("").replace(
+        "[server]\nlisten = \"127.0.0.1:0\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nbuffer_budget = \"1MiB\"\n",
+    );
+    let proxy = start_proxy(config(&text, receiver.addr)).await;
+    let big = synthflow_payload(2 * MIB, 6);
+    let got = send(
+        proxy.addr,
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .body(full(big))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.headers["retry-after"], "1");
+    assert_eq!(got.json()["error"], "buffer_budget_exhausted");
+    assert_eq!(receiver.started.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        proxy.proxy.shared().budget.in_use(),
+        0,
+        "reservations are released"
+    );
+    let incidents = proxy.incidents().await;
+    assert_eq!(incidents[0]["kind"], "buffer_budget_exhausted");
+}
