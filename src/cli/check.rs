@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use crate::config::units::human_bytes;
-use crate::config::{Config, OnOversize};
+use crate::config::{Config, OnOversize, OnTrimFailure};
+use crate::trim::{ActionSpec, Keep};
 
 use super::{EXIT_OK, EXIT_PROBLEMS};
 
@@ -11,7 +12,7 @@ use super::{EXIT_OK, EXIT_PROBLEMS};
 pub(super) fn check(path: &Path) -> u8 {
     match Config::load(path) {
         Ok(config) => {
-            print!("{}", describe(&config));
+            super::emit(&describe(&config));
             EXIT_OK
         }
         Err(err) => {
@@ -68,5 +69,48 @@ pub(super) fn describe(config: &Config) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    for r in &config.routes {
+        let Some(tc) = &r.trim else { continue };
+        out.push_str(&format!(
+            "trim rules of {} (protect: {}; on_trim_failure: {}{}):\n",
+            r.name,
+            tc.protect.join(", "),
+            match tc.on_failure {
+                OnTrimFailure::Reject => "reject",
+                OnTrimFailure::Forward => "forward",
+            },
+            if tc.dry_run { "; dry run" } else { "" }
+        ));
+        for (i, spec) in tc.specs.iter().enumerate() {
+            out.push_str(&format!(
+                "  {i}. {} {}\n",
+                spec.path,
+                describe_action(&spec.action)
+            ));
+        }
+    }
     out
+}
+
+fn describe_action(action: &ActionSpec) -> String {
+    match action {
+        ActionSpec::Truncate {
+            keep, max_bytes, ..
+        } => {
+            let keep = match keep {
+                Keep::Head => "head",
+                Keep::Tail => "tail",
+                Keep::HeadTail => "head_tail",
+            };
+            match max_bytes {
+                Some(max) => format!("truncate (keep {keep}, at most {})", human_bytes(*max)),
+                None => format!("truncate (keep {keep}, as much as fits)"),
+            }
+        }
+        ActionSpec::Drop => "drop".to_string(),
+        ActionSpec::KeepItems { head, tail } => format!("keep_items (first {head}, last {tail})"),
+        ActionSpec::KeepLines { head, tail, .. } => {
+            format!("keep_lines (first {head}, last {tail})")
+        }
+    }
 }

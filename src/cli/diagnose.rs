@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::Config;
 use crate::incident::diagnose::{self, RouteInfo};
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_USAGE, OutputFormat};
+use super::{EXIT_ERROR, EXIT_OK, EXIT_USAGE, OutputFormat, emit};
 
 /// Prints the diagnosis of the incident log named by `config`.
 pub(super) fn diagnose(
@@ -37,11 +37,11 @@ pub(super) fn diagnose(
     }
     if let Some(message) = read.nothing_to_diagnose(path) {
         match format {
-            OutputFormat::Text => println!("{message}"),
-            OutputFormat::Json => println!(
-                "{}",
+            OutputFormat::Text => emit(&format!("{message}\n")),
+            OutputFormat::Json => emit(&format!(
+                "{}\n",
                 serde_json::json!({"incidents": 0, "routes": [], "message": message})
-            ),
+            )),
         }
         return EXIT_OK;
     }
@@ -56,9 +56,9 @@ pub(super) fn diagnose(
         .collect();
     let report = diagnose::diagnose(&read.incidents, &routes);
     match format {
-        OutputFormat::Text => print!("{}", diagnose::render_text(&report)),
+        OutputFormat::Text => emit(&diagnose::render_text(&report)),
         OutputFormat::Json => match serde_json::to_string_pretty(&report) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => emit(&format!("{json}\n")),
             Err(err) => {
                 eprintln!("payload-guard diagnose: cannot encode the report: {err}");
                 return EXIT_ERROR;

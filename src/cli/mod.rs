@@ -92,6 +92,17 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e}: write it like 24h, 30m or 7d"))
 }
 
+/// Writes `text` to stdout; a closed pipe (`payload-guard diagnose | head`) is not an error.
+pub(crate) fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(err) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && err.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("payload-guard: cannot write to stdout: {err}");
+    }
+}
+
 /// Sets up the tracing subscriber (stderr, `RUST_LOG` or `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -337,7 +337,7 @@ pub struct Applied {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrimError {
     /// The body is not valid JSON; `offset` is the byte offset of the mistake.
-    #[error("invalid json at byte {offset}: {reason}")]
+    #[error("invalid JSON at byte {offset}: {reason}")]
     InvalidJson {
         /// Byte offset of the first bad byte (the body length for a truncated body).
         offset: usize,

@@ -76,3 +76,167 @@ fn run_with_a_bad_config_exits_64_and_version_works() {
     let out = bin().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("payload-guard "));
 }
+
+/// A config with a trim route whose receiver limit is 100 KiB.
+fn trim_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        r#"
+[[routes]]
+name = "synthflow"
+path_prefix = "/hooks/synthflow"
+upstream = "http://127.0.0.1:3000/webhook"
+upstream_limit = "100KiB"
+[[routes.trim]]
+path = "analysis.*_feedback"
+action = "drop"
+[[routes.trim]]
+path = "call.transcript"
+action = "truncate"
+"#,
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn trim_writes_the_forwarded_bytes_and_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = trim_config(dir.path());
+    let payload = payload_guard::trim::testdata::synthflow_payload(500_000, 8);
+    let file = dir.path().join("payload.json");
+    std::fs::write(&file, &payload).unwrap();
+    let out = bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(&config)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.len() <= 100 * 1024);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["call"]["call_id"], "1732630000000x222222222222222222");
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(report.contains("rule 1 (call.transcript"), "{report}");
+    assert!(report.contains("fits: yes"), "{report}");
+
+    // Same through stdin; small payloads come back byte-identical.
+    let small = payload_guard::trim::testdata::synthflow_payload(20_000, 8);
+    let mut child = bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&small).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, small);
+}
+
+#[test]
+fn trim_exit_codes_for_unfit_and_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = trim_config(dir.path());
+    // Only non-trimmable bulk: the rules cannot reach 100 KiB -> exit 1, smallest result written.
+    let mut doc = String::from(r#"{"call":{"call_id":"c1","transcript":"short"},"blob":""#);
+    doc.push_str(&"x".repeat(300_000));
+    doc.push_str("\"}");
+    let file = dir.path().join("unfit.json");
+    std::fs::write(&file, &doc).unwrap();
+    let out = bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(&config)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fits: no"));
+    // Invalid JSON and unknown routes -> exit 2 with a message.
+    std::fs::write(&file, "{\"call\": ").unwrap();
+    let out = bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(&config)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid JSON"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin()
+        .args(["trim", "--route", "nope", "--config"])
+        .arg(&config)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no route named \"nope\""));
+}
+
+#[test]
+fn diagnose_explains_a_known_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    let log = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/incident/fixtures/incidents.jsonl"
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "[incidents]\npath = \"{log}\"\n[[routes]]\nname = \"synthflow\"\npath_prefix = \"/hooks/synthflow\"\nupstream = \"http://127.0.0.1:3000/\"\nupstream_limit = \"1MiB\"\n[[routes]]\nname = \"retell\"\npath_prefix = \"/hooks/retell\"\nupstream = \"http://127.0.0.1:3001/\"\n"
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["diagnose", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "14 incidents on 2 routes",
+        "rejected by    nginx 3",
+        "client_max_body_size 4m;",
+        "express.json({ limit: '1mb' })",
+        "trim: truncate call.transcript would have saved 3 of 4 requests over the limit",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 6: skipped"));
+
+    let out = bin()
+        .args([
+            "diagnose", "--format", "json", "--route", "retell", "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["routes"].as_array().unwrap().len(), 1);
+    assert_eq!(report["routes"][0]["by_kind"]["upstream_413"], 4);
+
+    // A missing log is a clear message and exit 0.
+    std::fs::write(&config, "[incidents]\npath = \"none.jsonl\"\n[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:1/\"\n").unwrap();
+    let out = bin()
+        .args(["diagnose", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no size incidents recorded yet"));
+}
