@@ -69,7 +69,8 @@ fn parse_args() -> Result<Opts, String> {
             }
             "--limit" => {
                 let v = value("--limit")?;
-                opts.limit = Some(parse_bytes(&v).ok_or_else(|| format!("--limit {v}: not a size"))?);
+                opts.limit =
+                    Some(parse_bytes(&v).ok_or_else(|| format!("--limit {v}: not a size"))?);
             }
             "--early-close" => opts.early_close = true,
             "--linger-ms" => {
@@ -206,7 +207,10 @@ fn answer(status: StatusCode, body: String, close: bool) -> Response<Full<Bytes>
         header::HeaderValue::from_static("application/json"),
     );
     if close {
-        headers.insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
     response
 }
@@ -231,7 +235,10 @@ fn too_large(limit: u64, body: Incoming, opts: &Opts) -> Response<Full<Bytes>> {
     }
 }
 
-async fn handle(req: Request<Incoming>, opts: Arc<Opts>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    opts: Arc<Opts>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -265,5 +272,9 @@ async fn handle(req: Request<Incoming>, opts: Arc<Opts>) -> Result<Response<Full
             }
         }
     }
-    Ok(answer(StatusCode::OK, format!("{{\"ok\":true,\"bytes\":{read}}}\n"), false))
+    Ok(answer(
+        StatusCode::OK,
+        format!("{{\"ok\":true,\"bytes\":{read}}}\n"),
+        false,
+    ))
 }

@@ -10,3 +10,4 @@ mod nginx;
 mod support;
 mod trimming;
 mod upstream;
+mod werkzeug;
