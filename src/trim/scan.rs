@@ -67,6 +67,17 @@ impl<'a> Tape<'a> {
         if u32::try_from(body.len()).is_err() {
             return Err(TrimError::TooLarge { len: body.len() });
         }
+        // Validate UTF-8 for the whole body up front with SIMD: the string scanner then stops
+        // only at quotes, backslashes and control bytes, not at every run of non-ASCII text.
+        if simdutf8::basic::from_utf8(body).is_err() {
+            let offset = simdutf8::compat::from_utf8(body)
+                .err()
+                .map_or(0, |e| e.valid_up_to());
+            return Err(TrimError::InvalidJson {
+                offset,
+                reason: JsonErrorKind::InvalidUtf8,
+            });
+        }
         let mut parser = Parser {
             body,
             pos: 0,
@@ -396,7 +407,7 @@ impl Parser<'_> {
                     break pos
                         + rest
                             .iter()
-                            .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b))
+                            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
                             .unwrap_or(rest.len());
                 }
             };
@@ -461,7 +472,7 @@ fn special(w: u64) -> u64 {
     let zero_quote = quote.wrapping_sub(ONES) & !quote;
     let zero_backslash = backslash.wrapping_sub(ONES) & !backslash;
     let control = w.wrapping_sub(ONES * 0x20) & !w;
-    (zero_quote | zero_backslash | control | w) & HIGH_BITS
+    (zero_quote | zero_backslash | control) & HIGH_BITS
 }
 
 /// Length of the valid UTF-8 character starting at `pos` (a non-ASCII lead byte), following
