@@ -79,6 +79,9 @@ pub enum ProxyError {
         /// The decoded-size cap that was hit.
         limit: u64,
     },
+    /// The sender's signature is missing or wrong (`[routes.verify]`).
+    #[error("request signature refused: {0}")]
+    Unauthorized(&'static str),
     /// No body bytes for `body_idle_timeout`.
     #[error("no request body bytes received for {0:?}")]
     BodyIdleTimeout(Duration),
@@ -114,6 +117,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::ForeignTarget
             | ProxyError::UpgradeRefused
             | ProxyError::AmbiguousLength
@@ -142,6 +146,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::ConnectRefused => "connect_refused",
+            ProxyError::Unauthorized(_) => "signature_refused",
             ProxyError::ForeignTarget => "foreign_target",
             ProxyError::UpgradeRefused => "upgrade_refused",
             ProxyError::AmbiguousLength => "ambiguous_length",

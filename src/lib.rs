@@ -13,14 +13,18 @@
 //! - [`buffer`]: bounded buffering under a global budget, only when trimming may be needed.
 //! - [`trim`]: byte-faithful JSON trimming by path rules (and the gzip/deflate wrapper).
 //! - [`forward`]: upstream clients (pooled, TLS, HTTP/2 by ALPN), URI and header rewriting.
+//! - [`verify`]: sender signatures (Synthflow's HMAC of `call.call_id`, whole-body HMACs).
 //! - [`observe`]: the access-log line for each exchange.
 //! - [`incident`]: the 413 incident log, fingerprints of who rejected, learned limits, diagnosis.
+//! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`error`]: the one mapping from an error to a status, a culprit and an incident kind.
+//! - [`admin`]: health, readiness, metrics and reload on the admin listener.
 //! - [`cli`]: the `payload-guard` subcommands.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admin;
 pub mod buffer;
 pub mod cli;
 pub mod config;
@@ -29,8 +33,10 @@ pub mod forward;
 pub mod framing;
 pub mod incident;
 pub mod limit;
+pub mod metrics;
 pub mod observe;
 pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod trim;
+pub mod verify;

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::error::ProxyError;
 use crate::forward::UpstreamBody;
 use crate::limit::{BodyError, BodyStats};
+use crate::metrics::Metrics;
 
 /// What the access log says about one request; logs itself when dropped.
 #[derive(Debug)]
@@ -42,6 +43,12 @@ pub struct Exchange {
     pub error: Option<(&'static str, &'static str, String)>,
     /// Whether the response body finished.
     pub response_complete: bool,
+    /// Bytes of the body sent to the receiver (after trimming), when known.
+    pub forwarded_bytes: Option<u64>,
+    /// Time to the receiver's response headers.
+    pub upstream_secs: Option<f64>,
+    /// Where the exchange is counted.
+    pub metrics: Option<Metrics>,
 }
 
 impl Exchange {
@@ -60,6 +67,9 @@ impl Exchange {
             bytes_out: 0,
             error: None,
             response_complete: false,
+            forwarded_bytes: None,
+            upstream_secs: None,
+            metrics: None,
         }
     }
 
@@ -76,6 +86,17 @@ impl Drop for Exchange {
         let route = self.route.as_deref().unwrap_or("-");
         let status = self.status.unwrap_or(0);
         let upstream_status = self.upstream_status.unwrap_or(0);
+        if let Some(metrics) = &self.metrics {
+            metrics.request(
+                self.route
+                    .as_deref()
+                    .unwrap_or(crate::metrics::UNMATCHED_ROUTE),
+                status,
+                bytes_in,
+                self.forwarded_bytes,
+                self.upstream_secs,
+            );
+        }
         let outcome = if self.status.is_none() {
             "sender_disconnected"
         } else if !self.response_complete {

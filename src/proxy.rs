@@ -5,6 +5,7 @@
 //! every size incident on the way is recorded.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use crate::incident::{
     self, Action, FieldBytes, Incident, IncidentLog, Kind, LimitLearner, Removed, Retry,
 };
 use crate::limit::{self, BodyError, BodyFailure, BodyLimits, BodyStats, LimitedBody};
+use crate::metrics::Metrics;
 use crate::observe::{Exchange, ObservedBody};
 use crate::route::RouteTable;
 use crate::trim::payload::{self, Encoding, ShrinkError, Shrunk};
@@ -94,6 +96,10 @@ pub struct Shared {
     pub incidents: IncidentLog,
     /// Learned receiver limits, per route.
     pub learner: Arc<LimitLearner>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Connections open right now (public listener).
+    pub open_connections: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -101,10 +107,27 @@ impl Shared {
     /// task starts on the current tokio runtime), and limits learned from that log.
     pub fn for_config(config: &Config) -> Shared {
         let path = config.incidents.path.clone();
+        let metrics = Metrics::new();
+        for route in &config.routes {
+            metrics.init_route(&route.name);
+        }
         Shared {
             budget: BufferBudget::new(config.server.buffer_budget_bytes),
             learner: Arc::new(incident::learn::rebuild_from_log(&path)),
             incidents: IncidentLog::start(path, INCIDENT_QUEUE),
+            metrics,
+            open_connections: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The values the metrics endpoint reads at scrape time.
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            incidents_dropped: self.incidents.dropped(),
+            buffer_in_use_bytes: self.budget.in_use(),
+            buffer_budget_bytes: self.budget.limit(),
+            open_connections: self.open_connections.load(Ordering::Relaxed),
+            spool_depth: Vec::new(),
         }
     }
 }
@@ -163,6 +186,7 @@ impl Proxy {
             req.uri().path().to_string(),
             conn.peer,
         );
+        exchange.metrics = Some(self.shared.metrics.clone());
         let is_h1 = req.version() < Version::HTTP_2;
         let mut response = match pipeline(&rt, &self.shared, req, &conn, &mut exchange).await {
             Ok(response) => response,
@@ -291,10 +315,11 @@ pub enum Plan {
         /// Why a trim route streams instead of trimming (not JSON, unknown encoding), if so.
         untrimmable: Option<String>,
     },
-    /// Buffer it (within `max_body` and the budget) and run the trim stage.
+    /// Buffer it (within `max_body` and the budget), verify the sender's signature and run
+    /// the trim stage, as the route asks.
     Buffer {
-        /// The body's `Content-Encoding`.
-        encoding: Encoding,
+        /// The body's `Content-Encoding` (`None`: one the proxy cannot decode).
+        encoding: Option<Encoding>,
     },
 }
 
@@ -302,6 +327,12 @@ pub enum Plan {
 /// over the receiver's `limit` (unknown length, declared over, or compressed with the limit
 /// counting decoded bytes); never buffer on a route that does not trim.
 pub fn plan(cfg: &RouteConfig, facts: &Facts, declared: Option<u64>, limit: Option<u64>) -> Plan {
+    if cfg.verify.is_some() {
+        // The signature must be checked before anything is forwarded.
+        return Plan::Buffer {
+            encoding: payload::encoding(facts.content_encoding.as_deref()).ok(),
+        };
+    }
     let over = |size: Option<u64>| matches!((size, limit), (Some(s), Some(l)) if s > l);
     let trim = cfg
         .trim
@@ -324,7 +355,9 @@ pub fn plan(cfg: &RouteConfig, facts: &Facts, declared: Option<u64>, limit: Opti
                             || (encoding != Encoding::Identity && counts_decoded)
                             || cfg.retry_on_413
                         {
-                            return Plan::Buffer { encoding };
+                            return Plan::Buffer {
+                                encoding: Some(encoding),
+                            };
                         }
                         None
                     }
@@ -367,6 +400,8 @@ struct Ctx<'a> {
     limit: Option<u64>,
     body_timeout: Duration,
     idle_timeout: Duration,
+    /// Time to the receiver's response headers, of the last attempt (nanoseconds).
+    upstream_nanos: AtomicU64,
 }
 
 impl Ctx<'_> {
@@ -385,6 +420,9 @@ impl Ctx<'_> {
     }
 
     fn record(&self, incident: Incident) {
+        self.shared
+            .metrics
+            .incident(&self.cfg.name, incident.kind.as_str());
         self.shared.incidents.record(incident);
     }
 
@@ -476,6 +514,7 @@ async fn pipeline(
         limit: incident::effective_limit(cfg.upstream_limit_bytes, &learned),
         body_timeout: rt.config.server.body_timeout,
         idle_timeout: rt.config.server.body_idle_timeout,
+        upstream_nanos: AtomicU64::new(0),
     };
     if ctx.limit != cfg.upstream_limit_bytes {
         tracing::debug!(route = %cfg.name, limit = ?ctx.limit, "using the receiver limit learned from its 413s");
@@ -544,13 +583,7 @@ async fn pipeline(
             hard_limit,
             untrimmable,
         } => stream(&ctx, target, body, hard_limit, untrimmable, exchange).await,
-        Plan::Buffer { encoding } => {
-            let tc = cfg
-                .trim
-                .as_ref()
-                .ok_or_else(|| ProxyError::Internal("buffer plan without trim rules".into()))?;
-            buffered(&ctx, tc, target, body, encoding, exchange).await
-        }
+        Plan::Buffer { encoding } => buffered(&ctx, target, body, encoding, exchange).await,
     }
 }
 
@@ -582,11 +615,14 @@ async fn send(
     *req.uri_mut() = target.uri.clone();
     *req.headers_mut() = target.headers.clone();
     *req.version_mut() = Version::HTTP_11;
+    let started = tokio::time::Instant::now();
     let sent = ctx.client.request(req);
     let result = tokio::select! {
         result = sent => result,
         err = deadline(stats, ctx.cfg.response_timeout, ctx.body_timeout) => return Err(SendError::Proxy(err)),
     };
+    ctx.upstream_nanos
+        .store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     match result {
         Ok(response) => Ok(response),
         Err(err) => {
@@ -728,10 +764,9 @@ fn body_error(
 /// `Content-Length` (some receivers silently truncate chunked bodies over their limit).
 async fn buffered(
     ctx: &Ctx<'_>,
-    tc: &TrimConfig,
     mut target: Target,
     body: Incoming,
-    encoding: Encoding,
+    encoding: Option<Encoding>,
     exchange: &mut Exchange,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let cfg = ctx.cfg;
@@ -771,12 +806,57 @@ async fn buffered(
         }
     };
     let original_len = wire.len() as u64;
+    let trim = cfg
+        .trim
+        .as_ref()
+        .filter(|_| cfg.on_oversize == OnOversize::Trim && ctx.limit.is_some());
 
-    // Decode (within the budget) and trim.
-    let decoded = match decode_within_budget(&wire, encoding, cfg, &mut reservation) {
+    // Decode (within the budget), verify the sender, then trim.
+    let decoded = match encoding {
+        None => Ok(wire.clone()),
+        Some(enc) => match decode_within_budget(&wire, enc, cfg, &mut reservation) {
+            Ok(decoded) => Ok(decoded),
+            Err(DecodeFailure::Budget) => return Err(budget_incident(original_len)),
+            Err(DecodeFailure::Shrink(err)) => Err(err),
+        },
+    };
+    if let Some(v) = &cfg.verify {
+        let call_id = match (&decoded, v.verifier.scheme().needs_call_id()) {
+            (Ok(json), true) => crate::trim::string_at(json, &cfg.id_path),
+            _ => None,
+        };
+        if let Err(err) = v
+            .verifier
+            .verify(&target.headers, call_id.as_deref(), &wire)
+        {
+            tracing::warn!(route = %cfg.name, scheme = v.verifier.scheme().as_str(), reason = err.as_str(), "sender signature refused");
+            return Err(ProxyError::Unauthorized(err.as_str()));
+        }
+    }
+    let Some(tc) = trim else {
+        return send_buffered(ctx, &target, wire, &stats, None, None, exchange).await;
+    };
+    let not_trimmable = if !payload::is_json(ctx.facts.content_type.as_deref()) {
+        Some(format!(
+            "not JSON (content-type {})",
+            ctx.facts.content_type.as_deref().unwrap_or("missing")
+        ))
+    } else {
+        encoding.is_none().then(|| {
+            format!(
+                "unsupported content-encoding {}",
+                ctx.facts.content_encoding.as_deref().unwrap_or("")
+            )
+        })
+    };
+    if let Some(reason) = not_trimmable {
+        let err = ShrinkError::NotTrimmable(reason);
+        return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await;
+    }
+    let encoding = encoding.unwrap_or(Encoding::Identity);
+    let decoded = match decoded {
         Ok(decoded) => decoded,
-        Err(DecodeFailure::Budget) => return Err(budget_incident(original_len)),
-        Err(DecodeFailure::Shrink(err)) => {
+        Err(err) => {
             return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await;
         }
     };
@@ -834,7 +914,7 @@ async fn buffered(
         if tc.dry_run {
             return send_buffered(ctx, &target, wire, &stats, Some(&facts), None, exchange).await;
         }
-        mark_trimmed(&mut target.headers, &shrunk);
+        mark_trimmed(ctx, &mut target.headers, &shrunk);
         let body = Bytes::from(shrunk.body);
         return send_buffered(ctx, &target, body, &stats, Some(&facts), None, exchange).await;
     }
@@ -858,7 +938,7 @@ async fn buffered(
             ),
         }),
         OnTrimFailure::Forward => {
-            mark_trimmed(&mut target.headers, &shrunk);
+            mark_trimmed(ctx, &mut target.headers, &shrunk);
             let body = Bytes::from(shrunk.body);
             send_buffered(ctx, &target, body, &stats, Some(&facts), None, exchange).await
         }
@@ -943,8 +1023,23 @@ fn removed(shrunk: &Shrunk) -> Vec<Removed> {
         .collect()
 }
 
-/// Adds `Payload-Guard-Trimmed` and `Payload-Guard-Original-Length`.
-fn mark_trimmed(headers: &mut HeaderMap, shrunk: &Shrunk) {
+/// Adds `Payload-Guard-Trimmed` and `Payload-Guard-Original-Length`, re-signs the trimmed body
+/// when the route asks for it, and counts the trim.
+fn mark_trimmed(ctx: &Ctx<'_>, headers: &mut HeaderMap, shrunk: &Shrunk) {
+    ctx.shared.metrics.trimmed(
+        &ctx.cfg.name,
+        shrunk.applied.iter().map(|a| a.removed as u64).sum(),
+    );
+    if let Some(resign) = ctx.cfg.verify.as_ref().and_then(|v| v.resign.as_ref()) {
+        match resign.sign(None, &shrunk.body) {
+            Ok((name, value)) => {
+                headers.insert(name, value);
+            }
+            Err(err) => {
+                tracing::warn!(route = %ctx.cfg.name, error = %err, "cannot re-sign the trimmed body");
+            }
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&shrunk.trimmed_header()) {
         headers.insert(HeaderName::from_static("payload-guard-trimmed"), v);
     }
@@ -1007,6 +1102,8 @@ async fn relay(
     let cfg = ctx.cfg;
     let status = response.status().as_u16();
     exchange.upstream_status = Some(status);
+    exchange.forwarded_bytes = size;
+    exchange.upstream_secs = Some(ctx.upstream_nanos.load(Ordering::Relaxed) as f64 / 1e9);
     if response.status().is_success()
         && complete
         && let Some(size) = size
@@ -1052,7 +1149,7 @@ async fn relay(
         match payload::shrink(state.wire, state.decoded, state.encoding, tc, bound) {
             Ok(shrunk) if shrunk.fits && shrunk.changed() => {
                 let mut headers = target.headers.clone();
-                mark_trimmed(&mut headers, &shrunk);
+                mark_trimmed(ctx, &mut headers, &shrunk);
                 let again = Target {
                     method: target.method.clone(),
                     uri: target.uri.clone(),

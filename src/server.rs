@@ -7,11 +7,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -46,7 +45,8 @@ pub fn connection_builder(server: &ServerConfig) -> Builder<TokioExecutor> {
 }
 
 /// Serves the proxy on `listener` until `shutdown` resolves, then stops accepting and gives
-/// in-flight requests `server.shutdown_grace` to finish.
+/// in-flight requests `server.shutdown_grace` to finish. With `[server.tls]` every connection
+/// is TLS (HTTP/1.1 or HTTP/2 by ALPN); the certificate in force is re-read on reload.
 pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
@@ -57,8 +57,9 @@ pub async fn serve(
     let builder = Arc::new(connection_builder(&server));
     let limit = Arc::new(Semaphore::new(server.max_connections));
     let graceful = GracefulShutdown::new();
+    let tls_at_start = server.tls.is_some();
     tokio::pin!(shutdown);
-    tracing::info!(listen = %local, "payload-guard listening");
+    tracing::info!(listen = %local, tls = tls_at_start, "payload-guard listening");
     loop {
         let permit = tokio::select! {
             permit = limit.clone().acquire_owned() => match permit {
@@ -80,34 +81,44 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            peer,
-            local,
-            proto: "http",
-            framing_conflict: false,
+        let runtime = proxy.current();
+        // The certificate of the config in force (re-read on reload); TLS on/off is fixed at start.
+        let tls = runtime
+            .config
+            .server
+            .tls
+            .as_ref()
+            .filter(|_| tls_at_start)
+            .map(|tls| tokio_rustls::TlsAcceptor::from(tls.server_config.clone()));
+        let conn = Conn {
+            builder: builder.clone(),
+            proxy: proxy.clone(),
+            info: ConnInfo {
+                peer,
+                local,
+                proto: if tls_at_start { "https" } else { "http" },
+                framing_conflict: false,
+            },
+            watcher: graceful.watcher(),
         };
-        let flags = Arc::new(FramingFlags::default());
-        let stream = FramingWatch::new(stream, flags.clone());
-        let proxy = proxy.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            let info = ConnInfo {
-                framing_conflict: req.version() < http::Version::HTTP_2
-                    && flags.next_request_conflicts(),
-                ..info
-            };
-            // Boxed so the compiler checks `Send` on concrete types (works around a
-            // higher-ranked lifetime limitation with boxed error types in async fns).
-            let fut: HandlerFuture = Box::pin(async move { Ok(proxy.handle(req, info).await) });
-            fut
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let open = OpenConnection::new(proxy.shared().open_connections.clone());
+        let handshake_timeout = runtime.config.server.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(peer = %peer, error = %err, "connection closed with error");
+            let _open = open;
+            match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => conn.serve(tls_stream).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(peer = %peer, error = %err, "tls handshake failed")
+                        }
+                        Err(_) => tracing::debug!(peer = %peer, "tls handshake timed out"),
+                    }
+                }
+                None if tls_at_start => {
+                    tracing::error!(peer = %peer, "[server.tls] was removed by a reload: TLS connections are refused until a restart");
+                }
+                None => conn.serve(stream).await,
             }
             drop(permit);
         });
@@ -123,47 +134,63 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves the admin endpoints (`/healthz`) on `listener` until `shutdown` resolves.
-pub async fn serve_admin(
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let builder = Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    tracing::info!(listen = %listener.local_addr()?, "admin listening");
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::error!(error = %err, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return Ok(()),
-        };
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service_fn(admin))
-            .into_owned();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+/// Counts an open connection while alive.
+struct OpenConnection(Arc<AtomicU64>);
+
+impl OpenConnection {
+    fn new(counter: Arc<AtomicU64>) -> OpenConnection {
+        counter.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(counter)
     }
 }
 
-async fn admin(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (status, body) = match req.uri().path() {
-        "/healthz" => (200, r#"{"status":"ok"}"#),
-        _ => (404, r#"{"error":"not_found"}"#),
-    };
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    Ok(response)
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One accepted connection, ready to be served over any transport.
+struct Conn {
+    builder: Arc<Builder<TokioExecutor>>,
+    proxy: Proxy,
+    info: ConnInfo,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Conn {
+    async fn serve<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            builder,
+            proxy,
+            info,
+            watcher,
+        } = self;
+        let peer = info.peer;
+        let flags = Arc::new(FramingFlags::default());
+        let io = FramingWatch::new(io, flags.clone());
+        let service = service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let info = ConnInfo {
+                framing_conflict: req.version() < http::Version::HTTP_2
+                    && flags.next_request_conflicts(),
+                ..info
+            };
+            // Boxed so the compiler checks `Send` on concrete types (works around a
+            // higher-ranked lifetime limitation with boxed error types in async fns).
+            let fut: HandlerFuture = Box::pin(async move { Ok(proxy.handle(req, info).await) });
+            fut
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(err) = watcher.watch(conn).await {
+            tracing::debug!(peer = %peer, error = %err, "connection closed with error");
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (ctrl-c).

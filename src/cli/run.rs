@@ -6,6 +6,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::admin::{Admin, reload, serve_admin};
 use crate::proxy::Proxy;
 use crate::server;
 
@@ -42,26 +46,60 @@ pub(super) fn run(path: &Path) -> u8 {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let config_path = config.source.clone();
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+    let admin_listener = match admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (server.admin_listen)"))?,
+        ),
+        None => None,
+    };
     let proxy = Proxy::start(config).context("cannot set up the routes")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(addr) = admin_listen {
-        let admin = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (server.admin_listen)"))?;
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(admin_listener) = admin_listener {
+        let admin = Admin {
+            proxy: proxy.clone(),
+            config_path: config_path.clone(),
+            ready: ready.clone(),
+        };
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let _ = server::serve_admin(admin, async move {
+            let _ = serve_admin(admin_listener, admin, async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
             .await;
         });
     }
-    let result = server::serve(listener, proxy, server::shutdown_signal()).await;
+    spawn_reload_on_sighup(proxy.clone(), config_path);
+    ready.store(true, Ordering::Release);
+    let result = server::serve(listener, proxy.clone(), server::shutdown_signal()).await;
     let _ = stop_tx.send(true);
+    // Everything queued for the incident log is written before exit.
+    proxy.shared().incidents.flush().await;
     result.context("server failed")
+}
+
+/// SIGHUP re-reads the configuration (as `POST /reload` on the admin listener does).
+fn spawn_reload_on_sighup(proxy: Proxy, path: std::path::PathBuf) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP: reload with POST /reload instead");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the configuration");
+            let _ = reload(&proxy, &path);
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (proxy, path);
 }

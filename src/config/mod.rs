@@ -18,6 +18,7 @@ use http::Uri;
 use rustls::pki_types::CertificateDer;
 
 use crate::trim::{RuleSet, RuleSpec};
+use crate::verify::{Secret, Verifier};
 
 pub use raw::{LimitCounts, OnOversize, OnTrimFailure};
 
@@ -68,6 +69,34 @@ pub struct ServerConfig {
     pub worker_threads: Option<usize>,
     /// Bytes all requests together may hold in memory while buffering.
     pub buffer_budget_bytes: u64,
+    /// The environment variable holding the admin bearer token, if admin requests need one.
+    pub admin_token_env: Option<String>,
+    /// The admin bearer token (read from `admin_token_env` at load time).
+    pub admin_token: Option<Secret>,
+    /// TLS for the public listener.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: certificate chain and key, loaded and checked at load time.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// The certificate chain file (PEM).
+    pub cert_path: PathBuf,
+    /// The private key file (PEM).
+    pub key_path: PathBuf,
+    /// The server configuration built from them (ALPN h2 and http/1.1).
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+/// `[routes.verify]`: sender authentication, with the secret read from the environment.
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    /// Checks the sender's signature.
+    pub verifier: Verifier,
+    /// The environment variable the secret came from (for messages; never the secret).
+    pub secret_env: String,
+    /// Re-signs a trimmed body for the receiver (whole-body schemes).
+    pub resign: Option<Verifier>,
 }
 
 /// `[incidents]`: where the incident log goes.
@@ -106,6 +135,8 @@ pub struct RouteConfig {
     pub id_path: String,
     /// After a receiver's 413, trim below the learned bound and send once more.
     pub retry_on_413: bool,
+    /// Sender authentication, if configured.
+    pub verify: Option<VerifyConfig>,
 }
 
 /// A route's trim settings with its rules compiled.
@@ -200,9 +231,20 @@ impl Config {
         Ok(Config::from_str(&text, path)?)
     }
 
-    /// Validates `text` as if read from `path` (relative paths resolve against its folder).
+    /// Validates `text` as if read from `path` (relative paths resolve against its folder);
+    /// secrets are read from the process environment.
     pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-        validate::validate(text, path)
+        validate::validate(text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_str`], with environment variables looked up by `env` (tests use a
+    /// map instead of mutating the process environment).
+    pub fn from_str_with_env(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        validate::validate(text, path, env)
     }
 
     /// The route with this name.

@@ -45,6 +45,35 @@ pub struct RawServer {
     pub max_concurrent_streams: Option<Spanned<i64>>,
     pub worker_threads: Option<Spanned<i64>>,
     pub buffer_budget: Option<Spanned<ByteSize>>,
+    pub admin_token_env: Option<Spanned<String>>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
+}
+
+/// `[routes.verify]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerify {
+    pub scheme: Spanned<String>,
+    pub header: Option<Spanned<String>>,
+    pub encoding: Option<Spanned<String>>,
+    pub secret_env: Spanned<String>,
+    pub resign: Option<Spanned<RawResign>>,
+}
+
+/// `resign = { header = "...", secret_env = "..." }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResign {
+    pub header: String,
+    pub secret_env: String,
 }
 
 /// `[incidents]`
@@ -87,6 +116,7 @@ pub struct RawRoute {
     pub trim: Option<Vec<Spanned<RawTrimRule>>>,
     pub id_path: Option<Spanned<String>>,
     pub retry_on_413: Option<Spanned<bool>>,
+    pub verify: Option<Spanned<RawVerify>>,
 }
 
 /// What to do when the trim rules cannot bring a payload under the limit.

@@ -11,20 +11,27 @@ use http::Uri;
 use rustls::pki_types::CertificateDer;
 use toml::Spanned;
 
-use super::raw::{OnOversize, RawAction, RawConfig, RawKeep, RawRoute};
+use super::raw::{OnOversize, RawAction, RawConfig, RawKeep, RawRoute, RawVerify};
 use super::{
     Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure, RouteConfig,
-    ServerConfig, TrimConfig,
+    ServerConfig, TlsConfig, TrimConfig, VerifyConfig,
 };
 use crate::trim::{ActionSpec, DEFAULT_PROTECT, Keep, RuleOrigin, RuleSet, RuleSpec};
+use crate::verify::{Scheme, Secret, Verifier};
+use http::HeaderName;
 
 /// Collects errors, turning byte spans into line and column.
 struct Reporter<'a> {
     text: &'a str,
     file: String,
     errors: Vec<ConfigError>,
+    /// Where secrets come from (the process environment, or a test's map).
+    env: &'a Env<'a>,
 }
+
+/// Looks up an environment variable.
+pub(super) type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
 
 impl Reporter<'_> {
     fn at(
@@ -58,11 +65,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Parses and validates the whole file.
-pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+pub(super) fn validate(text: &str, path: &Path, env: &Env<'_>) -> Result<Config, ConfigErrors> {
     let mut rep = Reporter {
         text,
         file: path.display().to_string(),
         errors: Vec::new(),
+        env,
     };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -85,8 +93,8 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
         }
     };
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let server = validate_server(&raw, &base_dir, &mut rep);
 
-    let server = validate_server(&raw, &mut rep);
     let incidents = IncidentsConfig {
         path: raw
             .incidents
@@ -216,8 +224,69 @@ fn nonzero_duration(
     }
 }
 
-fn validate_server(raw: &RawConfig, rep: &mut Reporter<'_>) -> ServerConfig {
+fn validate_server(raw: &RawConfig, base_dir: &Path, rep: &mut Reporter<'_>) -> ServerConfig {
     let s = &raw.server;
+    let admin_token = s.admin_token_env.as_ref().and_then(|env| {
+        match (rep.env)(env.get_ref()).ok_or(()) {
+            Ok(token) if token.trim().len() >= 16 => Some(Secret::new(token.trim().as_bytes().to_vec())),
+            Ok(_) => {
+                rep.at(
+                    Some(env.span()),
+                    "server.admin_token_env",
+                    format!(
+                        "environment variable {} holds a token shorter than 16 characters: use a long random token",
+                        env.get_ref()
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                rep.at(
+                    Some(env.span()),
+                    "server.admin_token_env",
+                    format!(
+                        "environment variable {} is not set: export the admin bearer token in it",
+                        env.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    });
+    if let Some(admin) = s.admin_listen.as_ref()
+        && !admin.get_ref().ip().is_loopback()
+        && s.admin_token_env.is_none()
+    {
+        rep.at(
+            Some(admin.span()),
+            "server.admin_listen",
+            format!(
+                "{} is not a loopback address: set server.admin_token_env to an environment variable holding a bearer token, or listen on 127.0.0.1",
+                admin.get_ref()
+            ),
+        );
+    }
+    let tls = s.tls.as_ref().and_then(|tls| {
+        let t = tls.get_ref();
+        let cert_path = resolve(base_dir, t.cert.get_ref());
+        let key_path = resolve(base_dir, t.key.get_ref());
+        match load_server_tls(&cert_path, &key_path) {
+            Ok(server_config) => Some(TlsConfig {
+                cert_path,
+                key_path,
+                server_config,
+            }),
+            Err((which, why)) => {
+                let span = if which == "key" {
+                    t.key.span()
+                } else {
+                    t.cert.span()
+                };
+                rep.at(Some(span), format!("server.tls.{which}"), why);
+                None
+            }
+        }
+    });
     let listen = s
         .listen
         .as_ref()
@@ -308,6 +377,165 @@ fn validate_server(raw: &RawConfig, rep: &mut Reporter<'_>) -> ServerConfig {
             ) as usize
         }),
         buffer_budget_bytes,
+        admin_token_env: s.admin_token_env.as_ref().map(|e| e.get_ref().clone()),
+        admin_token,
+        tls,
+    }
+}
+
+/// Loads a PEM certificate chain and key into a rustls server configuration offering h2 and
+/// http/1.1 by ALPN. The error names the file at fault (`cert` or `key`).
+pub(crate) fn load_server_tls(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>, (&'static str, String)> {
+    let cert_pem = std::fs::read(cert_path)
+        .map_err(|e| ("cert", format!("cannot read {}: {e}", cert_path.display())))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            (
+                "cert",
+                format!("{} is not valid PEM: {e}", cert_path.display()),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err((
+            "cert",
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                cert_path.display()
+            ),
+        ));
+    }
+    let key_pem = std::fs::read(key_path)
+        .map_err(|e| ("key", format!("cannot read {}: {e}", key_path.display())))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| {
+            (
+                "key",
+                format!("{} is not valid PEM: {e}", key_path.display()),
+            )
+        })?
+        .ok_or_else(|| {
+            (
+                "key",
+                format!(
+                    "{} holds no PEM private key (-----BEGIN PRIVATE KEY-----)",
+                    key_path.display()
+                ),
+            )
+        })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ("cert", format!("tls setup: {e}")))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| {
+        (
+            "key",
+            format!("the key does not fit the certificate, or is unsupported: {e}"),
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Builds a route's sender verification, reading secrets from the environment.
+fn validate_verify(
+    index: usize,
+    raw: &Spanned<RawVerify>,
+    rep: &mut Reporter<'_>,
+) -> Option<VerifyConfig> {
+    let key = |k: &str| format!("routes[{index}].verify.{k}");
+    let v = raw.get_ref();
+    let before = rep.errors.len();
+    let encoding = match v.encoding.as_ref() {
+        None => None,
+        Some(e) => match e.get_ref().parse::<crate::verify::Encoding>() {
+            Ok(enc) => Some(enc),
+            Err(err) => {
+                rep.at(Some(e.span()), key("encoding"), err.to_string());
+                None
+            }
+        },
+    };
+    let scheme = match Scheme::from_config(v.scheme.get_ref(), encoding) {
+        Ok(s) => Some(s),
+        Err(err) => {
+            rep.at(Some(v.scheme.span()), key("scheme"), err.to_string());
+            None
+        }
+    };
+    let header = match v.header.as_ref() {
+        None => None,
+        Some(h) => match HeaderName::from_bytes(h.get_ref().as_bytes()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                rep.at(
+                    Some(h.span()),
+                    key("header"),
+                    format!("{:?} is not a valid header name", h.get_ref()),
+                );
+                None
+            }
+        },
+    };
+    let secret = read_secret(rep.env, v.secret_env.get_ref()).map_err(|why| {
+        rep.at(Some(v.secret_env.span()), key("secret_env"), why);
+    });
+    let resign = v.resign.as_ref().and_then(|r| {
+        let rr = r.get_ref();
+        let header = HeaderName::from_bytes(rr.header.as_bytes())
+            .map_err(|_| {
+                rep.at(
+                    Some(r.span()),
+                    key("resign.header"),
+                    format!("{:?} is not a valid header name", rr.header),
+                )
+            })
+            .ok()?;
+        let secret = read_secret(rep.env, &rr.secret_env)
+            .map_err(|why| rep.at(Some(r.span()), key("resign.secret_env"), why))
+            .ok()?;
+        let scheme = Scheme::HmacSha256Body {
+            encoding: encoding.unwrap_or(crate::verify::Encoding::Hex),
+        };
+        Verifier::new(scheme, Some(header), secret)
+            .map_err(|e| rep.at(Some(r.span()), key("resign"), e.to_string()))
+            .ok()
+    });
+    if let (Some(Scheme::Synthflow), Some(r)) = (scheme, v.resign.as_ref()) {
+        rep.at(
+            Some(r.span()),
+            key("resign"),
+            "only applies to whole-body schemes: a synthflow signature covers call.call_id, which trimming never changes",
+        );
+    }
+    if rep.errors.len() > before {
+        return None;
+    }
+    let verifier = Verifier::new(scheme?, header, secret.ok()?)
+        .map_err(|e| rep.at(Some(raw.span()), key("scheme"), e.to_string()))
+        .ok()?;
+    Some(VerifyConfig {
+        verifier,
+        secret_env: v.secret_env.get_ref().clone(),
+        resign,
+    })
+}
+
+fn read_secret(lookup: &Env<'_>, env: &str) -> Result<Secret, String> {
+    match lookup(env) {
+        Some(value) if !value.is_empty() => Ok(Secret::new(value.into_bytes())),
+        Some(_) => Err(format!(
+            "environment variable {env} is empty: export the secret in it"
+        )),
+        None => Err(format!(
+            "environment variable {env} is not set: export the secret in it (secrets never go in the TOML file)"
+        )),
     }
 }
 
@@ -481,6 +709,7 @@ fn validate_route(
         Some(r) => *r.get_ref(),
         None => false,
     };
+    let verify = pick(&route.verify, &defaults.verify).and_then(|v| validate_verify(index, v, rep));
     let preserve_host =
         pick(&route.preserve_host, &defaults.preserve_host).is_some_and(|p| *p.get_ref());
 
@@ -502,6 +731,7 @@ fn validate_route(
         id_path: pick(&route.id_path, &defaults.id_path)
             .map_or_else(|| "call.call_id".to_string(), |p| p.get_ref().clone()),
         retry_on_413,
+        verify,
     })
 }
 
@@ -777,7 +1007,44 @@ mod tests {
     use super::*;
 
     fn load(text: &str) -> Result<Config, ConfigErrors> {
-        validate(text, Path::new("proxy.toml"))
+        validate(text, Path::new("proxy.toml"), &|_| None)
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment() {
+        let route = format!(
+            "{MINIMAL}[routes.verify]\nscheme = \"synthflow\"\nsecret_env = \"SF_SECRET\"\n"
+        );
+        let err = load(&route).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("environment variable SF_SECRET is not set"),
+            "{err}"
+        );
+        let env = |k: &str| (k == "SF_SECRET").then(|| "s3cret".to_string());
+        let cfg = validate(&route, Path::new("proxy.toml"), &env).unwrap();
+        assert!(cfg.routes[0].verify.is_some());
+        assert!(
+            !format!("{:?}", cfg.routes[0].verify).contains("s3cret"),
+            "secret leaked into Debug"
+        );
+    }
+
+    #[test]
+    fn non_loopback_admin_needs_a_token() {
+        let text = format!("[server]\nadmin_listen = \"0.0.0.0:9090\"\n{MINIMAL}");
+        let err = load(&text).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("server.admin_listen: 0.0.0.0:9090 is not a loopback address"),
+            "{err}"
+        );
+        let text = format!(
+            "[server]\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token_env = \"PG_TOKEN\"\n{MINIMAL}"
+        );
+        let env = |k: &str| (k == "PG_TOKEN").then(|| "0123456789abcdef0123".to_string());
+        let cfg = validate(&text, Path::new("proxy.toml"), &env).unwrap();
+        assert!(cfg.server.admin_token.is_some());
     }
 
     const MINIMAL: &str = r#"

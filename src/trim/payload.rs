@@ -114,6 +114,9 @@ pub enum ShrinkError {
     /// The JSON could not be trimmed (invalid, too deep, too large).
     #[error(transparent)]
     Trim(#[from] TrimError),
+    /// The payload is not something the trim stage handles (not JSON, unknown encoding).
+    #[error("{0}")]
+    NotTrimmable(String),
 }
 
 /// Shrinks `wire` (encoded as `encoding`; `decoded` is its decoded form, from [`decode`], or

@@ -7,6 +7,7 @@ mod hardening;
 mod incidents;
 mod limits;
 mod nginx;
+mod ops;
 mod support;
 mod trimming;
 mod upstream;

@@ -222,6 +222,46 @@ pub fn config(text: &str, upstream: SocketAddr) -> Config {
     Config::from_str(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Like [`config`], with environment variables (secrets) from `env` instead of the process's.
+pub fn config_with_env(text: &str, upstream: SocketAddr, env: &[(&str, &str)]) -> Config {
+    let text = text.replace("{upstream}", &upstream.to_string());
+    let lookup = |name: &str| {
+        env.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    };
+    Config::from_str_with_env(&text, Path::new("test.toml"), &lookup)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts the admin listener for a running proxy on 127.0.0.1:0.
+pub async fn start_admin(proxy: &ProxyHandle, config_path: &Path) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let admin = payload_guard::admin::Admin {
+        proxy: proxy.proxy.clone(),
+        config_path: config_path.to_path_buf(),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    tokio::spawn(payload_guard::admin::serve_admin(
+        listener,
+        admin,
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// A simple request to the admin listener.
+pub async fn admin_request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Got {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    send(addr, req.body(full(Bytes::new())).unwrap()).await
+}
+
 /// Starts the proxy in-process on 127.0.0.1:0.
 pub async fn start_proxy(mut config: Config) -> ProxyHandle {
     if config.incidents.path == std::path::Path::new("incidents.jsonl") {

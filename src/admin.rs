@@ -1,0 +1,208 @@
+//! The admin listener: `GET /healthz` (process up), `GET /readyz` (config loaded, listener
+//! bound), `GET /metrics` (Prometheus text), `POST /reload` (re-read `proxy.toml`). When
+//! `[server] admin_token_env` is set, every request must carry `Authorization: Bearer <token>`.
+//! Also home of [`reload`], shared by SIGHUP and `POST /reload`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::proxy::{Proxy, Runtime};
+
+/// What the admin endpoints serve.
+#[derive(Clone)]
+pub struct Admin {
+    /// The proxy whose metrics and configuration are served.
+    pub proxy: Proxy,
+    /// The configuration file `POST /reload` re-reads.
+    pub config_path: PathBuf,
+    /// Set once the public listener is bound.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+pub async fn serve_admin(
+    listener: TcpListener,
+    admin: Admin,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let builder = Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    tracing::info!(listen = %listener.local_addr()?, "admin listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::error!(error = %err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let admin = admin.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(handle(&admin, req)) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Whether the request carries the admin token (always true when none is configured).
+fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
+    let runtime = admin.proxy.current();
+    let Some(token) = runtime.config.server.admin_token.as_ref() else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    token.matches(given.as_bytes())
+}
+
+fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(admin, &req) {
+        let mut response = json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "unauthorized", "message": "admin requests need Authorization: Bearer <token>"}),
+        );
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => {
+            if admin.ready.load(Ordering::Acquire) {
+                json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"status": "starting"}),
+                )
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let shared = admin.proxy.shared();
+            let text = shared.metrics.encode(&shared.snapshot());
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        (&Method::POST, "/reload") => match reload(&admin.proxy, &admin.config_path) {
+            Ok(()) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
+            Err(message) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({"error": "reload_failed", "message": message}),
+            ),
+        },
+        (_, "/healthz" | "/readyz" | "/metrics" | "/reload") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "method_not_allowed"}),
+        ),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found"}),
+        ),
+    }
+}
+
+/// Re-reads the configuration. A valid one replaces the running one for new requests
+/// (in-flight requests finish with theirs); an invalid one is refused with the same message
+/// `check` prints, and the old one stays in force. Settings bound at start-up (listeners,
+/// worker threads, buffer budget, incident log, TLS on/off) need a restart: said in the log.
+pub fn reload(proxy: &Proxy, path: &Path) -> Result<(), String> {
+    let metrics = &proxy.shared().metrics;
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(err) => {
+            metrics.reload(false);
+            tracing::error!(config = %path.display(), error = %err, "reload refused: the old configuration stays in force");
+            return Err(err.to_string());
+        }
+    };
+    let old = proxy.current();
+    let (o, n) = (&old.config.server, &config.server);
+    for (key, changed) in [
+        ("server.listen", o.listen != n.listen),
+        ("server.admin_listen", o.admin_listen != n.admin_listen),
+        (
+            "server.worker_threads",
+            o.worker_threads != n.worker_threads,
+        ),
+        (
+            "server.buffer_budget",
+            o.buffer_budget_bytes != n.buffer_budget_bytes,
+        ),
+        (
+            "server.max_connections",
+            o.max_connections != n.max_connections,
+        ),
+        ("server.tls (on/off)", o.tls.is_some() != n.tls.is_some()),
+        (
+            "incidents.path",
+            old.config.incidents.path != config.incidents.path,
+        ),
+    ] {
+        if changed {
+            tracing::warn!(
+                key,
+                "changed in the config file, but takes effect only after a restart"
+            );
+        }
+    }
+    for route in &config.routes {
+        metrics.init_route(&route.name);
+    }
+    match Runtime::new(config) {
+        Ok(runtime) => {
+            proxy.replace(runtime);
+            metrics.reload(true);
+            tracing::info!(config = %path.display(), "configuration reloaded");
+            Ok(())
+        }
+        Err(err) => {
+            metrics.reload(false);
+            tracing::error!(error = %err, "reload refused: the old configuration stays in force");
+            Err(err.to_string())
+        }
+    }
+}

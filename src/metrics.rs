@@ -1,0 +1,728 @@
+//! The Prometheus exposition: counters and histograms that the pipeline stages update as
+//! requests pass, plus the readings owned elsewhere (buffer budget, open connections, dropped
+//! incidents, spool depth) that are taken at scrape time as a [`Snapshot`].
+//!
+//! Label values come only from the configuration (route names) and from fixed sets (status
+//! class, incident kind, reload result, spool state), never from request data, so the number of
+//! series is bounded by the configuration. Unknown incident kinds are counted under `other`
+//! rather than creating a new series per spelling.
+//!
+//! The output is the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]), which every scraper and a
+//! plain `curl` read.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::encode`]'s output (Prometheus text format 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// The `route` label of a request that matched no route.
+pub const UNMATCHED_ROUTE: &str = "-";
+
+/// Upper bounds of the body-size histograms: 1 KiB, 4 KiB, ... 64 MiB (x4).
+const BODY_BYTES_BUCKETS: (f64, f64, u16) = (1024.0, 4.0, 9);
+
+/// Upper bounds of the upstream-duration histogram, in seconds: 5 ms to 60 s.
+const UPSTREAM_SECONDS_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The incident kinds the proxy records; anything else is counted as `other`.
+const INCIDENT_KINDS: [&str; 4] = [
+    "over_max_body",
+    "over_upstream_limit",
+    "upstream_413",
+    "buffer_budget_exhausted",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IncidentLabels {
+    route: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpoolLabels {
+    state: String,
+}
+
+type RouteHistograms = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// Readings owned by other parts of the proxy, taken right before each scrape.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Incidents the writer dropped because its queue was full (a counter: never decreases).
+    pub incidents_dropped: u64,
+    /// Bytes of the global buffer budget currently reserved.
+    pub buffer_in_use_bytes: u64,
+    /// The global buffer budget.
+    pub buffer_budget_bytes: u64,
+    /// Client connections currently open.
+    pub open_connections: u64,
+    /// Spooled items per state (e.g. `("pending", 3)`); states are a fixed set chosen by the
+    /// spool, not request data.
+    pub spool_depth: Vec<(String, u64)>,
+}
+
+/// The proxy's metrics. Cheap to clone: clones share the same series.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_body_bytes: RouteHistograms,
+    forwarded_body_bytes: RouteHistograms,
+    upstream_duration_seconds: RouteHistograms,
+    trims: Family<RouteLabels, Counter>,
+    trimmed_bytes: Family<RouteLabels, Counter>,
+    incidents: Family<IncidentLabels, Counter>,
+    config_reloads: Family<ReloadLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates the registry with every family registered (and no series yet).
+    pub fn new() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_body_bytes: RouteHistograms = Family::new_with_constructor(body_histogram);
+        let forwarded_body_bytes: RouteHistograms = Family::new_with_constructor(body_histogram);
+        let upstream_duration_seconds: RouteHistograms =
+            Family::new_with_constructor(upstream_histogram);
+        let trims = Family::<RouteLabels, Counter>::default();
+        let trimmed_bytes = Family::<RouteLabels, Counter>::default();
+        let incidents = Family::<IncidentLabels, Counter>::default();
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+
+        // Counters get their `_total` suffix from the encoder.
+        let mut registry = Registry::default();
+        registry.register(
+            "payload_guard_requests",
+            "Requests answered, by route and status class of the response to the sender",
+            requests.clone(),
+        );
+        registry.register(
+            "payload_guard_request_body_bytes",
+            "Size of request bodies as received from the sender",
+            request_body_bytes.clone(),
+        );
+        registry.register(
+            "payload_guard_forwarded_body_bytes",
+            "Size of request bodies as forwarded to the receiver (after trimming)",
+            forwarded_body_bytes.clone(),
+        );
+        registry.register(
+            "payload_guard_upstream_duration_seconds",
+            "Time from sending the request upstream to the receiver's response head",
+            upstream_duration_seconds.clone(),
+        );
+        registry.register(
+            "payload_guard_trims",
+            "Request bodies trimmed to fit the receiver's limit",
+            trims.clone(),
+        );
+        registry.register(
+            "payload_guard_trimmed_bytes",
+            "Bytes removed from request bodies by trimming",
+            trimmed_bytes.clone(),
+        );
+        registry.register(
+            "payload_guard_incidents",
+            "Size incidents recorded, by route and kind",
+            incidents.clone(),
+        );
+        registry.register(
+            "payload_guard_config_reloads",
+            "Configuration reloads, by result",
+            config_reloads.clone(),
+        );
+
+        let metrics = Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                request_body_bytes,
+                forwarded_body_bytes,
+                upstream_duration_seconds,
+                trims,
+                trimmed_bytes,
+                incidents,
+                config_reloads,
+            }),
+        };
+        // Both results exist from the start, so a first failed reload is an increase from 0.
+        metrics.reload_counter("ok");
+        metrics.reload_counter("failed");
+        metrics
+    }
+
+    fn reload_counter(&self, result: &'static str) -> Counter {
+        self.inner
+            .config_reloads
+            .get_or_create_owned(&ReloadLabels { result })
+    }
+
+    /// Records one answered request: the status sent to the sender, the body size received,
+    /// and, when the body went upstream, the size forwarded and the upstream time.
+    ///
+    /// `route` is the matched route's configured name, or [`UNMATCHED_ROUTE`].
+    pub fn request(
+        &self,
+        route: &str,
+        status: u16,
+        body_bytes: u64,
+        forwarded_bytes: Option<u64>,
+        upstream_secs: Option<f64>,
+    ) {
+        let inner = &*self.inner;
+        inner
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status_class: status_class(status),
+            })
+            .inc();
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        inner
+            .request_body_bytes
+            .get_or_create(&labels)
+            .observe(body_bytes as f64);
+        if let Some(forwarded) = forwarded_bytes {
+            inner
+                .forwarded_body_bytes
+                .get_or_create(&labels)
+                .observe(forwarded as f64);
+        }
+        if let Some(secs) = upstream_secs {
+            inner
+                .upstream_duration_seconds
+                .get_or_create(&labels)
+                .observe(secs);
+        }
+    }
+
+    /// Records one trimmed body and how many bytes trimming removed.
+    pub fn trimmed(&self, route: &str, bytes_removed: u64) {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        self.inner.trims.get_or_create(&labels).inc();
+        self.inner
+            .trimmed_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes_removed);
+    }
+
+    /// Records one incident; `kind` is the incident kind's stable name (`over_max_body`,
+    /// `over_upstream_limit`, `upstream_413`, `buffer_budget_exhausted`); any other name is
+    /// counted as `other`.
+    pub fn incident(&self, route: &str, kind: &str) {
+        let kind = INCIDENT_KINDS
+            .iter()
+            .copied()
+            .find(|known| *known == kind)
+            .unwrap_or("other");
+        self.inner
+            .incidents
+            .get_or_create(&IncidentLabels {
+                route: route.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Records one configuration reload attempt.
+    pub fn reload(&self, ok: bool) {
+        self.reload_counter(if ok { "ok" } else { "failed" }).inc();
+    }
+
+    /// Renders every series, with the scrape-time readings of `snapshot`, in the Prometheus
+    /// text format ([`CONTENT_TYPE`]).
+    pub fn encode(&self, snapshot: &Snapshot) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail, and the encoder's own errors only come from the
+        // writer.
+        let _ = prometheus_text::encode(&mut out, &self.inner.registry);
+        let _ = prometheus_text::encode(&mut out, &snapshot_registry(snapshot));
+        out
+    }
+
+    /// Creates the zero series of a configured route (requests by status class, trims,
+    /// incidents by kind), so that `rate()` and `increase()` see a 0 before the first event and
+    /// alerts on a first incident fire. Call it for each route at startup and after a reload;
+    /// calling it again is harmless. Histograms are left to appear on first use.
+    pub fn init_route(&self, route: &str) {
+        let inner = &*self.inner;
+        for status_class in ["2xx", "3xx", "4xx", "5xx"] {
+            let _ = inner.requests.get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status_class,
+            });
+        }
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        let _ = inner.trims.get_or_create(&labels);
+        let _ = inner.trimmed_bytes.get_or_create(&labels);
+        for kind in INCIDENT_KINDS {
+            let _ = inner.incidents.get_or_create(&IncidentLabels {
+                route: route.to_owned(),
+                kind,
+            });
+        }
+    }
+}
+
+/// A registry built per scrape from the readings owned elsewhere, so no shared state has to be
+/// set (and raced) before encoding.
+fn snapshot_registry(snapshot: &Snapshot) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "payload_guard_incidents_dropped",
+        "Incidents dropped because the incident writer's queue was full",
+        ConstCounter::new(snapshot.incidents_dropped),
+    );
+    registry.register(
+        "payload_guard_buffer_in_use_bytes",
+        "Bytes of the global buffer budget currently reserved",
+        ConstGauge::new(gauge_value(snapshot.buffer_in_use_bytes)),
+    );
+    registry.register(
+        "payload_guard_buffer_budget_bytes",
+        "The global buffer budget",
+        ConstGauge::new(gauge_value(snapshot.buffer_budget_bytes)),
+    );
+    registry.register(
+        "payload_guard_open_connections",
+        "Client connections currently open",
+        ConstGauge::new(gauge_value(snapshot.open_connections)),
+    );
+    let spool = Family::<SpoolLabels, Gauge>::default();
+    for (state, depth) in &snapshot.spool_depth {
+        spool
+            .get_or_create(&SpoolLabels {
+                state: state.clone(),
+            })
+            .set(gauge_value(*depth));
+    }
+    registry.register(
+        "payload_guard_spool_depth",
+        "Spooled items, by state",
+        spool,
+    );
+    registry
+}
+
+fn body_histogram() -> Histogram {
+    let (start, factor, count) = BODY_BYTES_BUCKETS;
+    Histogram::new(exponential_buckets(start, factor, count))
+}
+
+fn upstream_histogram() -> Histogram {
+    Histogram::new(UPSTREAM_SECONDS_BUCKETS)
+}
+
+/// The `status_class` label; codes outside 100..=599 (which `http` allows up to 999) count as
+/// server errors.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Gauges are `i64`; a reading past `i64::MAX` is clamped rather than wrapped.
+fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// One sample line of the text format.
+    #[derive(Debug)]
+    struct Sample {
+        name: String,
+        labels: BTreeMap<String, String>,
+        value: f64,
+    }
+
+    /// Parses `name{k="v",...} value` lines; comments and blank lines are skipped. Label values
+    /// written by the encoder never contain `"` or `,` here (route names are plain words).
+    fn parse(text: &str) -> Vec<Sample> {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("sample line without a value: {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad sample value in {line:?}"));
+            let (name, labels) = match series.split_once('{') {
+                None => (series, BTreeMap::new()),
+                Some((name, rest)) => {
+                    let rest = rest
+                        .strip_suffix('}')
+                        .unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                    let labels = rest
+                        .split(',')
+                        .map(|pair| {
+                            let (k, v) = pair
+                                .split_once('=')
+                                .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                            let v = v
+                                .strip_prefix('"')
+                                .and_then(|v| v.strip_suffix('"'))
+                                .unwrap_or_else(|| panic!("unquoted label in {line:?}"));
+                            (k.to_owned(), v.to_owned())
+                        })
+                        .collect();
+                    (name, labels)
+                }
+            };
+            samples.push(Sample {
+                name: name.to_owned(),
+                labels,
+                value,
+            });
+        }
+        samples
+    }
+
+    /// The value of the one sample named `name` with exactly `labels`; `le` is compared as a
+    /// number, since the encoder writes bounds like `1.048576e+06`.
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+        let same_label = |k: &str, want: &str, have: &str| {
+            if k == "le" && want != "+Inf" {
+                want.parse::<f64>().ok() == have.parse::<f64>().ok()
+            } else {
+                want == have
+            }
+        };
+        let found: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && s.labels.len() == labels.len()
+                    && labels.iter().all(|(k, want)| {
+                        s.labels
+                            .get(*k)
+                            .is_some_and(|have| same_label(k, want, have))
+                    })
+            })
+            .collect();
+        match found.as_slice() {
+            [one] => one.value,
+            [] => panic!(
+                "no sample {name} {labels:?}; samples named {name}: {:#?}",
+                samples
+                    .iter()
+                    .filter(|s| s.name == name)
+                    .collect::<Vec<_>>()
+            ),
+            many => panic!("{} samples match {name} {labels:?}", many.len()),
+        }
+    }
+
+    fn has(samples: &[Sample], name: &str) -> bool {
+        samples.iter().any(|s| s.name == name)
+    }
+
+    fn traffic() -> Metrics {
+        let m = Metrics::new();
+        m.request("a", 200, 1000, Some(1000), Some(0.02));
+        m.request("a", 202, 5000, Some(3000), Some(0.2));
+        m.request("a", 204, 100, Some(100), Some(3.0));
+        m.request("a", 413, 40 << 20, None, None);
+        m.request("b", 502, 2048, Some(2048), Some(0.001));
+        m.request(UNMATCHED_ROUTE, 404, 0, None, None);
+        m.trimmed("a", 2000);
+        m.trimmed("a", 500);
+        m.incident("a", "over_max_body");
+        m.incident("a", "over_upstream_limit");
+        m.incident("a", "over_upstream_limit");
+        m.incident("b", "upstream_413");
+        m.incident("b", "something_new");
+        m.reload(true);
+        m.reload(true);
+        m.reload(false);
+        m
+    }
+
+    #[test]
+    fn counters_by_route_and_class() {
+        let s = parse(&traffic().encode(&Snapshot::default()));
+        let requests = |route, class| {
+            value(
+                &s,
+                "payload_guard_requests_total",
+                &[("route", route), ("status_class", class)],
+            )
+        };
+        assert_eq!(requests("a", "2xx"), 3.0);
+        assert_eq!(requests("a", "4xx"), 1.0);
+        assert_eq!(requests("b", "5xx"), 1.0);
+        assert_eq!(requests("-", "4xx"), 1.0);
+        let route_a = [("route", "a")];
+        assert_eq!(value(&s, "payload_guard_trims_total", &route_a), 2.0);
+        assert_eq!(
+            value(&s, "payload_guard_trimmed_bytes_total", &route_a),
+            2500.0
+        );
+        let reloads = |result| {
+            value(
+                &s,
+                "payload_guard_config_reloads_total",
+                &[("result", result)],
+            )
+        };
+        assert_eq!(reloads("ok"), 2.0);
+        assert_eq!(reloads("failed"), 1.0);
+    }
+
+    #[test]
+    fn incidents_by_kind() {
+        let s = parse(&traffic().encode(&Snapshot::default()));
+        let incidents = |route, kind| {
+            value(
+                &s,
+                "payload_guard_incidents_total",
+                &[("route", route), ("kind", kind)],
+            )
+        };
+        assert_eq!(incidents("a", "over_max_body"), 1.0);
+        assert_eq!(incidents("a", "over_upstream_limit"), 2.0);
+        assert_eq!(incidents("b", "upstream_413"), 1.0);
+        assert_eq!(incidents("b", "other"), 1.0);
+        assert!(
+            !s.iter()
+                .any(|x| x.labels.values().any(|v| v == "something_new"))
+        );
+    }
+
+    #[test]
+    fn histograms_count_sum_and_buckets() {
+        let s = parse(&traffic().encode(&Snapshot::default()));
+        let a = [("route", "a")];
+        let body = |suffix: &str, labels: &[(&str, &str)]| {
+            value(
+                &s,
+                &format!("payload_guard_request_body_bytes_{suffix}"),
+                labels,
+            )
+        };
+        assert_eq!(body("count", &a), 4.0);
+        assert_eq!(body("sum", &a), (1000 + 5000 + 100 + (40 << 20)) as f64);
+        // Buckets are cumulative: 100 and 1000 fit 1 KiB, 5000 fits 16 KiB, 40 MiB fits 64 MiB.
+        for (le, count) in [
+            ("1024", 2.0),
+            ("4096", 2.0),
+            ("16384", 3.0),
+            ("16777216", 3.0),
+            ("67108864", 4.0),
+            ("+Inf", 4.0),
+        ] {
+            assert_eq!(
+                body("bucket", &[("route", "a"), ("le", le)]),
+                count,
+                "le={le}"
+            );
+        }
+        let buckets = s
+            .iter()
+            .filter(|x| {
+                x.name == "payload_guard_request_body_bytes_bucket" && x.labels["route"] == "a"
+            })
+            .count();
+        assert_eq!(buckets, 10, "1 KiB..64 MiB x4 is 9 bounds, plus +Inf");
+
+        // The 413 was not forwarded: three forwarded bodies, three upstream timings.
+        let fwd = "payload_guard_forwarded_body_bytes";
+        assert_eq!(value(&s, &format!("{fwd}_count"), &a), 3.0);
+        assert_eq!(value(&s, &format!("{fwd}_sum"), &a), 4100.0);
+        let up = "payload_guard_upstream_duration_seconds";
+        assert_eq!(value(&s, &format!("{up}_count"), &a), 3.0);
+        assert!((value(&s, &format!("{up}_sum"), &a) - 3.22).abs() < 1e-9);
+        let up_bucket =
+            |route, le| value(&s, &format!("{up}_bucket"), &[("route", route), ("le", le)]);
+        assert_eq!(up_bucket("b", "0.005"), 1.0);
+        assert_eq!(up_bucket("a", "0.01"), 0.0);
+        assert_eq!(up_bucket("a", "0.025"), 1.0);
+        assert_eq!(up_bucket("a", "2.5"), 2.0);
+        assert_eq!(up_bucket("a", "5"), 3.0);
+        assert_eq!(up_bucket("a", "60"), 3.0);
+        assert!(
+            !s.iter()
+                .any(|x| x.name.starts_with(up) && x.labels.get("route").is_some_and(|r| r == "-"))
+        );
+    }
+
+    #[test]
+    fn snapshot_readings_at_scrape_time() {
+        let m = Metrics::new();
+        let snapshot = Snapshot {
+            incidents_dropped: 7,
+            buffer_in_use_bytes: 3 << 20,
+            buffer_budget_bytes: 256 << 20,
+            open_connections: 12,
+            spool_depth: vec![("pending".into(), 4), ("failed".into(), 1)],
+        };
+        let s = parse(&m.encode(&snapshot));
+        assert_eq!(value(&s, "payload_guard_incidents_dropped_total", &[]), 7.0);
+        assert_eq!(
+            value(&s, "payload_guard_buffer_in_use_bytes", &[]),
+            (3u64 << 20) as f64
+        );
+        assert_eq!(
+            value(&s, "payload_guard_buffer_budget_bytes", &[]),
+            (256u64 << 20) as f64
+        );
+        assert_eq!(value(&s, "payload_guard_open_connections", &[]), 12.0);
+        let spool =
+            |s: &[Sample], state| value(s, "payload_guard_spool_depth", &[("state", state)]);
+        assert_eq!(spool(&s, "pending"), 4.0);
+        assert_eq!(spool(&s, "failed"), 1.0);
+
+        // The next scrape shows the next readings, not a sum; a state no longer reported is gone.
+        let s = parse(&m.encode(&Snapshot {
+            incidents_dropped: 9,
+            ..Snapshot::default()
+        }));
+        assert_eq!(value(&s, "payload_guard_incidents_dropped_total", &[]), 9.0);
+        assert_eq!(value(&s, "payload_guard_open_connections", &[]), 0.0);
+        assert!(!has(&s, "payload_guard_spool_depth"));
+    }
+
+    #[test]
+    fn fresh_metrics_have_zero_reloads_and_init_route_zeroes() {
+        let m = Metrics::new();
+        let s = parse(&m.encode(&Snapshot::default()));
+        assert_eq!(
+            value(
+                &s,
+                "payload_guard_config_reloads_total",
+                &[("result", "ok")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "payload_guard_config_reloads_total",
+                &[("result", "failed")]
+            ),
+            0.0
+        );
+        assert!(!has(&s, "payload_guard_requests_total"));
+
+        m.init_route("synthflow");
+        m.init_route("synthflow");
+        let s = parse(&m.encode(&Snapshot::default()));
+        for class in ["2xx", "3xx", "4xx", "5xx"] {
+            let labels = [("route", "synthflow"), ("status_class", class)];
+            assert_eq!(value(&s, "payload_guard_requests_total", &labels), 0.0);
+        }
+        for kind in INCIDENT_KINDS {
+            let labels = [("route", "synthflow"), ("kind", kind)];
+            assert_eq!(value(&s, "payload_guard_incidents_total", &labels), 0.0);
+        }
+        assert_eq!(
+            value(&s, "payload_guard_trims_total", &[("route", "synthflow")]),
+            0.0
+        );
+        assert!(!has(&s, "payload_guard_request_body_bytes_count"));
+    }
+
+    #[test]
+    fn every_family_is_typed_once() {
+        let text = traffic().encode(&Snapshot {
+            spool_depth: vec![("pending".into(), 1)],
+            ..Snapshot::default()
+        });
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        let expected = [
+            "payload_guard_requests_total counter",
+            "payload_guard_request_body_bytes histogram",
+            "payload_guard_forwarded_body_bytes histogram",
+            "payload_guard_upstream_duration_seconds histogram",
+            "payload_guard_trims_total counter",
+            "payload_guard_trimmed_bytes_total counter",
+            "payload_guard_incidents_total counter",
+            "payload_guard_config_reloads_total counter",
+            "payload_guard_incidents_dropped_total counter",
+            "payload_guard_buffer_in_use_bytes gauge",
+            "payload_guard_buffer_budget_bytes gauge",
+            "payload_guard_open_connections gauge",
+            "payload_guard_spool_depth gauge",
+        ];
+        assert_eq!(types, expected);
+        assert!(
+            !text.contains("# EOF"),
+            "the 0.0.4 text format has no EOF marker"
+        );
+    }
+
+    #[test]
+    fn clones_share_series() {
+        let m = Metrics::new();
+        m.clone().request("a", 200, 1, None, None);
+        let s = parse(&m.encode(&Snapshot::default()));
+        let labels = [("route", "a"), ("status_class", "2xx")];
+        assert_eq!(value(&s, "payload_guard_requests_total", &labels), 1.0);
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(101), "1xx");
+        assert_eq!(status_class(200), "2xx");
+        assert_eq!(status_class(308), "3xx");
+        assert_eq!(status_class(499), "4xx");
+        assert_eq!(status_class(599), "5xx");
+        assert_eq!(status_class(999), "5xx");
+    }
+}
