@@ -103,6 +103,9 @@ pub enum ProxyError {
     /// No upstream response headers within `response_timeout`.
     #[error("upstream response timed out after {0:?}")]
     UpstreamResponseTimeout(Duration),
+    /// A spool route could not store an undeliverable payload (spool full, disk low, I/O).
+    #[error("the payload could not be delivered nor stored: {0}; retry later")]
+    SpoolUnavailable(String),
     /// The global buffer budget is full.
     #[error("the proxy's buffer budget is full: retry later")]
     BufferBudgetExhausted,
@@ -136,7 +139,9 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::BufferBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BufferBudgetExhausted | ProxyError::SpoolUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -163,6 +168,7 @@ impl ProxyError {
             ProxyError::UpstreamConnectTimeout(_) => "upstream_connect_timeout",
             ProxyError::UpstreamResponseTimeout(_) => "upstream_response_timeout",
             ProxyError::BufferBudgetExhausted => "buffer_budget_exhausted",
+            ProxyError::SpoolUnavailable(_) => "spool_unavailable",
             ProxyError::Internal(_) => "internal_error",
         }
     }
@@ -174,7 +180,9 @@ impl ProxyError {
             | ProxyError::UpstreamBroken(_)
             | ProxyError::UpstreamConnectTimeout(_)
             | ProxyError::UpstreamResponseTimeout(_) => Culprit::Upstream,
-            ProxyError::BufferBudgetExhausted | ProxyError::Internal(_) => Culprit::Proxy,
+            ProxyError::BufferBudgetExhausted
+            | ProxyError::SpoolUnavailable(_)
+            | ProxyError::Internal(_) => Culprit::Proxy,
             _ => Culprit::Sender,
         }
     }
@@ -215,6 +223,7 @@ impl ProxyError {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             ProxyError::BufferBudgetExhausted => Some(1),
+            ProxyError::SpoolUnavailable(_) => Some(30),
             _ => None,
         }
     }

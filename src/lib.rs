@@ -14,6 +14,7 @@
 //! - [`trim`]: byte-faithful JSON trimming by path rules (and the gzip/deflate wrapper).
 //! - [`forward`]: upstream clients (pooled, TLS, HTTP/2 by ALPN), URI and header rewriting.
 //! - [`verify`]: sender signatures (Synthflow's HMAC of `call.call_id`, whole-body HMACs).
+//! - [`deliver`] and [`spool`]: spool routes keep what the receiver could not take, redeliver it.
 //! - [`observe`]: the access-log line for each exchange.
 //! - [`incident`]: the 413 incident log, fingerprints of who rejected, learned limits, diagnosis.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod buffer;
 pub mod cli;
 pub mod config;
+pub mod deliver;
 pub mod error;
 pub mod forward;
 pub mod framing;
@@ -38,5 +40,6 @@ pub mod observe;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod spool;
 pub mod trim;
 pub mod verify;

@@ -179,6 +179,10 @@ impl Body for ObservedBody<UpstreamBody> {
                 if let Some(data) = frame.data_ref() {
                     this.exchange.bytes_out += data.len() as u64;
                 }
+                // hyper stops polling a length-delimited body once it reports its end.
+                if this.inner.is_end_stream() {
+                    this.exchange.response_complete = true;
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -17,6 +18,7 @@ use hyper::body::Incoming;
 
 use crate::buffer::{self, BufferBudget, CollectError, Reservation};
 use crate::config::{Config, OnOversize, OnTrimFailure, RouteConfig, TrimConfig};
+use crate::deliver::{self, SpoolState};
 use crate::error::ProxyError;
 use crate::forward::{self, ForwardedFor, UpstreamBody, UpstreamClient};
 use crate::incident::{
@@ -87,6 +89,20 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// The route with this name.
+    pub fn route_by_name(&self, name: &str) -> Option<&RouteRuntime> {
+        self.routes.iter().find(|r| r.config.name == name)
+    }
+}
+
+impl RouteRuntime {
+    /// The route's pooled upstream client.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
+    }
+}
+
 /// State that outlives a configuration reload: the buffer budget, the incident log and what
 /// was learned about receivers' limits.
 pub struct Shared {
@@ -100,24 +116,37 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Connections open right now (public listener).
     pub open_connections: Arc<AtomicU64>,
+    /// The spool, when a route uses it.
+    pub spool: Option<SpoolState>,
 }
 
 impl Shared {
     /// Budget from `[server] buffer_budget`, the incident log at `[incidents] path` (its writer
     /// task starts on the current tokio runtime), and limits learned from that log.
-    pub fn for_config(config: &Config) -> Shared {
+    pub fn for_config(config: &Config) -> Result<Shared, ProxyError> {
+        let spool = if config.spool.used {
+            Some(SpoolState::open(&config.spool).map_err(|e| {
+                ProxyError::Internal(format!(
+                    "cannot open the spool at {}: {e}",
+                    config.spool.dir.display()
+                ))
+            })?)
+        } else {
+            None
+        };
         let path = config.incidents.path.clone();
         let metrics = Metrics::new();
         for route in &config.routes {
             metrics.init_route(&route.name);
         }
-        Shared {
+        Ok(Shared {
             budget: BufferBudget::new(config.server.buffer_budget_bytes),
             learner: Arc::new(incident::learn::rebuild_from_log(&path)),
             incidents: IncidentLog::start(path, INCIDENT_QUEUE),
             metrics,
             open_connections: Arc::new(AtomicU64::new(0)),
-        }
+            spool,
+        })
     }
 
     /// The values the metrics endpoint reads at scrape time.
@@ -127,7 +156,12 @@ impl Shared {
             buffer_in_use_bytes: self.budget.in_use(),
             buffer_budget_bytes: self.budget.limit(),
             open_connections: self.open_connections.load(Ordering::Relaxed),
-            spool_depth: Vec::new(),
+            spool_depth: self.spool.as_ref().map_or_else(Vec::new, |s| {
+                crate::spool::State::ALL
+                    .iter()
+                    .map(|state| (state.as_str().to_string(), s.spool.depth(*state) as u64))
+                    .collect()
+            }),
         }
     }
 }
@@ -150,7 +184,7 @@ impl Proxy {
 
     /// Builds the runtime and the shared state for `config` (inside a tokio runtime).
     pub fn start(config: Config) -> Result<Proxy, ProxyError> {
-        let shared = Shared::for_config(&config);
+        let shared = Shared::for_config(&config)?;
         Ok(Proxy::new(Runtime::new(config)?, shared))
     }
 
@@ -327,8 +361,9 @@ pub enum Plan {
 /// over the receiver's `limit` (unknown length, declared over, or compressed with the limit
 /// counting decoded bytes); never buffer on a route that does not trim.
 pub fn plan(cfg: &RouteConfig, facts: &Facts, declared: Option<u64>, limit: Option<u64>) -> Plan {
-    if cfg.verify.is_some() {
-        // The signature must be checked before anything is forwarded.
+    if cfg.verify.is_some() || cfg.spool || cfg.dead_letter {
+        // The signature must be checked before anything is forwarded; a spool route keeps
+        // the body until the receiver has taken it.
         return Plan::Buffer {
             encoding: payload::encoding(facts.content_encoding.as_deref()).ok(),
         };
@@ -402,6 +437,12 @@ struct Ctx<'a> {
     idle_timeout: Duration,
     /// Time to the receiver's response headers, of the last attempt (nanoseconds).
     upstream_nanos: AtomicU64,
+    /// When the request arrived.
+    received_at: SystemTime,
+    /// The request's path and query, as received.
+    path_and_query: String,
+    /// HTTP/1 (errors may close the connection).
+    is_h1: bool,
 }
 
 impl Ctx<'_> {
@@ -424,6 +465,15 @@ impl Ctx<'_> {
             .metrics
             .incident(&self.cfg.name, incident.kind.as_str());
         self.shared.incidents.record(incident);
+    }
+
+    /// Records a `buffer_budget_exhausted` incident and names the error (503).
+    fn budget_exhausted(&self, bytes: u64) -> ProxyError {
+        tracing::warn!(route = %self.cfg.name, in_use = self.shared.budget.in_use(), budget = self.shared.budget.limit(), "buffer budget exhausted");
+        let mut inc = self.incident(Kind::BufferBudgetExhausted);
+        inc.body_bytes = Some(bytes);
+        self.record(inc);
+        ProxyError::BufferBudgetExhausted
     }
 
     fn limits(&self, hard_limit: u64) -> BodyLimits {
@@ -515,6 +565,12 @@ async fn pipeline(
         body_timeout: rt.config.server.body_timeout,
         idle_timeout: rt.config.server.body_idle_timeout,
         upstream_nanos: AtomicU64::new(0),
+        received_at: SystemTime::now(),
+        path_and_query: parts.uri.path_and_query().map_or_else(
+            || parts.uri.path().to_string(),
+            |pq| pq.as_str().to_string(),
+        ),
+        is_h1: parts.version < Version::HTTP_2,
     };
     if ctx.limit != cfg.upstream_limit_bytes {
         tracing::debug!(route = %cfg.name, limit = ?ctx.limit, "using the receiver limit learned from its 413s");
@@ -588,6 +644,7 @@ async fn pipeline(
 }
 
 /// Where the request goes: method, upstream URI, rewritten headers.
+#[derive(Clone)]
 struct Target {
     method: Method,
     uri: Uri,
@@ -764,25 +821,17 @@ fn body_error(
 /// `Content-Length` (some receivers silently truncate chunked bodies over their limit).
 async fn buffered(
     ctx: &Ctx<'_>,
-    mut target: Target,
+    target: Target,
     body: Incoming,
     encoding: Option<Encoding>,
     exchange: &mut Exchange,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let cfg = ctx.cfg;
-    let limit = ctx.limit.unwrap_or(cfg.max_body_bytes);
-    let budget_incident = |bytes: u64| {
-        tracing::warn!(route = %cfg.name, in_use = ctx.shared.budget.in_use(), budget = ctx.shared.budget.limit(), "buffer budget exhausted");
-        let mut inc = ctx.incident(Kind::BufferBudgetExhausted);
-        inc.body_bytes = Some(bytes);
-        ctx.record(inc);
-        ProxyError::BufferBudgetExhausted
-    };
     let mut reservation = match ctx.shared.budget.reserve(ctx.declared.unwrap_or(0)) {
         Ok(r) => r,
         Err(_) => {
             limit::linger(body);
-            return Err(budget_incident(0));
+            return Err(ctx.budget_exhausted(0));
         }
     };
     let stats = Arc::new(BodyStats::default());
@@ -791,7 +840,7 @@ async fn buffered(
     let capacity = ctx.declared.unwrap_or(0) as usize;
     let wire = match buffer::collect(limited, capacity, &mut reservation).await {
         Ok(wire) => wire,
-        Err(CollectError::Budget(_)) => return Err(budget_incident(stats.bytes())),
+        Err(CollectError::Budget(_)) => return Err(ctx.budget_exhausted(stats.bytes())),
         Err(CollectError::Body(_)) => {
             let failure = stats
                 .failure()
@@ -805,6 +854,45 @@ async fn buffered(
             ));
         }
     };
+    if cfg.spool || cfg.dead_letter {
+        let result = process_buffered(
+            ctx,
+            target.clone(),
+            wire.clone(),
+            encoding,
+            &stats,
+            &mut reservation,
+            exchange,
+        )
+        .await;
+        return spool_outcome(ctx, result, &target, wire, encoding, exchange).await;
+    }
+    process_buffered(
+        ctx,
+        target,
+        wire,
+        encoding,
+        &stats,
+        &mut reservation,
+        exchange,
+    )
+    .await
+}
+
+/// The buffered body's way to the receiver: verify the sender, trim, send.
+#[allow(clippy::too_many_arguments)]
+async fn process_buffered(
+    ctx: &Ctx<'_>,
+    mut target: Target,
+    wire: Bytes,
+    encoding: Option<Encoding>,
+    stats: &Arc<BodyStats>,
+    reservation: &mut Reservation,
+    exchange: &mut Exchange,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let cfg = ctx.cfg;
+    let limit = ctx.limit.unwrap_or(cfg.max_body_bytes);
+    let stats = stats.clone();
     let original_len = wire.len() as u64;
     let trim = cfg
         .trim
@@ -814,9 +902,9 @@ async fn buffered(
     // Decode (within the budget), verify the sender, then trim.
     let decoded = match encoding {
         None => Ok(wire.clone()),
-        Some(enc) => match decode_within_budget(&wire, enc, cfg, &mut reservation) {
+        Some(enc) => match decode_within_budget(&wire, enc, cfg, reservation) {
             Ok(decoded) => Ok(decoded),
-            Err(DecodeFailure::Budget) => return Err(budget_incident(original_len)),
+            Err(DecodeFailure::Budget) => return Err(ctx.budget_exhausted(original_len)),
             Err(DecodeFailure::Shrink(err)) => Err(err),
         },
     };
@@ -872,7 +960,7 @@ async fn buffered(
         .ensure(original_len + crate::trim::memory_estimate(&decoded))
         .is_err()
     {
-        return Err(budget_incident(original_len));
+        return Err(ctx.budget_exhausted(original_len));
     }
     let facts = BodyFacts::read(&decoded, &cfg.id_path);
     if measured <= limit {
@@ -914,6 +1002,7 @@ async fn buffered(
         if tc.dry_run {
             return send_buffered(ctx, &target, wire, &stats, Some(&facts), None, exchange).await;
         }
+        archive_original(ctx, &mut target.headers, &wire, &facts).await?;
         mark_trimmed(ctx, &mut target.headers, &shrunk);
         let body = Bytes::from(shrunk.body);
         return send_buffered(ctx, &target, body, &stats, Some(&facts), None, exchange).await;
@@ -938,6 +1027,7 @@ async fn buffered(
             ),
         }),
         OnTrimFailure::Forward => {
+            archive_original(ctx, &mut target.headers, &wire, &facts).await?;
             mark_trimmed(ctx, &mut target.headers, &shrunk);
             let body = Bytes::from(shrunk.body);
             send_buffered(ctx, &target, body, &stats, Some(&facts), None, exchange).await
@@ -1115,7 +1205,7 @@ async fn relay(
     }
     // The receiver refused the size: read the start of its answer to name who refused.
     let (mut parts, body) = response.into_parts();
-    let (prefix, rest) = sniff(body, SNIFF_BYTES).await;
+    let (prefix, rest) = sniff(body.map_err(BodyError::new).boxed_unsync(), SNIFF_BYTES).await;
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
@@ -1220,7 +1310,7 @@ fn convert_response(response: Response<Incoming>) -> Response<UpstreamBody> {
 }
 
 /// Reads up to `max` bytes of a body, returning them and the rest of the body.
-async fn sniff(mut body: Incoming, max: usize) -> (Bytes, Option<Incoming>) {
+async fn sniff(mut body: UpstreamBody, max: usize) -> (Bytes, Option<UpstreamBody>) {
     let mut prefix = Vec::new();
     loop {
         if prefix.len() >= max {
@@ -1233,7 +1323,7 @@ async fn sniff(mut body: Incoming, max: usize) -> (Bytes, Option<Incoming>) {
                 }
             }
             Some(Err(err)) => {
-                tracing::debug!(error = %err, "receiver's 413 body ended early");
+                tracing::debug!(error = %err, "receiver's body ended early");
                 return (Bytes::from(prefix), None);
             }
             None => return (Bytes::from(prefix), None),
@@ -1242,7 +1332,7 @@ async fn sniff(mut body: Incoming, max: usize) -> (Bytes, Option<Incoming>) {
 }
 
 /// A body that yields `prefix`, then the rest of the original body.
-fn prefixed_body(prefix: Bytes, rest: Option<Incoming>) -> UpstreamBody {
+fn prefixed_body(prefix: Bytes, rest: Option<UpstreamBody>) -> UpstreamBody {
     Prefixed {
         prefix: (!prefix.is_empty()).then_some(prefix),
         rest,
@@ -1252,7 +1342,7 @@ fn prefixed_body(prefix: Bytes, rest: Option<Incoming>) -> UpstreamBody {
 
 struct Prefixed {
     prefix: Option<Bytes>,
-    rest: Option<Incoming>,
+    rest: Option<UpstreamBody>,
 }
 
 impl http_body::Body for Prefixed {
@@ -1268,13 +1358,200 @@ impl http_body::Body for Prefixed {
         }
         match self.rest.as_mut() {
             None => std::task::Poll::Ready(None),
-            Some(rest) => std::pin::Pin::new(rest)
-                .poll_frame(cx)
-                .map_err(BodyError::new),
+            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         self.prefix.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
+}
+
+/// Keeps the untrimmed original in `spool/archive/` (`archive_originals = true`) and points
+/// the receiver at it: `Payload-Guard-Original: <id>`, plus `Payload-Guard-Original-Url` with
+/// `claim_check_url`. Trimming never destroys data: when the archive cannot store it, the
+/// payload is not trimmed and the sender gets 503.
+async fn archive_original(
+    ctx: &Ctx<'_>,
+    headers: &mut HeaderMap,
+    wire: &Bytes,
+    facts: &BodyFacts,
+) -> Result<(), ProxyError> {
+    let cfg = ctx.cfg;
+    if !cfg.archive_originals {
+        return Ok(());
+    }
+    let Some(state) = ctx.shared.spool.as_ref() else {
+        return Ok(());
+    };
+    let mut meta = spool_meta(ctx, headers, wire.len() as u64, facts.call_id.clone());
+    meta.trimmed = true;
+    match deliver::commit(
+        &state.spool,
+        crate::spool::State::Archive,
+        meta,
+        wire.clone(),
+    )
+    .await
+    {
+        Ok(id) => {
+            if let Ok(v) = HeaderValue::from_str(id.as_str()) {
+                headers.insert(HeaderName::from_static("payload-guard-original"), v);
+            }
+            if let Some(url) = &cfg.claim_check_url
+                && let Ok(v) = HeaderValue::from_str(&format!("{url}/{id}"))
+            {
+                headers.insert(HeaderName::from_static("payload-guard-original-url"), v);
+            }
+            Ok(())
+        }
+        Err(err) => {
+            tracing::error!(route = %cfg.name, error = %err, "cannot archive the original: not trimming it");
+            let mut inc = ctx.incident(Kind::SpoolRefused);
+            inc.body_bytes = Some(wire.len() as u64);
+            inc.reason = Some(format!("archive: {err}"));
+            ctx.record(inc);
+            Err(ProxyError::SpoolUnavailable(err.to_string()))
+        }
+    }
+}
+
+/// Metadata for a spool record of this request.
+fn spool_meta(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    len: u64,
+    call_id: Option<String>,
+) -> crate::spool::Meta {
+    let mut meta = crate::spool::Meta::new(
+        ctx.cfg.name.clone(),
+        ctx.received_at,
+        ctx.request_id.clone(),
+        ctx.method.to_string(),
+        ctx.path_and_query.clone(),
+        len,
+    );
+    meta.call_id = call_id;
+    meta.headers = deliver::stored_headers(headers);
+    meta
+}
+
+/// For spool routes: keeps what the receiver could not take (spool, 202), and what it refused
+/// for good (dead letters), and passes everything else on.
+async fn spool_outcome(
+    ctx: &Ctx<'_>,
+    result: Result<Response<UpstreamBody>, ProxyError>,
+    target: &Target,
+    wire: Bytes,
+    encoding: Option<Encoding>,
+    exchange: &mut Exchange,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let cfg = ctx.cfg;
+    let reason = match &result {
+        Ok(response) => match deliver::disposition(response.status().as_u16()) {
+            deliver::Disposition::Delivered => return result,
+            deliver::Disposition::Retry(reason) if cfg.spool => reason,
+            deliver::Disposition::Final(status) if cfg.dead_letter && status >= 400 => {
+                let Ok(response) = result else {
+                    unreachable!("matched Ok above")
+                };
+                return dead_letter(ctx, response, target, wire, encoding).await;
+            }
+            _ => return result,
+        },
+        Err(err) if cfg.spool && err.culprit() == crate::error::Culprit::Upstream => {
+            err.to_string()
+        }
+        Err(_) => return result,
+    };
+    let Some(state) = ctx.shared.spool.as_ref() else {
+        return result;
+    };
+    let call_id = call_id_of(ctx, &wire, encoding);
+    let mut meta = spool_meta(ctx, &target.headers, wire.len() as u64, call_id);
+    meta.last_error = Some(reason.clone());
+    match deliver::commit(&state.spool, crate::spool::State::Ready, meta, wire.clone()).await {
+        Ok(id) => {
+            tracing::warn!(route = %cfg.name, id = %id, reason = %reason, "payload spooled for redelivery");
+            let id_header = HeaderValue::from_str(id.as_str()).ok();
+            let mut response = match (cfg.on_spool_response, result) {
+                (crate::config::OnSpoolResponse::Passthrough, Ok(response)) => response,
+                (crate::config::OnSpoolResponse::Passthrough, Err(err)) => {
+                    error_response(&err, &ctx.request_id, ctx.is_h1, exchange)
+                }
+                (crate::config::OnSpoolResponse::Accepted, _) => {
+                    exchange.error = None;
+                    let body = serde_json::json!({
+                        "status": "accepted",
+                        "spool_id": id.as_str(),
+                        "request_id": ctx.request_id,
+                        "message": format!("the receiver could not take the payload ({reason}); payload-guard stored it and will redeliver it"),
+                    });
+                    let mut response = Response::new(full_body(Bytes::from(body.to_string())));
+                    *response.status_mut() = http::StatusCode::ACCEPTED;
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    response
+                }
+            };
+            if let Some(id) = id_header {
+                response
+                    .headers_mut()
+                    .insert(HeaderName::from_static("payload-guard-spool-id"), id);
+            }
+            Ok(response)
+        }
+        Err(err) => {
+            tracing::error!(route = %cfg.name, error = %err, "cannot spool an undeliverable payload");
+            let mut inc = ctx.incident(Kind::SpoolRefused);
+            inc.body_bytes = Some(wire.len() as u64);
+            inc.reason = Some(err.to_string());
+            ctx.record(inc);
+            Err(ProxyError::SpoolUnavailable(err.to_string()))
+        }
+    }
+}
+
+fn call_id_of(ctx: &Ctx<'_>, wire: &Bytes, encoding: Option<Encoding>) -> Option<String> {
+    if !payload::is_json(ctx.facts.content_type.as_deref()) {
+        return None;
+    }
+    match encoding {
+        Some(Encoding::Identity) => crate::trim::string_at(wire, &ctx.cfg.id_path),
+        Some(enc) => payload::decode(wire, enc, ctx.cfg.max_body_bytes)
+            .ok()
+            .and_then(|d| crate::trim::string_at(&d, &ctx.cfg.id_path)),
+        None => None,
+    }
+}
+
+/// Keeps a payload the receiver refused for good in `spool/dead/`, and relays its answer.
+async fn dead_letter(
+    ctx: &Ctx<'_>,
+    response: Response<UpstreamBody>,
+    target: &Target,
+    wire: Bytes,
+    encoding: Option<Encoding>,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
+    let (prefix, rest) = sniff(body, incident::SNIPPET_BYTES).await;
+    if let Some(state) = ctx.shared.spool.as_ref() {
+        let call_id = call_id_of(ctx, &wire, encoding);
+        let mut meta = spool_meta(ctx, &target.headers, wire.len() as u64, call_id);
+        meta.status = Some(status);
+        meta.snippet = Some(incident::snippet(&prefix));
+        meta.last_error = Some(format!("receiver refused it: {status}"));
+        match deliver::commit(&state.spool, crate::spool::State::Dead, meta, wire).await {
+            Ok(id) => {
+                tracing::warn!(route = %ctx.cfg.name, id = %id, status, "refused payload kept as a dead letter")
+            }
+            Err(err) => {
+                tracing::error!(route = %ctx.cfg.name, error = %err, status, "cannot keep the dead letter")
+            }
+        }
+    }
+    Ok(Response::from_parts(parts, prefixed_body(prefix, rest)))
 }

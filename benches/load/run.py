@@ -34,6 +34,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -151,6 +152,44 @@ def vm_hwm_kib(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return 0
+
+
+def machine_busy() -> tuple[int, int]:
+    """(busy, steal) clock ticks of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+def children_ticks() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (r.ru_utime + r.ru_stime) * CLK_TCK
+
+
+class Background:
+    """CPU used on the machine during a measurement by processes this run did not start."""
+
+    def __init__(self, ours: list[int]) -> None:
+        self.ours = ours
+        self.t0 = time.monotonic()
+        self.busy0, self.steal0 = machine_busy()
+        self.mine0 = self.mine()
+
+    def mine(self) -> float:
+        total = children_ticks()
+        for pid in self.ours:
+            try:
+                total += cpu_ticks(pid)
+            except OSError:
+                pass
+        return total
+
+    def done(self) -> dict:
+        wall = max(1e-6, time.monotonic() - self.t0) * CLK_TCK
+        busy, steal = machine_busy()
+        other = (busy - self.busy0) - (self.mine() - self.mine0)
+        return {"background_cores": max(0.0, other / wall), "steal_cores": (steal - self.steal0) / wall}
 
 
 def reset_hwm(pid: int) -> bool:
@@ -340,6 +379,7 @@ class Bench:
         self.recv_bin = recv_bin
         self.run_dir = run_dir
         self.recv = {}
+        self.recv_pids: list[int] = []
 
     def start_receiver(self, name: str, extra: list[str]) -> int:
         argv = [self.recv_bin, "--listen", "127.0.0.1:0", "--threads", str(self.args.receiver_threads)] + extra
@@ -351,6 +391,7 @@ class Bench:
             raise RuntimeError(f"receiver {name}: unexpected first line {line!r}")
         port = int(m.group(1))
         self.recv[name] = port
+        self.recv_pids.append(p.pid)
         log(f"receiver {name}: 127.0.0.1:{port} {' '.join(extra)}")
         return port
 
@@ -495,18 +536,29 @@ def measure(bench: Bench, target: str, wl: dict, args) -> dict:
             status, _, _, _ = curl_post(url, wl["small"], chunked=False)
             if status != "200":
                 raise RuntimeError(f"{target} warm-up answered {status}")
+        ours = bench.recv_pids + ([pid] if pid else [])
+        if p is not None and pid != p.pid:
+            ours.append(p.pid)  # nginx's master
         if pid:
             if not reset_hwm(pid):
                 log(f"cannot reset VmHWM of {pid}: peak RSS includes start-up")
             t0 = cpu_ticks(pid)
+        bg = Background(ours)
         if wl["kind"] == "wrk":
             res = run_wrk(url, wl["files"], wl["conns"], args.duration)
         else:
-            status, code, secs, body = curl_post(url, wl["file"], chunked=False, max_time=300)
-            ok = status == "200" and f'"bytes":{wl["size"]}' in body.replace(" ", "")
-            res = {"requests": 1, "seconds": secs, "rps": 1 / secs if secs else 0.0,
-                   "p99_ms": None, "non2xx": 0 if ok else 1, "socket_errors": 0 if code == 0 else 1,
-                   "status": status, "time_s": secs}
+            times, bad, statuses = [], 0, []
+            for _ in range(args.uploads):
+                status, code, secs, body = curl_post(url, wl["file"], chunked=False, max_time=300)
+                ok = status == "200" and f'"bytes":{wl["size"]}' in body.replace(" ", "")
+                bad += (not ok) or code != 0
+                times.append(secs)
+                statuses.append(status)
+            secs = statistics.median(times)
+            res = {"requests": len(times), "seconds": sum(times), "rps": 1 / secs if secs else 0.0,
+                   "p99_ms": None, "non2xx": bad, "socket_errors": 0,
+                   "status": ",".join(sorted(set(statuses))), "time_s": secs, "times": times}
+        res.update(bg.done())
         if pid:
             res["cpu_us_per_req"] = (cpu_ticks(pid) - t0) / CLK_TCK * 1e6 / max(1, res["requests"])
             res["hwm_kib"] = vm_hwm_kib(pid)
@@ -599,7 +651,7 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
                          "| req/s ÷ nginx | req/s ÷ HAProxy | req/s ÷ direct | p99 ÷ nginx | errors |")
             lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         else:
-            lines.append("| target | time s (median) | time s min–max | CPU ms | peak RSS MiB "
+            lines.append("| target | time s (median) | time s min–max (all uploads) | CPU ms | peak RSS MiB "
                          "| time ÷ direct | time ÷ nginx | time ÷ HAProxy | errors |")
             lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for t in wl_targets:
@@ -623,11 +675,12 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
                     f"{fmt(p99n, 2, '×') if 'nginx' in have and t != 'nginx' else '—'} | {errors} |")
             else:
                 ts = [r["time_s"] for r in rows]
+                every = [x for r in rows for x in r.get("times", [r["time_s"]])]
                 vs = {ref: ratio_per_rep(results, name, t, ref, "time_s", reps)[0]
                       for ref in ("direct", "nginx", "haproxy")}
                 lines.append(
                     f"| {TARGET_LABEL[t]} | {fmt(med(ts), 3)} | "
-                    f"{fmt(min(ts), 3)}–{fmt(max(ts), 3)} | "
+                    f"{fmt(min(every), 3)}–{fmt(max(every), 3)} | "
                     f"{fmt(cpu / 1000 if cpu is not None else None, 0)} | {fmt(hwm, 1)} | "
                     f"{fmt(vs['direct'], 2, '×') if t != 'direct' else '—'} | "
                     f"{fmt(vs['nginx'], 2, '×') if 'nginx' in have and t != 'nginx' else '—'} | "
@@ -681,38 +734,38 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
 
     pg = "payload-guard"
 
-    def verdict(text, value, ok):
-        if value is None:
-            verdicts.append(f"- [skipped] {text}: not measured")
+    def verdict(text, x, shown, ok):
+        if x is None:
+            verdicts.append(f"- [not measured] {text}")
         else:
-            verdicts.append(f"- [{'met' if ok else 'MISSED'}] {text}: {value}")
+            verdicts.append(f"- [{'met' if ok else 'MISSED'}] {text}: {shown}")
 
     if "nginx" in have:
         x = v("2k", pg, "nginx")
-        verdict("2 KiB req/s ≥ 1.2× nginx", fmt(x, 2, "×"), x is not None and x >= 1.2)
+        verdict("2 KiB req/s ≥ 1.2× nginx", x, fmt(x, 2, "×"), x is not None and x >= 1.2)
         x = v("2k", pg, "nginx", "p99_ms")
-        verdict("2 KiB p99 ≤ nginx's", fmt(x, 2, "× nginx's p99"), x is not None and x <= 1.0)
+        verdict("2 KiB p99 ≤ nginx's", x, fmt(x, 2, "× nginx's p99"), x is not None and x <= 1.0)
         x = v("1m", pg, "nginx")
-        verdict("1 MiB req/s ≥ 3× nginx (default buffering)", fmt(x, 2, "×"), x is not None and x >= 3.0)
+        verdict("1 MiB req/s ≥ 3× nginx (default buffering)", x, fmt(x, 2, "×"), x is not None and x >= 3.0)
     if "haproxy" in have:
         x = v("2k", pg, "haproxy")
-        verdict("2 KiB req/s ≥ 1.05× HAProxy", fmt(x, 2, "×"), x is not None and x >= 1.05)
+        verdict("2 KiB req/s ≥ 1.05× HAProxy", x, fmt(x, 2, "×"), x is not None and x >= 1.05)
         x = v("1m", pg, "haproxy")
-        verdict("1 MiB req/s ≥ 1.1× HAProxy", fmt(x, 2, "×"), x is not None and x >= 1.1)
+        verdict("1 MiB req/s ≥ 1.1× HAProxy", x, fmt(x, 2, "×"), x is not None and x >= 1.1)
     x = v("upload", pg, "direct", "time_s")
-    verdict("200 MiB upload time ≤ 1.15× direct", fmt(x, 2, "×"), x is not None and x <= 1.15)
+    verdict("200 MiB upload time ≤ 1.15× direct", x, fmt(x, 2, "×"), x is not None and x <= 1.15)
     hw = [results[("upload", pg, r)]["hwm_kib"] for r in range(reps) if ("upload", pg, r) in results]
     x = max(hw) / 1024 if hw else None
-    verdict("200 MiB upload peak RSS ≤ 16 MiB", fmt(x, 1, " MiB"), x is not None and x <= 16)
-    verdict("trim 5 MiB→1 MiB CPU/req ≤ 2× forwarding 5 MiB", fmt(trim_ratio, 2, "×"),
+    verdict("200 MiB upload peak RSS ≤ 16 MiB", x, fmt(x, 1, " MiB"), x is not None and x <= 16)
+    verdict("trim 5 MiB→1 MiB CPU/req ≤ 2× forwarding 5 MiB", trim_ratio, fmt(trim_ratio, 2, "×"),
             trim_ratio is not None and trim_ratio <= 2.0)
     if checks:
         per = [c for per in checks.values() for t, c in per.items() if t == pg]
         ok = sum(c["ok"] for c in per)
         n = sum(c["tries"] for c in per)
-        verdict("payload-guard correctness checks 100%", f"{ok}/{n}", n > 0 and ok == n)
+        verdict("payload-guard correctness checks 100%", n or None, f"{ok}/{n}", n > 0 and ok == n)
     errs = sum(r["non2xx"] + r["socket_errors"] for (w, t, _), r in results.items() if t == pg)
-    verdict("payload-guard: no error answers under load", f"{errs} errors", errs == 0)
+    verdict("payload-guard: no error answers under load", errs, f"{errs} errors", errs == 0)
     return "\n".join(lines), verdicts
 
 
@@ -726,6 +779,8 @@ def main() -> int:
     ap.add_argument("--duration", type=int, help="seconds per wrk run (default 5; --quick 2)")
     ap.add_argument("--warmup", type=int, default=1, help="seconds of wrk warm-up per run (default 1)")
     ap.add_argument("--tries", type=int, help="tries per correctness check (default 20; --quick 3)")
+    ap.add_argument("--uploads", type=int, help="200 MiB uploads per measurement, median taken "
+                    "(default 3; --quick 1)")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated subset")
     ap.add_argument("--workloads", default="2k,1m,5m,5m-trim,upload", help="comma-separated subset")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
@@ -741,6 +796,7 @@ def main() -> int:
     args.reps = args.reps or (1 if args.quick else 3)
     args.duration = args.duration or (2 if args.quick else 5)
     args.tries = args.tries or (3 if args.quick else 20)
+    args.uploads = args.uploads or (1 if args.quick else 3)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -800,7 +856,7 @@ def main() -> int:
              "kind": "wrk", "path": "/bench", "files": files["5m"], "conns": 8, "targets": ALL_TARGETS},
             {"name": "5m-trim", "title": "5 MiB Synthflow payloads on the trim route to a 1 MiB receiver (wrk -t1 -c8)",
              "kind": "wrk", "path": "/trim", "files": files["5m"], "conns": 8, "targets": ["payload-guard"]},
-            {"name": "upload", "title": "One 200 MiB upload (curl -T, Content-Length, no Expect)",
+            {"name": "upload", "title": f"200 MiB upload (curl -T, Content-Length, no Expect; median of {args.uploads} per repetition)",
              "kind": "curl", "path": "/upload", "file": files["upload"], "small": files["2k"][0],
              "size": 200 * MIB, "targets": ALL_TARGETS},
         ]
@@ -819,20 +875,28 @@ def main() -> int:
                         log(f"rep {rep + 1}/{args.reps} {wl['name']:8s} {target:14s} "
                             f"{res['rps']:10.1f} req/s  p99 {fmt(res['p99_ms'], 2)} ms  "
                             f"cpu {fmt(res['cpu_us_per_req'])} µs/req  hwm {fmt((res['hwm_kib'] or 0) / 1024, 1)} MiB"
-                            f"  non2xx {res['non2xx']} sockerr {res['socket_errors']}")
+                            f"  non2xx {res['non2xx']} sockerr {res['socket_errors']}"
+                            f"  background {res['background_cores']:.2f} cores")
                     else:
                         log(f"rep {rep + 1}/{args.reps} {wl['name']:8s} {target:14s} "
                             f"{res['time_s']:.3f} s  status {res['status']}  "
-                            f"cpu {fmt((res['cpu_us_per_req'] or 0) / 1000)} ms  hwm {fmt((res['hwm_kib'] or 0) / 1024, 1)} MiB")
+                            f"cpu {fmt((res['cpu_us_per_req'] or 0) / 1000)} ms/upload  hwm {fmt((res['hwm_kib'] or 0) / 1024, 1)} MiB"
+                            f"  background {res['background_cores']:.2f} cores")
         checks = {} if args.no_checks else run_checks(bench, targets, files, args.tries)
         table, verdicts = report(results, workloads, targets, checks, args.reps, meta)
         elapsed = time.monotonic() - started
         m = meta["machine"]
+        bgs = [r["background_cores"] for r in results.values()]
+        steal = [r["steal_cores"] for r in results.values()]
+        m["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
         header = [
             f"Run {meta['date']}, {args.reps} repetition(s), wrk runs of {args.duration} s after a "
             f"{args.warmup} s warm-up, {args.tries} tries per check; took {elapsed / 60:.1f} min.",
             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, "
-            f"load average at start {' '.join(m['loadavg_at_start'])}.",
+            f"load average at start {' '.join(m['loadavg_at_start'])}, at end {' '.join(m['loadavg_at_end'])}.",
+            f"Shared machine: CPU used by processes this run did not start, during the measurements: "
+            f"median {statistics.median(bgs):.2f} cores, max {max(bgs):.2f} cores (of {m['nproc']}); "
+            f"steal median {statistics.median(steal):.2f} cores." if bgs else "",
             "Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items() if v),
             f"Command: `{meta['command']}`",
             "",

@@ -2,6 +2,7 @@
 //! file per subcommand; `anyhow` lives only here.
 
 mod check;
+mod demo;
 mod diagnose;
 mod run;
 mod trim;
@@ -77,6 +78,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
+    /// Show what payload-guard does, on loopback, with no configuration needed.
+    ///
+    /// Starts a sample receiver that refuses bodies over 100 KiB with 413 (as `express.json()`
+    /// does), payload-guard in front of it with a trim route, and sends a small and a large
+    /// Synthflow-shaped payload straight and through the proxy (exit 0: every step behaved as
+    /// expected, 1: one did not, 2: the demo could not be set up).
+    Demo,
 }
 
 /// Report format.
@@ -128,5 +136,6 @@ pub fn run(cli: Cli) -> u8 {
             route,
             format,
         } => diagnose::diagnose(&cli.config, since, route.as_deref(), format),
+        Command::Demo => demo::demo(),
     }
 }

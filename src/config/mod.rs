@@ -20,7 +20,7 @@ use rustls::pki_types::CertificateDer;
 use crate::trim::{RuleSet, RuleSpec};
 use crate::verify::{Secret, Verifier};
 
-pub use raw::{LimitCounts, OnOversize, OnTrimFailure};
+pub use raw::{LimitCounts, OnOversize, OnSpoolResponse, OnTrimFailure};
 
 /// Default `max_body` when neither the route nor `[defaults]` sets one.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
@@ -42,6 +42,34 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[incidents]`
     pub incidents: IncidentsConfig,
+    /// `[spool]` (used by routes with `spool`, `dead_letter` or `archive_originals`).
+    pub spool: SpoolSettings,
+}
+
+/// `[spool]`: where undeliverable payloads, dead letters and archived originals are kept, and
+/// how they are redelivered.
+#[derive(Debug, Clone)]
+pub struct SpoolSettings {
+    /// The spool directory (relative paths resolve against the config file's folder).
+    pub dir: PathBuf,
+    /// Bytes the spool may hold.
+    pub max_bytes: u64,
+    /// Free disk space to keep.
+    pub min_free: u64,
+    /// First redelivery delay (doubles per attempt, with jitter).
+    pub retry_initial: Duration,
+    /// Longest redelivery delay.
+    pub retry_max: Duration,
+    /// How long a payload is retried before it goes to `dead/`.
+    pub retry_for: Duration,
+    /// Redeliveries at a time.
+    pub redeliver_concurrency: usize,
+    /// How often the redelivery task looks for due records.
+    pub redeliver_interval: Duration,
+    /// How long archived originals are kept.
+    pub archive_for: Duration,
+    /// Whether any route uses the spool (else it is not opened).
+    pub used: bool,
 }
 
 /// `[server]`: listeners, timeouts and connection limits.
@@ -137,6 +165,18 @@ pub struct RouteConfig {
     pub retry_on_413: bool,
     /// Sender authentication, if configured.
     pub verify: Option<VerifyConfig>,
+    /// Spool payloads the receiver could not take, and acknowledge them with 202.
+    pub spool: bool,
+    /// What the sender gets when its payload was spooled.
+    pub on_spool_response: OnSpoolResponse,
+    /// Keep payloads the receiver refused for good (final 4xx) in `spool/dead/`.
+    pub dead_letter: bool,
+    /// Spool routes keep bodies up to this size in memory; larger ones go to a file.
+    pub spool_memory_threshold: u64,
+    /// Keep the untrimmed original of every trimmed payload in `spool/archive/`.
+    pub archive_originals: bool,
+    /// Base URL where the receiver can fetch archived originals (`<url>/<id>`).
+    pub claim_check_url: Option<String>,
 }
 
 /// A route's trim settings with its rules compiled.

@@ -28,6 +28,34 @@ pub struct RawConfig {
     /// `[incidents]`
     #[serde(default)]
     pub incidents: Option<RawIncidents>,
+    /// `[spool]`
+    #[serde(default)]
+    pub spool: Option<RawSpool>,
+}
+
+/// `[spool]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpool {
+    pub dir: Option<Spanned<PathBuf>>,
+    pub max_bytes: Option<Spanned<ByteSize>>,
+    pub min_free: Option<Spanned<ByteSize>>,
+    pub retry_initial: Option<Spanned<Dur>>,
+    pub retry_max: Option<Spanned<Dur>>,
+    pub retry_for: Option<Spanned<Dur>>,
+    pub redeliver_concurrency: Option<Spanned<i64>>,
+    pub redeliver_interval: Option<Spanned<Dur>>,
+    pub archive_for: Option<Spanned<Dur>>,
+}
+
+/// What the sender gets when its payload was spooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSpoolResponse {
+    /// `202 Accepted` with the spool id.
+    Accepted,
+    /// The receiver's own status (or the proxy's 502/504).
+    Passthrough,
 }
 
 /// `[server]`
@@ -117,6 +145,12 @@ pub struct RawRoute {
     pub id_path: Option<Spanned<String>>,
     pub retry_on_413: Option<Spanned<bool>>,
     pub verify: Option<Spanned<RawVerify>>,
+    pub spool: Option<Spanned<bool>>,
+    pub on_spool_response: Option<Spanned<OnSpoolResponse>>,
+    pub dead_letter: Option<Spanned<bool>>,
+    pub spool_memory_threshold: Option<Spanned<ByteSize>>,
+    pub archive_originals: Option<Spanned<bool>>,
+    pub claim_check_url: Option<Spanned<String>>,
 }
 
 /// What to do when the trim rules cannot bring a payload under the limit.

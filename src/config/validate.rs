@@ -11,11 +11,14 @@ use http::Uri;
 use rustls::pki_types::CertificateDer;
 use toml::Spanned;
 
-use super::raw::{OnOversize, RawAction, RawConfig, RawKeep, RawRoute, RawVerify};
+use super::raw::{
+    OnOversize, OnSpoolResponse, RawAction, RawConfig, RawKeep, RawRoute, RawSpool, RawVerify,
+};
+use super::units::Dur;
 use super::{
     Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure, RouteConfig,
-    ServerConfig, TlsConfig, TrimConfig, VerifyConfig,
+    ServerConfig, SpoolSettings, TlsConfig, TrimConfig, VerifyConfig,
 };
 use crate::trim::{ActionSpec, DEFAULT_PROTECT, Keep, RuleOrigin, RuleSet, RuleSpec};
 use crate::verify::{Scheme, Secret, Verifier};
@@ -167,12 +170,17 @@ pub(super) fn validate(text: &str, path: &Path, env: &Env<'_>) -> Result<Config,
         }
     }
 
+    let mut spool = validate_spool(raw.spool.as_ref(), &base_dir, &mut rep);
+    spool.used = routes
+        .iter()
+        .any(|r| r.spool || r.dead_letter || r.archive_originals);
     if rep.errors.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
             server,
             routes,
             incidents,
+            spool,
         })
     } else {
         Err(ConfigErrors(rep.errors))
@@ -443,6 +451,75 @@ pub(crate) fn load_server_tls(
     Ok(Arc::new(config))
 }
 
+fn validate_spool(
+    raw: Option<&RawSpool>,
+    base_dir: &Path,
+    rep: &mut Reporter<'_>,
+) -> SpoolSettings {
+    let default = RawSpool::default();
+    let s = raw.unwrap_or(&default);
+    let dur = |rep: &mut Reporter<'_>, v: &Option<Spanned<Dur>>, key: &str, default: Duration| {
+        nonzero_duration(rep, v.as_ref(), key, default)
+    };
+    let retry_initial = dur(
+        rep,
+        &s.retry_initial,
+        "spool.retry_initial",
+        Duration::from_secs(5),
+    );
+    let retry_max = dur(
+        rep,
+        &s.retry_max,
+        "spool.retry_max",
+        Duration::from_secs(3600),
+    );
+    if retry_max < retry_initial
+        && let Some(m) = &s.retry_max
+    {
+        rep.at(
+            Some(m.span()),
+            "spool.retry_max",
+            "must not be shorter than retry_initial",
+        );
+    }
+    SpoolSettings {
+        dir: s.dir.as_ref().map_or_else(
+            || base_dir.join("spool"),
+            |d| resolve(base_dir, d.get_ref()),
+        ),
+        max_bytes: s.max_bytes.as_ref().map_or(10 << 30, |m| m.get_ref().0),
+        min_free: s.min_free.as_ref().map_or(1 << 30, |m| m.get_ref().0),
+        retry_initial,
+        retry_max,
+        retry_for: dur(
+            rep,
+            &s.retry_for,
+            "spool.retry_for",
+            Duration::from_secs(72 * 3600),
+        ),
+        redeliver_concurrency: positive(
+            rep,
+            s.redeliver_concurrency.as_ref(),
+            "spool.redeliver_concurrency",
+            4,
+            256,
+        ) as usize,
+        redeliver_interval: dur(
+            rep,
+            &s.redeliver_interval,
+            "spool.redeliver_interval",
+            Duration::from_secs(1),
+        ),
+        archive_for: dur(
+            rep,
+            &s.archive_for,
+            "spool.archive_for",
+            Duration::from_secs(30 * 24 * 3600),
+        ),
+        used: false,
+    }
+}
+
 /// Builds a route's sender verification, reading secrets from the environment.
 fn validate_verify(
     index: usize,
@@ -709,6 +786,24 @@ fn validate_route(
         Some(r) => *r.get_ref(),
         None => false,
     };
+    let claim_check_url = match pick(&route.claim_check_url, &defaults.claim_check_url) {
+        None => None,
+        Some(url) => match url.get_ref().parse::<Uri>() {
+            Ok(u)
+                if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() =>
+            {
+                Some(url.get_ref().trim_end_matches('/').to_string())
+            }
+            _ => {
+                rep.at(
+                    Some(url.span()),
+                    key("claim_check_url"),
+                    format!("{:?} is not an http(s) URL: write it like \"https://guard.example.com/originals\"", url.get_ref()),
+                );
+                None
+            }
+        },
+    };
     let verify = pick(&route.verify, &defaults.verify).and_then(|v| validate_verify(index, v, rep));
     let preserve_host =
         pick(&route.preserve_host, &defaults.preserve_host).is_some_and(|p| *p.get_ref());
@@ -732,6 +827,18 @@ fn validate_route(
             .map_or_else(|| "call.call_id".to_string(), |p| p.get_ref().clone()),
         retry_on_413,
         verify,
+        spool: pick(&route.spool, &defaults.spool).is_some_and(|v| *v.get_ref()),
+        on_spool_response: pick(&route.on_spool_response, &defaults.on_spool_response)
+            .map_or(OnSpoolResponse::Accepted, |v| *v.get_ref()),
+        dead_letter: pick(&route.dead_letter, &defaults.dead_letter).is_some_and(|v| *v.get_ref()),
+        spool_memory_threshold: pick(
+            &route.spool_memory_threshold,
+            &defaults.spool_memory_threshold,
+        )
+        .map_or(1024 * 1024, |v| v.get_ref().0),
+        archive_originals: pick(&route.archive_originals, &defaults.archive_originals)
+            .is_some_and(|v| *v.get_ref()),
+        claim_check_url,
     })
 }
 

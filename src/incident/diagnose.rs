@@ -257,6 +257,8 @@ pub struct KindCounts {
     pub upstream_413: u64,
     /// `buffer_budget_exhausted`.
     pub buffer_budget_exhausted: u64,
+    /// `spool_refused`.
+    pub spool_refused: u64,
 }
 
 impl KindCounts {
@@ -267,6 +269,7 @@ impl KindCounts {
             Kind::OverUpstreamLimit => self.over_upstream_limit,
             Kind::Upstream413 => self.upstream_413,
             Kind::BufferBudgetExhausted => self.buffer_budget_exhausted,
+            Kind::SpoolRefused => self.spool_refused,
         }
     }
 
@@ -276,6 +279,7 @@ impl KindCounts {
             Kind::OverUpstreamLimit => self.over_upstream_limit += 1,
             Kind::Upstream413 => self.upstream_413 += 1,
             Kind::BufferBudgetExhausted => self.buffer_budget_exhausted += 1,
+            Kind::SpoolRefused => self.spool_refused += 1,
         }
     }
 }
@@ -374,7 +378,9 @@ struct Request<'a> {
 impl Request<'_> {
     /// Has a size worth counting (not only a cut-off buffer-budget body).
     fn sized(&self) -> bool {
-        self.kinds.iter().any(|k| *k != Kind::BufferBudgetExhausted)
+        self.kinds
+            .iter()
+            .any(|k| !matches!(k, Kind::BufferBudgetExhausted | Kind::SpoolRefused))
     }
 
     /// Its payload was meant for the receiver (the proxy did not refuse it for `max_body`).
@@ -847,6 +853,7 @@ pub fn render_text(report: &Report) -> String {
             "OVER_LIMIT",
             "UPSTREAM_413",
             "BUDGET_503",
+            "SPOOL_503",
             "P50",
             "P95",
             "MAX",
@@ -1106,7 +1113,8 @@ mod tests {
                 over_max_body: 1,
                 over_upstream_limit: 5,
                 upstream_413: 3,
-                buffer_budget_exhausted: 1
+                buffer_budget_exhausted: 1,
+                spool_refused: 0
             }
         );
         assert_eq!(

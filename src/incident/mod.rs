@@ -17,7 +17,7 @@
 //! | field | type | meaning |
 //! | --- | --- | --- |
 //! | `ts` | string | when the incident happened, RFC 3339 UTC with milliseconds (`2026-11-26T19:45:34.123Z`) |
-//! | `kind` | string | `over_max_body` (the proxy refused a body over the route's `max_body`), `over_upstream_limit` (the payload was over the route's receiver limit; see `action`), `upstream_413` (the receiver answered 413), `buffer_budget_exhausted` (the proxy answered 503: no buffer memory left) |
+//! | `kind` | string | `over_max_body` (the proxy refused a body over the route's `max_body`), `over_upstream_limit` (the payload was over the route's receiver limit; see `action`), `upstream_413` (the receiver answered 413), `buffer_budget_exhausted` (the proxy answered 503: no buffer memory left), `spool_refused` (a spool route could not store an undeliverable payload: spool full or disk low; 503) |
 //! | `route` | string | the route's `name` |
 //! | `request_id` | string | the proxy's id for the request; several incidents of one request share it |
 //! | `call_id` | string | the sender's call id (Synthflow `call.call_id`), when one was read |
@@ -86,15 +86,20 @@ pub enum Kind {
     /// The proxy's buffer budget was full and it answered 503.
     #[serde(rename = "buffer_budget_exhausted")]
     BufferBudgetExhausted,
+    /// A spool route could not store an undeliverable payload (spool full or disk low) and
+    /// answered 503.
+    #[serde(rename = "spool_refused")]
+    SpoolRefused,
 }
 
 impl Kind {
     /// Every kind, in the order reports list them.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::OverMaxBody,
         Kind::OverUpstreamLimit,
         Kind::Upstream413,
         Kind::BufferBudgetExhausted,
+        Kind::SpoolRefused,
     ];
 
     /// The stable name used in the log and in reports.
@@ -104,6 +109,7 @@ impl Kind {
             Kind::OverUpstreamLimit => "over_upstream_limit",
             Kind::Upstream413 => "upstream_413",
             Kind::BufferBudgetExhausted => "buffer_budget_exhausted",
+            Kind::SpoolRefused => "spool_refused",
         }
     }
 }
