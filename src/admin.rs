@@ -108,7 +108,13 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
-            if admin.ready.load(Ordering::Acquire) {
+            let spool_ok = admin
+                .proxy
+                .shared()
+                .spool
+                .as_ref()
+                .is_none_or(|s| s.spool.writable());
+            if admin.ready.load(Ordering::Acquire) && spool_ok {
                 json(StatusCode::OK, serde_json::json!({"status": "ready"}))
             } else {
                 json(
@@ -134,6 +140,9 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 serde_json::json!({"error": "reload_failed", "message": message}),
             ),
         },
+        (&Method::GET, path) if path.starts_with("/originals/") => {
+            original(admin, &path["/originals/".len()..])
+        }
         (_, "/healthz" | "/readyz" | "/metrics" | "/reload") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({"error": "method_not_allowed"}),
@@ -142,6 +151,55 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not_found"}),
         ),
+    }
+}
+
+/// `GET /originals/<id>`: the exact untrimmed bytes of an archived original.
+fn original(admin: &Admin, id: &str) -> Response<Full<Bytes>> {
+    let Some(state) = admin.proxy.shared().spool.as_ref() else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found", "message": "no route archives originals"}),
+        );
+    };
+    let Ok(id) = id.parse::<crate::spool::RecordId>() else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "bad_id", "message": "not a spool record id"}),
+        );
+    };
+    match state.spool.read(crate::spool::State::Archive, &id) {
+        Ok((meta, body)) => {
+            let content_type = meta
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map_or("application/octet-stream".to_string(), |(_, v)| v.clone());
+            let encoding = meta
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-encoding"))
+                .map(|(_, v)| v.clone());
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            if let Ok(v) = header::HeaderValue::from_str(&content_type) {
+                response.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            if let Some(v) = encoding.and_then(|e| header::HeaderValue::from_str(&e).ok()) {
+                response.headers_mut().insert(header::CONTENT_ENCODING, v);
+            }
+            response
+        }
+        Err(crate::spool::SpoolError::NotFound(_)) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found", "message": "no archived original with this id (expired or never stored)"}),
+        ),
+        Err(err) => {
+            tracing::error!(id = %id, error = %err, "cannot read archived original");
+            json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": "read_failed"}),
+            )
+        }
     }
 }
 

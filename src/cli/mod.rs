@@ -4,7 +4,9 @@
 mod check;
 mod demo;
 mod diagnose;
+mod replay;
 mod run;
+mod spool;
 mod trim;
 
 use std::path::PathBuf;
@@ -78,6 +80,30 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
+    /// Look at and tidy the spool (works while the proxy runs).
+    Spool {
+        /// What to do.
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+    /// Send spooled payloads now (exit 1 if any failed).
+    Replay {
+        /// Only this route's records.
+        #[arg(long)]
+        route: Option<String>,
+        /// Which records: ready (waiting for redelivery) or dead (refused for good).
+        #[arg(long, default_value = "ready", value_parser = parse_state)]
+        state: crate::spool::State,
+        /// Only this record.
+        #[arg(long)]
+        id: Option<String>,
+        /// List what would be sent, send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Send to this URL instead of the route's upstream.
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Show what payload-guard does, on loopback, with no configuration needed.
     ///
     /// Starts a sample receiver that refuses bodies over 100 KiB with 413 (as `express.json()`
@@ -85,6 +111,41 @@ pub enum Command {
     /// Synthflow-shaped payload straight and through the proxy (exit 0: every step behaved as
     /// expected, 1: one did not, 2: the demo could not be set up).
     Demo,
+}
+
+/// `payload-guard spool ...`
+#[derive(Debug, Subcommand)]
+pub enum SpoolCommand {
+    /// An aligned table: id, route, call_id, size, attempts, age, last error.
+    List {
+        /// Only this route's records.
+        #[arg(long)]
+        route: Option<String>,
+        /// ready, dead or archive.
+        #[arg(long, default_value = "ready", value_parser = parse_state)]
+        state: crate::spool::State,
+    },
+    /// A record's metadata (`--body`: its exact body bytes on stdout).
+    Show {
+        /// The record id (from `spool list` or a 202's `spool_id`).
+        id: String,
+        /// Write the body to stdout instead.
+        #[arg(long)]
+        body: bool,
+    },
+    /// Remove records received longer ago than `--older-than`.
+    Purge {
+        /// ready, dead or archive.
+        #[arg(long, value_parser = parse_state)]
+        state: crate::spool::State,
+        /// Age, like 30d or 12h.
+        #[arg(long, value_parser = parse_duration)]
+        older_than: std::time::Duration,
+    },
+}
+
+fn parse_state(text: &str) -> Result<crate::spool::State, String> {
+    text.parse()
 }
 
 /// Report format.
@@ -137,5 +198,30 @@ pub fn run(cli: Cli) -> u8 {
             format,
         } => diagnose::diagnose(&cli.config, since, route.as_deref(), format),
         Command::Demo => demo::demo(),
+        Command::Spool { command } => match command {
+            SpoolCommand::List { route, state } => {
+                spool::list(&cli.config, route.as_deref(), state)
+            }
+            SpoolCommand::Show { id, body } => spool::show(&cli.config, &id, body),
+            SpoolCommand::Purge { state, older_than } => {
+                spool::purge(&cli.config, state, older_than)
+            }
+        },
+        Command::Replay {
+            route,
+            state,
+            id,
+            dry_run,
+            to,
+        } => replay::replay(
+            &cli.config,
+            replay::Selection {
+                route: route.as_deref(),
+                state,
+                id: id.as_deref(),
+                dry_run,
+                to: to.as_deref(),
+            },
+        ),
     }
 }

@@ -78,6 +78,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
     spawn_reload_on_sighup(proxy.clone(), config_path);
+    if let Some(state) = proxy.shared().spool.clone() {
+        crate::deliver::spawn_redelivery(proxy.clone(), state);
+    }
     ready.store(true, Ordering::Release);
     let result = server::serve(listener, proxy.clone(), server::shutdown_signal()).await;
     let _ = stop_tx.send(true);

@@ -48,8 +48,13 @@ pub(crate) fn free_bytes(dir: &Path) -> Result<u64, SpoolError> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
-/// Takes the exclusive owner lock on `<dir>/lock` without waiting; the lock lasts as long as
-/// the returned file is open (it is released when a crashed process's descriptors close).
+/// How long [`lock_owner`] waits for a previous owner to let go (a restarting proxy's old
+/// process may still be exiting, and a just-forked child holds the lock until it execs).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes the exclusive owner lock on `<dir>/lock`, waiting up to [`LOCK_WAIT`]; the lock lasts
+/// as long as the returned file is open (it is released when a crashed process's descriptors
+/// close).
 pub(crate) fn lock_owner(dir: &Path) -> Result<File, SpoolError> {
     let path = dir.join("lock");
     let file = OpenOptions::new()
@@ -60,12 +65,20 @@ pub(crate) fn lock_owner(dir: &Path) -> Result<File, SpoolError> {
         .mode(FILE_MODE)
         .open(&path)
         .map_err(|e| SpoolError::io("open lock file", &path, e))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(SpoolError::Locked {
-            path: dir.to_owned(),
-        }),
-        Err(e) => Err(SpoolError::io("lock", &path, io::Error::from(e))),
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(SpoolError::Locked {
+                    path: dir.to_owned(),
+                });
+            }
+            Err(e) => return Err(SpoolError::io("lock", &path, io::Error::from(e))),
+        }
     }
 }
 

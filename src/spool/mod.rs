@@ -401,6 +401,33 @@ impl Spool {
         Ok((meta, body))
     }
 
+    /// Moves a dead record back to `ready/` (for `payload-guard replay --state dead`), with an
+    /// atomic rename; `false` if it is not in `dead/` (anymore).
+    pub fn revive(&self, id: &RecordId) -> Result<bool, SpoolError> {
+        let from = self.state_dir(State::Dead).join(id.as_str());
+        let to = self.state_dir(State::Ready).join(id.as_str());
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {
+                self.uncount(State::Dead, 1);
+                self.count(State::Ready, 1);
+                durable::fsync_dir(&self.state_dir(State::Ready))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(SpoolError::io("rename", &from, e)),
+        }
+    }
+
+    /// Whether a file can be created in the spool right now (for `/readyz`).
+    pub fn writable(&self) -> bool {
+        let probe = self
+            .sub_dir("tmp")
+            .join(format!(".probe-{}", std::process::id()));
+        let ok = File::create(&probe).is_ok();
+        let _ = std::fs::remove_file(&probe);
+        ok
+    }
+
     /// Streams a record's body to `out` (for `GET /originals/<id>` and `spool show --body`)
     /// and returns its metadata and length. The body checksum is checked as it streams; on a
     /// mismatch the error comes after the bytes were written, so `out` must treat an error as

@@ -9,6 +9,7 @@ mod incidents;
 mod limits;
 mod nginx;
 mod ops;
+mod spool;
 mod support;
 mod trimming;
 mod upstream;

@@ -46,6 +46,8 @@ pub enum Behavior {
     LimitEarly(u64),
     /// Read the body and never answer.
     Hang,
+    /// Answer the first `n` requests with `status`, then like `Ok`.
+    FailFirst(usize, u16),
 }
 
 /// A real hyper receiver on 127.0.0.1:0 that reports every request it sees.
@@ -58,7 +60,12 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(behavior: Behavior) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Receiver::start_at("127.0.0.1:0".parse().unwrap(), behavior).await
+    }
+
+    /// A receiver on a given address (e.g. one a config already points at).
+    pub async fn start_at(addr: SocketAddr, behavior: Behavior) -> Receiver {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, seen) = mpsc::unbounded_channel();
         let (stop, mut stopped) = oneshot::channel::<()>();
@@ -76,8 +83,14 @@ impl Receiver {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let tx = tx.clone();
-                        let behavior = behavior.clone();
-                        count.fetch_add(1, Ordering::SeqCst);
+                        let seen_before = count.fetch_add(1, Ordering::SeqCst);
+                        let behavior = match behavior.clone() {
+                            Behavior::FailFirst(n, status) if seen_before < n => {
+                                Behavior::Status(status)
+                            }
+                            Behavior::FailFirst(..) => Behavior::Ok,
+                            other => other,
+                        };
                         async move { Ok::<_, Infallible>(receive(req, behavior, tx).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -154,7 +167,7 @@ async fn receive(
         body,
     });
     let status = match behavior {
-        Behavior::Ok | Behavior::LimitEarly(_) => 200,
+        Behavior::Ok | Behavior::LimitEarly(_) | Behavior::FailFirst(..) => 200,
         Behavior::Status(s) => s,
         Behavior::Hang => {
             std::future::pending::<()>().await;
@@ -294,6 +307,14 @@ fn uuid_like() -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     )
+}
+
+/// A loopback address nothing listens on (yet).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// A config with one route `/hooks/test` to the receiver, plus extra route keys.

@@ -1,0 +1,186 @@
+//! `payload-guard replay`: send spooled payloads now, the same way the redelivery task does
+//! (route trim rules applied, `Idempotency-Key` set, deleted only after a 2xx), with progress
+//! on stderr and a summary at the end; exit 1 if any failed.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::Uri;
+
+use crate::config::Config;
+use crate::deliver::{self, Disposition, spool_config};
+use crate::incident;
+use crate::proxy::Runtime;
+use crate::spool::{RecordId, Spool, State};
+
+use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
+
+/// What to replay.
+pub(super) struct Selection<'a> {
+    pub(super) route: Option<&'a str>,
+    pub(super) state: State,
+    pub(super) id: Option<&'a str>,
+    pub(super) dry_run: bool,
+    pub(super) to: Option<&'a str>,
+}
+
+/// Replays the selected records.
+pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
+    let config = match Config::load(config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{err}");
+            return EXIT_USAGE;
+        }
+    };
+    if sel.state == State::Archive {
+        eprintln!(
+            "payload-guard replay: --state must be ready or dead (archived originals were already delivered, trimmed)"
+        );
+        return EXIT_USAGE;
+    }
+    let to: Option<Uri> = match sel.to.map(str::parse::<Uri>) {
+        None => None,
+        Some(Ok(uri)) if uri.scheme().is_some() && uri.authority().is_some() => Some(uri),
+        Some(_) => {
+            eprintln!(
+                "payload-guard replay: --to must be an http(s) URL like http://127.0.0.1:3000/webhook"
+            );
+            return EXIT_USAGE;
+        }
+    };
+    let spool = match Spool::attach(spool_config(&config.spool)) {
+        Ok(spool) => spool,
+        Err(err) => {
+            eprintln!("payload-guard replay: {err}");
+            return EXIT_ERROR;
+        }
+    };
+    let mut ids: Vec<RecordId> = match sel.id {
+        Some(id) => match id.parse() {
+            Ok(id) => vec![id],
+            Err(err) => {
+                eprintln!("payload-guard replay: {err}");
+                return EXIT_USAGE;
+            }
+        },
+        None => match spool.list(sel.state, sel.route) {
+            Ok(entries) => entries.into_iter().map(|e| e.id).collect(),
+            Err(err) => {
+                eprintln!("payload-guard replay: {err}");
+                return EXIT_ERROR;
+            }
+        },
+    };
+    ids.dedup();
+    if ids.is_empty() {
+        emit(&format!(
+            "nothing to replay: no {} records match\n",
+            sel.state
+        ));
+        return EXIT_OK;
+    }
+    if sel.dry_run {
+        for id in &ids {
+            if let Ok(Some(entry)) = spool.find(id) {
+                emit(&format!(
+                    "would send {id} ({}, {} bytes, {} attempts) to {}\n",
+                    entry.meta.route,
+                    entry.body_len,
+                    entry.meta.attempts,
+                    to.as_ref()
+                        .map_or_else(|| format!("route {}", entry.meta.route), |u| u.to_string())
+                ));
+            }
+        }
+        return EXIT_OK;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("payload-guard replay: cannot start the async runtime: {err}");
+            return EXIT_ERROR;
+        }
+    };
+    let learner = Arc::new(incident::learn::rebuild_from_log(&config.incidents.path));
+    let policy = deliver::policy(&config.spool);
+    let proxy_runtime = match Runtime::new(config) {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("payload-guard replay: {err}");
+            return EXIT_ERROR;
+        }
+    };
+    let total = ids.len();
+    let (mut delivered, mut failed) = (0usize, 0usize);
+    runtime.block_on(async {
+        for (i, id) in ids.iter().enumerate() {
+            if sel.state == State::Dead && !spool.revive(id).unwrap_or(false) {
+                // Not in dead/ (maybe it is ready): claim it where it is.
+            }
+            let claimed = spool.claim(id).and_then(|claim| match claim {
+                Some(mut claim) => {
+                    let body = claim.body()?;
+                    Ok(Some((claim, body)))
+                }
+                None => Ok(None),
+            });
+            let (claim, body) = match claimed {
+                Ok(Some(pair)) => pair,
+                Ok(None) => {
+                    eprintln!(
+                        "{id}: skipped (not ready, or being delivered by the proxy right now)"
+                    );
+                    failed += 1;
+                    continue;
+                }
+                Err(err) => {
+                    eprintln!("{id}: {err}");
+                    failed += 1;
+                    continue;
+                }
+            };
+            let meta = claim.meta().clone();
+            let attempt =
+                deliver::attempt(&proxy_runtime, &learner, &meta, body.into(), to.as_ref()).await;
+            let disposition = attempt.disposition();
+            let outcome = match &disposition {
+                Disposition::Delivered => {
+                    delivered += 1;
+                    format!("delivered ({})", attempt.status.unwrap_or(0))
+                }
+                Disposition::Retry(why) => {
+                    failed += 1;
+                    format!("failed: {why} (kept for redelivery)")
+                }
+                Disposition::Final(status) => {
+                    failed += 1;
+                    format!("refused for good: {status} (moved to dead/)")
+                }
+            };
+            let now = SystemTime::now();
+            deliver::settle(claim, &disposition, &attempt, &policy, now, i as u64).await;
+            if total > 5 {
+                eprint!(
+                    "\r[{}/{total}] {delivered} delivered, {failed} failed",
+                    i + 1
+                );
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("{id} ({}): {outcome}", meta.route);
+            }
+        }
+    });
+    if total > 5 {
+        eprintln!();
+    }
+    emit(&format!(
+        "replayed {total}: {delivered} delivered, {failed} failed\n"
+    ));
+    if failed > 0 { EXIT_PROBLEMS } else { EXIT_OK }
+}
