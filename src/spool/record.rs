@@ -158,6 +158,19 @@ impl RecordWriter {
         Ok(())
     }
 
+    /// Pushes buffered bytes to the file (so the body can be read back while staging).
+    pub(crate) fn flush(&mut self) -> Result<(), SpoolError> {
+        let out = self.out.as_mut().ok_or_else(|| {
+            SpoolError::io(
+                "flush",
+                &self.tmp_path,
+                io::Error::other("writer already failed"),
+            )
+        })?;
+        out.flush()
+            .map_err(|e| SpoolError::io("flush", &self.tmp_path, e))
+    }
+
     /// Appends body bytes.
     pub(crate) fn write_body(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
         self.write_raw(chunk)?;

@@ -52,6 +52,17 @@ impl Staging {
         self.writer.write_body(chunk)
     }
 
+    /// Flushes the body written so far and says where to read it back: the file, the offset of
+    /// the body in it, and its length (the proxy forwards a staged body from the file).
+    pub fn body_file(&mut self) -> Result<(std::path::PathBuf, u64, u64), SpoolError> {
+        self.writer.flush()?;
+        Ok((
+            self.writer.tmp_path().to_path_buf(),
+            record::HEADER_LEN,
+            self.writer.body_len(),
+        ))
+    }
+
     /// Makes the staged body a durable record in `state` with `meta`; returns once it is
     /// fsynced and renamed into place (same guarantees as [`Spool::commit`]).
     pub fn commit(mut self, state: State, meta: &Meta) -> Result<RecordId, SpoolError> {

@@ -432,3 +432,53 @@ async fn a_payload_acknowledged_before_sigkill_is_delivered_after_restart() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn large_bodies_are_staged_on_disk_not_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = free_addr();
+    let path = spool_config(
+        dir.path(),
+        upstream,
+        "spool_memory_threshold = \"1KiB\"",
+        "",
+    );
+    // A buffer budget smaller than the body: it must not be buffered in memory.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[server]\n", "[server]\nbuffer_budget = \"4KiB\"\n");
+    std::fs::write(&path, text).unwrap();
+    let proxy = start_proxy(Config::load(&path).unwrap()).await;
+    let body = synthflow_payload(200_000, 7);
+    let got = send(proxy.addr, post_json(&proxy, body.clone())).await;
+    assert_eq!(got.status, 202, "{:?}", got.body);
+    assert!(files(&dir.path().join("spool/tmp")).is_empty());
+    let id: payload_guard::spool::RecordId =
+        got.json()["spool_id"].as_str().unwrap().parse().unwrap();
+    let (_, stored) = proxy
+        .proxy
+        .shared()
+        .spool
+        .as_ref()
+        .unwrap()
+        .spool
+        .read(payload_guard::spool::State::Ready, &id)
+        .unwrap();
+    assert_eq!(stored, body);
+
+    // Receiver up: a staged body is forwarded from the file, and the file removed.
+    let mut receiver = Receiver::start_at(upstream, Behavior::Ok).await;
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    assert_eq!(round(&proxy, later).await.delivered, 1);
+    assert_eq!(receiver.next().await.body.unwrap(), body);
+    let got = send(proxy.addr, post_json(&proxy, body.clone())).await;
+    assert_eq!(got.status, 200);
+    let seen = receiver.next().await;
+    assert_eq!(seen.headers["content-length"], body.len().to_string());
+    assert_eq!(seen.body.unwrap(), body);
+    assert!(
+        files(&dir.path().join("spool/tmp")).is_empty(),
+        "staging file removed after delivery"
+    );
+    assert!(files(&dir.path().join("spool/ready")).is_empty());
+}
