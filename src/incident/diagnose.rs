@@ -783,20 +783,7 @@ fn trim_toml(route: &str, candidate: &Candidate) -> String {
     )
 }
 
-/// `bytes` in binary units with one decimal: `512 B`, `1.5 MiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
+pub use crate::config::units::human_bytes;
 
 /// `1100000 bytes (1.0 MiB)`.
 fn exact_bytes(bytes: u64) -> String {
@@ -1309,13 +1296,13 @@ mod tests {
         assert_eq!(&lines[4][p50..p50 + 7], "1.4 MiB");
         for needle in [
             "== synthflow ==",
-            "  limits         max_body 32.0 MiB, upstream_limit 1.0 MiB, effective 1.0 MiB",
+            "  limits         max_body 32 MiB, upstream_limit 1 MiB, effective 1 MiB",
             "  body size      p50 1.4 MiB, p95 38.1 MiB, p99 38.1 MiB, max 38.1 MiB (6 requests)",
             "  rejected by    nginx 3",
-            "  learned limit  refused from 1100000 bytes (1.0 MiB)",
+            "  learned limit  refused from 1100000 bytes (1 MiB)",
             "  learned limit  accepted up to 90000 bytes (87.9 KiB), refused from 120000 bytes (117.2 KiB)",
             "    call.transcript      58.0%  4.9 MiB    5",
-            "  fix (nginx): raise nginx's client_max_body_size to 4.0 MiB",
+            "  fix (nginx): raise nginx's client_max_body_size to 4 MiB",
             "    client_max_body_size 4m;",
             "  trim: truncate call.transcript would have saved 3 of 4 requests over the limit",
             "    path = \"call.transcript\"",

@@ -14,25 +14,7 @@ const LIST_ERROR_CHARS: usize = 60;
 /// Headers whose values `render_show` does not print.
 const REDACTED_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
 
-/// Formats a byte count in binary units (`512 B`, `1.5 KiB`, `32 MiB`); the same rules as
-/// `config::units::human_bytes` in the main crate.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if (value - value.round()).abs() < 0.05 {
-        format!("{:.0} {}", value, UNITS[unit])
-    } else {
-        format!("{:.1} {}", value, UNITS[unit])
-    }
-}
+pub use crate::config::units::human_bytes;
 
 /// A coarse age: `45s`, `3m`, `2h`, `4d` (whole units, rounded down).
 pub fn human_age(age: Duration) -> String {
