@@ -84,7 +84,8 @@ impl Drop for Exchange {
         let bytes_in = self.body.as_ref().map_or(0, |b| b.bytes());
         let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let route = self.route.as_deref().unwrap_or("-");
-        let status = self.status.unwrap_or(0);
+        // No response was sent: nginx's 499 ("client closed request"), a 4xx, not a 5xx.
+        let status = self.status.unwrap_or(499);
         let upstream_status = self.upstream_status.unwrap_or(0);
         if let Some(metrics) = &self.metrics {
             metrics.request(
