@@ -210,7 +210,8 @@ pub async fn attempt(
                 enc => payload::decode(&body, enc, cfg.max_body_bytes),
             };
             if let Ok(decoded) = decoded
-                && let Ok(shrunk) = payload::shrink(&body, &decoded, encoding, tc, limit)
+                && let Ok(doc) = crate::trim::Document::parse(&decoded)
+                && let Ok(shrunk) = payload::shrink(&body, &doc, encoding, tc, limit)
                 && shrunk.changed()
             {
                 if let Ok(v) = HeaderValue::from_str(&shrunk.trimmed_header()) {

@@ -186,8 +186,11 @@ where
     inner: Option<B>,
     limits: BodyLimits,
     seen: u64,
-    idle: Pin<Box<Sleep>>,
-    deadline: Pin<Box<Sleep>>,
+    started: Instant,
+    last_data: Instant,
+    /// The idle and total timers, armed the first time the body has to wait: a body that
+    /// arrives in one go (most webhooks) never touches the timer wheel.
+    timers: Option<(Pin<Box<Sleep>>, Pin<Box<Sleep>>)>,
     stats: Arc<BodyStats>,
     ended: bool,
 }
@@ -208,8 +211,9 @@ where
             inner: Some(inner),
             limits,
             seen: 0,
-            idle: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
-            deadline: Box::pin(tokio::time::sleep_until(now + limits.total_timeout)),
+            started: now,
+            last_data: now,
+            timers: None,
             stats,
             ended,
         }
@@ -254,8 +258,11 @@ where
                         this.stats.over_soft_limit.store(true, Ordering::Relaxed);
                     }
                     if !data.is_empty() {
-                        let next = Instant::now() + this.limits.idle_timeout;
-                        this.idle.as_mut().reset(next);
+                        this.last_data = Instant::now();
+                        if let Some((idle, _)) = this.timers.as_mut() {
+                            idle.as_mut()
+                                .reset(this.last_data + this.limits.idle_timeout);
+                        }
                     }
                 }
                 // A length-delimited body may never be polled for its end: note it here.
@@ -276,10 +283,17 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
+                let (started, last_data, limits) = (this.started, this.last_data, this.limits);
+                let (idle, deadline) = this.timers.get_or_insert_with(|| {
+                    (
+                        Box::pin(tokio::time::sleep_until(last_data + limits.idle_timeout)),
+                        Box::pin(tokio::time::sleep_until(started + limits.total_timeout)),
+                    )
+                });
+                if deadline.as_mut().poll(cx).is_ready() {
                     return this.cut_off(BodyFailure::Deadline(this.limits.total_timeout));
                 }
-                if this.idle.as_mut().poll(cx).is_ready() {
+                if idle.as_mut().poll(cx).is_ready() {
                     return this.cut_off(BodyFailure::Idle(this.limits.idle_timeout));
                 }
                 Poll::Pending

@@ -62,8 +62,10 @@ fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result
                 .context("cannot read stdin")?;
         }
     }
-    let shrunk =
-        payload::shrink(&body, &body, Encoding::Identity, tc, limit).with_context(|| {
+    let shrunk = crate::trim::Document::parse(&body)
+        .map_err(payload::ShrinkError::from)
+        .and_then(|doc| payload::shrink(&body, &doc, Encoding::Identity, tc, limit))
+        .with_context(|| {
             format!(
                 "cannot trim {}",
                 file.map_or("stdin".into(), |p| p.display().to_string())

@@ -85,11 +85,19 @@ pub(super) async fn process_buffered(
     {
         return Err(ctx.budget_exhausted(original_len));
     }
-    let facts = BodyFacts::read(&decoded, &cfg.id_path);
+    // One scan serves the incident's facts, the trim and the retry.
+    let doc = match crate::trim::Document::parse(&decoded) {
+        Ok(doc) => doc,
+        Err(err) => {
+            let err = ShrinkError::Trim(err);
+            return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await;
+        }
+    };
+    let facts = BodyFacts::read(&doc, &cfg.id_path);
     if measured <= limit {
         // retry_on_413 buffers every payload so it can be trimmed if the receiver refuses it.
         let retry = RetryState {
-            decoded: &decoded,
+            doc: &doc,
             encoding,
             wire: &wire,
         };
@@ -104,7 +112,7 @@ pub(super) async fn process_buffered(
         )
         .await;
     }
-    let shrunk = match payload::shrink(&wire, &decoded, encoding, tc, limit) {
+    let shrunk = match payload::shrink(&wire, &doc, encoding, tc, limit) {
         Ok(shrunk) => shrunk,
         Err(err) => return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await,
     };
@@ -265,7 +273,7 @@ pub(super) fn mark_trimmed(ctx: &Ctx<'_>, headers: &mut HeaderMap, shrunk: &Shru
 /// What a retry after a receiver's 413 needs.
 #[derive(Clone, Copy)]
 pub(super) struct RetryState<'a> {
-    pub(super) decoded: &'a Bytes,
+    pub(super) doc: &'a crate::trim::Document<'a>,
     pub(super) encoding: Encoding,
     pub(super) wire: &'a Bytes,
 }

@@ -502,20 +502,17 @@ struct BodyFacts {
 }
 
 impl BodyFacts {
-    fn read(json: &[u8], id_path: &str) -> BodyFacts {
+    fn read(doc: &crate::trim::Document<'_>, id_path: &str) -> BodyFacts {
         BodyFacts {
-            call_id: crate::trim::string_at(json, id_path),
-            top_fields: crate::trim::top_fields(json, incident::TOP_FIELDS)
-                .map(|fields| {
-                    fields
-                        .into_iter()
-                        .map(|f| FieldBytes {
-                            path: f.path,
-                            bytes: f.bytes as u64,
-                        })
-                        .collect()
+            call_id: doc.string_at(id_path),
+            top_fields: doc
+                .top_fields(incident::TOP_FIELDS)
+                .into_iter()
+                .map(|f| FieldBytes {
+                    path: f.path,
+                    bytes: f.bytes as u64,
                 })
-                .unwrap_or_default(),
+                .collect(),
         }
     }
 
@@ -708,9 +705,10 @@ async fn deadline(
     response_timeout: Duration,
     body_timeout: Duration,
 ) -> ProxyError {
-    if tokio::time::timeout(body_timeout, stats.finished())
-        .await
-        .is_err()
+    if !stats.is_complete()
+        && tokio::time::timeout(body_timeout, stats.finished())
+            .await
+            .is_err()
     {
         return ProxyError::BodyTimeout(body_timeout);
     }

@@ -60,7 +60,7 @@ pub(super) async fn relay(
         && size.is_some_and(|sent| bound < sent)
         && !tc.dry_run
     {
-        match payload::shrink(state.wire, state.decoded, state.encoding, tc, bound) {
+        match payload::shrink(state.wire, state.doc, state.encoding, tc, bound) {
             Ok(shrunk) if shrunk.fits && shrunk.changed() => {
                 let mut headers = target.headers.clone();
                 mark_trimmed(ctx, &mut headers, &shrunk);

@@ -23,18 +23,22 @@ pub struct FieldSize {
 /// turn. Objects and arrays are not leaves themselves; their scalar leaves are (an empty `{}`
 /// or `[]` counts for nothing). A scalar body is one leaf with the empty path.
 pub fn top_fields(body: &[u8], n: usize) -> Result<Vec<FieldSize>, TrimError> {
-    let tape = Tape::parse(body)?;
+    Ok(top_fields_of(&Tape::parse(body)?, n))
+}
+
+/// [`top_fields`] of an already scanned body.
+pub(crate) fn top_fields_of(tape: &Tape<'_>, n: usize) -> Vec<FieldSize> {
     let mut sizes: HashMap<String, usize> = HashMap::new();
     let mut path = String::new();
     let mut scratch = Vec::new();
-    collect_leaves(&tape, 0, &mut path, &mut scratch, &mut sizes);
+    collect_leaves(tape, 0, &mut path, &mut scratch, &mut sizes);
     let mut fields: Vec<FieldSize> = sizes
         .into_iter()
         .map(|(path, bytes)| FieldSize { path, bytes })
         .collect();
     fields.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path)));
     fields.truncate(n);
-    Ok(fields)
+    fields
 }
 
 /// Depth-first walk keeping one path buffer, so a leaf costs a lookup, not an allocation
@@ -85,8 +89,12 @@ fn collect_leaves(
 /// the value is absent or not a string. With duplicate keys the last one wins, as in most
 /// JSON parsers a receiver would use.
 pub fn string_at(body: &[u8], path: &str) -> Option<String> {
+    string_at_of(&Tape::parse(body).ok()?, path)
+}
+
+/// [`string_at`] in an already scanned body.
+pub(crate) fn string_at_of(tape: &Tape<'_>, path: &str) -> Option<String> {
     let pattern = Pattern::parse(path).ok()?;
-    let tape = Tape::parse(body).ok()?;
     let mut node = 0;
     let mut scratch = Vec::new();
     for segment in &pattern.segments {

@@ -61,6 +61,41 @@ pub use self::scan::MAX_DEPTH;
 
 use self::path::Pattern;
 
+/// A scanned JSON body: scan once, then trim it, report its largest fields and read its id
+/// without scanning again (the proxy needs all three for one oversized payload).
+pub struct Document<'a> {
+    tape: scan::Tape<'a>,
+}
+
+impl<'a> Document<'a> {
+    /// Scans and validates `body` (the same errors as [`trim`]).
+    pub fn parse(body: &'a [u8]) -> Result<Document<'a>, TrimError> {
+        Ok(Document {
+            tape: scan::Tape::parse(body)?,
+        })
+    }
+
+    /// The bytes scanned.
+    pub fn body(&self) -> &'a [u8] {
+        self.tape.body
+    }
+
+    /// [`trim`] of this body.
+    pub fn trim(&self, rules: &RuleSet, target: usize) -> TrimOutcome {
+        rewrite::trim_tape(&self.tape, rules, target)
+    }
+
+    /// [`top_fields`] of this body.
+    pub fn top_fields(&self, n: usize) -> Vec<FieldSize> {
+        fields::top_fields_of(&self.tape, n)
+    }
+
+    /// [`string_at`] in this body.
+    pub fn string_at(&self, path: &str) -> Option<String> {
+        fields::string_at_of(&self.tape, path)
+    }
+}
+
 /// An upper bound on the memory [`trim`] needs for `body`: the output plus one 28-byte tape
 /// node per JSON value (counted from the structural characters that can start one), so a body
 /// of millions of tiny values cannot blow through the buffer budget.

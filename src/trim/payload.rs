@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 
-use super::{Applied, TrimError, trim};
+use super::{Applied, Document, TrimError};
 use crate::config::{LimitCounts, TrimConfig};
 
 /// Decoded bodies may be at most this many times larger than on the wire (when over 1 MiB).
@@ -119,18 +119,19 @@ pub enum ShrinkError {
     NotTrimmable(String),
 }
 
-/// Shrinks `wire` (encoded as `encoding`; `decoded` is its decoded form, from [`decode`], or
-/// `wire` itself for identity) below `limit` by the route's rules.
+/// Shrinks `wire` (encoded as `encoding`; `doc` is its decoded form, from [`decode`], or
+/// `wire` itself for identity, already scanned) below `limit` by the route's rules.
 pub fn shrink(
     wire: &[u8],
-    decoded: &[u8],
+    doc: &Document<'_>,
     encoding: Encoding,
     cfg: &TrimConfig,
     limit: u64,
 ) -> Result<Shrunk, ShrinkError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let decoded = doc.body();
     if encoding == Encoding::Identity {
-        let out = trim(wire, &cfg.rules, limit)?;
+        let out = doc.trim(&cfg.rules, limit);
         return Ok(Shrunk {
             measured_after: out.body.len(),
             fits: out.fits,
@@ -147,8 +148,6 @@ pub fn shrink(
         decoded.len()
     };
     if before <= limit {
-        // Validate it all the same: a body we pass on must be what we would trim.
-        trim(decoded, &cfg.rules, usize::MAX)?;
         return Ok(Shrunk {
             body: wire.to_vec(),
             original_len: wire.len(),
@@ -159,7 +158,7 @@ pub fn shrink(
         });
     }
     if !measure_wire {
-        let out = trim(decoded, &cfg.rules, limit)?;
+        let out = doc.trim(&cfg.rules, limit);
         let body = encode(&out.body, encoding);
         return Ok(Shrunk {
             body,
@@ -175,7 +174,7 @@ pub fn shrink(
     let mut target = (decoded.len() as u128 * limit as u128 / wire.len().max(1) as u128) as usize;
     let mut best: Option<Shrunk> = None;
     for _ in 0..8 {
-        let out = trim(decoded, &cfg.rules, target)?;
+        let out = doc.trim(&cfg.rules, target);
         let body = encode(&out.body, encoding);
         let fits = body.len() <= limit;
         let reached_target = out.fits;
@@ -302,7 +301,7 @@ mod tests {
         let decoded = decode(&wire, Encoding::Gzip, 1 << 30).unwrap();
         let out = shrink(
             &wire,
-            &decoded,
+            &Document::parse(&decoded).unwrap(),
             Encoding::Gzip,
             &cfg(LimitCounts::Decoded),
             100_000,
@@ -322,7 +321,7 @@ mod tests {
         let decoded = decode(&wire, Encoding::Gzip, 1 << 30).unwrap();
         let out = shrink(
             &wire,
-            &decoded,
+            &Document::parse(&decoded).unwrap(),
             Encoding::Gzip,
             &cfg(LimitCounts::Wire),
             limit,

@@ -21,22 +21,27 @@ use super::{Action, Applied, Keep, RuleSet, TrimError, TrimOutcome};
 /// order and the size is checked before each rule and after each edit; `fits` tells whether the
 /// target was reached, and `body` is the smallest result either way.
 pub fn trim(body: &[u8], rules: &RuleSet, target: usize) -> Result<TrimOutcome, TrimError> {
-    let tape = Tape::parse(body)?;
+    Ok(trim_tape(&Tape::parse(body)?, rules, target))
+}
+
+/// [`trim`] on an already scanned body.
+pub(crate) fn trim_tape(tape: &Tape<'_>, rules: &RuleSet, target: usize) -> TrimOutcome {
+    let body = tape.body;
     if body.len() <= target {
-        return Ok(TrimOutcome {
+        return TrimOutcome {
             body: body.to_vec(),
             original_len: body.len(),
             fits: true,
             applied: Vec::new(),
-        });
+        };
     }
-    let mut editor = Editor::new(&tape);
+    let mut editor = Editor::new(tape);
     let mut applied = Vec::new();
     'rules: for (rule_index, rule) in rules.rules.iter().enumerate() {
         if editor.total <= target {
             break;
         }
-        let matches = rule.pattern.find_all(&tape, &|n| editor.is_removed(n));
+        let matches = rule.pattern.find_all(tape, &|n| editor.is_removed(n));
         for node in matches {
             if editor.total <= target {
                 break 'rules;
@@ -56,7 +61,7 @@ pub fn trim(body: &[u8], rules: &RuleSet, target: usize) -> Result<TrimOutcome, 
             };
             if changed {
                 applied.push(Applied {
-                    path: concrete_path(&tape, node),
+                    path: concrete_path(tape, node),
                     rule: rule_index,
                     removed: before - editor.total,
                 });
@@ -69,12 +74,12 @@ pub fn trim(body: &[u8], rules: &RuleSet, target: usize) -> Result<TrimOutcome, 
         editor.render()
     };
     debug_assert_eq!(out.len(), editor.total);
-    Ok(TrimOutcome {
+    TrimOutcome {
         fits: out.len() <= target,
         body: out,
         original_len: body.len(),
         applied,
-    })
+    }
 }
 
 /// A pre-escaped marker template split around its `{removed}` placeholders.
