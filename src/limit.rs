@@ -174,6 +174,9 @@ pub struct BodyLimits {
     pub total_timeout: Duration,
 }
 
+/// A boxed timer (the body is `Unpin`, so timers live on the heap).
+type Timer = Pin<Box<Sleep>>;
+
 /// A request body that counts its bytes, fails past the limit, and fails when the sender stalls.
 ///
 /// On failure the upstream request it feeds is aborted by hyper (the receiver never sees a
@@ -190,7 +193,7 @@ where
     last_data: Instant,
     /// The idle and total timers, armed the first time the body has to wait: a body that
     /// arrives in one go (most webhooks) never touches the timer wheel.
-    timers: Option<(Pin<Box<Sleep>>, Pin<Box<Sleep>>)>,
+    timers: Option<(Timer, Timer)>,
     stats: Arc<BodyStats>,
     ended: bool,
 }
