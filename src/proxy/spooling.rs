@@ -238,6 +238,27 @@ pub(super) async fn spool_outcome(
     exchange: &mut Exchange,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let cfg = ctx.cfg;
+    let mut result = result;
+    if cfg.spool
+        && let Ok(response) = &result
+        && deliver::disposition(response.status().as_u16()) == deliver::Disposition::Delivered
+    {
+        // A receiver that breaks off mid-answer may not have taken the payload: read its
+        // (small) answer whole before acknowledging, and spool the payload if it broke.
+        let Ok(response) = result else {
+            unreachable!("matched Ok above")
+        };
+        let (parts, body) = response.into_parts();
+        result = match read_answer(body, ANSWER_BYTES).await {
+            Ok((prefix, rest)) => {
+                return Ok(Response::from_parts(parts, prefixed_body(prefix, rest)));
+            }
+            Err(why) => Err(ProxyError::UpstreamBroken(format!(
+                "the receiver's answer ({}) broke off: {why}",
+                parts.status.as_u16()
+            ))),
+        };
+    }
     let reason = match &result {
         Ok(response) => match deliver::disposition(response.status().as_u16()) {
             deliver::Disposition::Delivered => return result,
@@ -302,6 +323,32 @@ pub(super) async fn spool_outcome(
             inc.reason = Some(err.to_string());
             ctx.record(inc);
             Err(ProxyError::SpoolUnavailable(err.to_string()))
+        }
+    }
+}
+
+/// How much of a spool route's 2xx answer is read before it is relayed (answers to webhooks
+/// are small; a larger one is relayed as it streams, without the partial-answer check).
+const ANSWER_BYTES: usize = 1024 * 1024;
+
+/// Reads up to `max` bytes of an answer; `Err` if it broke off before its end.
+async fn read_answer(
+    mut body: UpstreamBody,
+    max: usize,
+) -> Result<(Bytes, Option<UpstreamBody>), String> {
+    let mut prefix = Vec::new();
+    loop {
+        if prefix.len() >= max {
+            return Ok((Bytes::from(prefix), Some(body)));
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    prefix.extend_from_slice(&data);
+                }
+            }
+            Some(Err(err)) => return Err(crate::forward::error_chain(&err)),
+            None => return Ok((Bytes::from(prefix), None)),
         }
     }
 }

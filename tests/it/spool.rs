@@ -482,3 +482,44 @@ async fn large_bodies_are_staged_on_disk_not_in_memory() {
     );
     assert!(files(&dir.path().join("spool/ready")).is_empty());
 }
+
+#[tokio::test]
+async fn a_receiver_that_breaks_off_mid_answer_gets_the_payload_spooled() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                .await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = spool_config(dir.path(), upstream, "", "");
+    let proxy = start_proxy(Config::load(&path).unwrap()).await;
+    let got = send(proxy.addr, post_json(&proxy, b"{\"a\":1}".to_vec())).await;
+    assert_eq!(got.status, 202, "{:?}", got.body);
+    let ready = proxy
+        .proxy
+        .shared()
+        .spool
+        .as_ref()
+        .unwrap()
+        .spool
+        .list(payload_guard::spool::State::Ready, None)
+        .unwrap();
+    assert_eq!(ready.len(), 1);
+    assert!(
+        ready[0]
+            .meta
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("broke off"),
+        "{:?}",
+        ready[0].meta.last_error
+    );
+}
