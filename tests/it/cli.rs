@@ -240,3 +240,63 @@ fn diagnose_explains_a_known_log() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("no size incidents recorded yet"));
 }
+
+#[tokio::test]
+async fn run_with_one_worker_thread_serves_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let mut receiver = crate::support::Receiver::start(crate::support::Behavior::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nworker_threads = 1\n[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://{}/\"\n",
+            receiver.addr
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (addr, lines) = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().expect("proxy exited").unwrap();
+            if let Some(pos) = line.find("listen=") {
+                let rest = &line[pos + 7..];
+                let addr: std::net::SocketAddr = rest[..rest.find(' ').unwrap_or(rest.len())]
+                    .parse()
+                    .unwrap();
+                return (addr, lines);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let got = crate::support::send(
+        addr,
+        http::Request::post(format!("http://{addr}/a"))
+            .body(crate::support::full("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(receiver.next().await.body.unwrap(), "{}");
+    // SIGTERM: graceful stop, exit 0.
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        for _ in lines {}
+        child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
