@@ -3,8 +3,8 @@
 //!
 //! The rewriter and the field reports work on this tape instead of a DOM so that every byte
 //! outside an edited span can be copied through untouched. Strings, which make up almost all of
-//! a large webhook body, are skipped 8 bytes at a time and UTF-8 is checked inline only where
-//! non-ASCII bytes are, so the scan runs near memory speed.
+//! a large webhook body, are skipped 8 bytes at a time, with UTF-8 validated once for the whole
+//! body (SIMD, `simdutf8`), so the scan runs near memory speed.
 
 use super::{JsonErrorKind, TrimError};
 
@@ -373,10 +373,10 @@ impl Parser<'_> {
     /// returns whether it contains any escape.
     ///
     /// This is the hot loop: a large body is mostly one long transcript with an escape (`\n`)
-    /// every few dozen bytes and non-ASCII text on most lines, so a `memchr2` call per escape
-    /// plus a separate `str::from_utf8` pass per segment would dominate. Instead it tests 8
-    /// bytes per step (SWAR) for a quote, a backslash, a control byte or a non-ASCII byte, and
-    /// validates UTF-8 inline, one character at a time, only where non-ASCII bytes are.
+    /// every few dozen bytes, so a `memchr2` call per escape would dominate. Instead it tests 8
+    /// bytes per step (SWAR) for a quote, a backslash or a control byte; UTF-8 was validated
+    /// for the whole body up front (SIMD, `simdutf8`). An SSE2 version of this test measured no
+    /// faster on the 1 MiB and 20 MiB benches, so the scanner stays free of `unsafe`.
     fn string(&mut self) -> Result<bool, TrimError> {
         let body = self.body;
         let mut pos = self.pos + 1;
@@ -464,8 +464,9 @@ fn word(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(buf)
 }
 
-/// High bit set in each byte of `w` that is `"`, `\`, below 0x20 or non-ASCII (plus possibly
-/// some bytes above the lowest such byte, from borrows).
+/// High bit set in each byte of `w` that is `"`, `\` or below 0x20 (plus possibly some bytes
+/// above the lowest such byte, from borrows). Non-ASCII bytes need no stop: the whole body's
+/// UTF-8 was validated up front.
 fn special(w: u64) -> u64 {
     let quote = w ^ (ONES * u64::from(b'"'));
     let backslash = w ^ (ONES * u64::from(b'\\'));
