@@ -45,6 +45,21 @@ pub(super) async fn process_buffered(
         }
     }
     let Some(tc) = trim else {
+        // Buffered for verification or the spool on a `reject` route: the limit still holds.
+        if cfg.on_oversize == OnOversize::Reject
+            && let Some(limit) = ctx.limit
+            && original_len > limit
+        {
+            tracing::warn!(route = %cfg.name, limit, size = original_len, "body over upstream_limit, rejected");
+            let mut inc = ctx.incident(Kind::OverUpstreamLimit);
+            inc.action = Some(Action::Rejected);
+            inc.body_bytes = Some(original_len);
+            ctx.record(inc);
+            return Err(ProxyError::OverUpstreamLimit {
+                size: original_len,
+                limit,
+            });
+        }
         return send_buffered(ctx, &target, wire, &stats, None, None, exchange).await;
     };
     let not_trimmable = if !payload::is_json(ctx.facts.content_type.as_deref()) {

@@ -369,6 +369,16 @@ pub enum Plan {
 /// over the receiver's `limit` (unknown length, declared over, or compressed with the limit
 /// counting decoded bytes); never buffer on a route that does not trim.
 pub fn plan(cfg: &RouteConfig, facts: &Facts, declared: Option<u64>, limit: Option<u64>) -> Plan {
+    if cfg.on_oversize == OnOversize::Reject
+        && let (Some(size), Some(l)) = (declared, limit)
+        && size > l
+    {
+        return Plan::Reject {
+            size,
+            limit: l,
+            untrimmable: None,
+        };
+    }
     if cfg.verify.is_some() || cfg.spool || cfg.dead_letter {
         // The signature must be checked before anything is forwarded; a spool route keeps
         // the body until the receiver has taken it.

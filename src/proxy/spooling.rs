@@ -38,7 +38,11 @@ pub(super) async fn staged(
     };
     let stats = Arc::new(BodyStats::default());
     exchange.body = Some(stats.clone());
-    let mut limited = LimitedBody::new(body, ctx.limits(cfg.max_body_bytes), stats.clone());
+    let hard_limit = match (cfg.on_oversize, ctx.limit) {
+        (OnOversize::Reject, Some(limit)) => limit.min(cfg.max_body_bytes),
+        _ => cfg.max_body_bytes,
+    };
+    let mut limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone());
     let mut chunk = Vec::with_capacity(STAGE_CHUNK);
     loop {
         let frame = limited.frame().await;
@@ -54,13 +58,7 @@ pub(super) async fn staged(
                     .failure()
                     .unwrap_or(BodyFailure::Read("body failed".into()));
                 drop(staging);
-                return Err(body_error(
-                    ctx,
-                    failure,
-                    cfg.max_body_bytes,
-                    stats.bytes(),
-                    None,
-                ));
+                return Err(body_error(ctx, failure, hard_limit, stats.bytes(), None));
             }
             None => {}
         }

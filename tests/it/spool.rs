@@ -523,3 +523,41 @@ async fn a_receiver_that_breaks_off_mid_answer_gets_the_payload_spooled() {
         ready[0].meta.last_error
     );
 }
+
+#[tokio::test]
+async fn reject_routes_still_reject_when_they_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(Behavior::Ok).await;
+    let path = spool_config(
+        dir.path(),
+        receiver.addr,
+        "upstream_limit = 1000\non_oversize = \"reject\"\nspool_memory_threshold = 100",
+        "",
+    );
+    let proxy = start_proxy(Config::load(&path).unwrap()).await;
+    // Declared length over the limit.
+    let got = send(proxy.addr, post_json(&proxy, synthflow_payload(5000, 8))).await;
+    assert_eq!(got.status, 413);
+    // Chunked, staged on disk while it streams: cut off at the limit.
+    let (tx, body) = channel_body();
+    let addr = proxy.addr;
+    let req = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    let client = tokio::spawn(async move { send(addr, req).await });
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(vec![
+        b' ';
+        3000
+    ]))))
+    .await
+    .unwrap();
+    drop(tx);
+    assert_eq!(client.await.unwrap().status, 413);
+    assert_eq!(
+        receiver.started.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert!(files(&dir.path().join("spool/ready")).is_empty());
+    assert!(files(&dir.path().join("spool/tmp")).is_empty());
+}
