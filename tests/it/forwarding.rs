@@ -114,13 +114,7 @@ async fn h2c_prior_knowledge_is_served() {
 async fn receiver_status_and_body_are_relayed() {
     let mut receiver = Receiver::start(Behavior::Status(422)).await;
     let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full("{}"))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post("{}").await;
     assert_eq!(got.status, 422);
     assert_eq!(got.json()["received"], 2);
     receiver.next().await;

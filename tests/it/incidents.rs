@@ -64,14 +64,7 @@ async fn every_kind_is_recorded() {
         nginx.addr,
     ))
     .await;
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(payload(2 * MIB)))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post_json(payload(2 * MIB)).await;
     assert_eq!(got.status, 413);
     let incidents = proxy.incidents().await;
     let kinds: Vec<&str> = incidents
@@ -138,13 +131,7 @@ async fn an_unwritable_log_does_not_break_proxying() {
     );
     let proxy = start_proxy(config(&text, receiver.addr)).await;
     for _ in 0..3 {
-        let got = send(
-            proxy.addr,
-            Request::post(proxy.url("/hooks/test"))
-                .body(full(payload(5000)))
-                .unwrap(),
-        )
-        .await;
+        let got = proxy.post(payload(5000)).await;
         assert_eq!(got.status, 200);
         receiver.next().await;
     }
@@ -217,14 +204,7 @@ async fn retry_on_413_trims_and_resends_once() {
     ))
     .await;
     let big = synthflow_payload(200_000, 12);
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(big.clone()))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post_json(big.clone()).await;
     assert_eq!(got.status, 200, "{:?}", got.body);
     assert!(receiver.next().await.body.is_err(), "first attempt refused");
     let second = receiver.next().await.body.unwrap();

@@ -108,13 +108,7 @@ async fn sender_disconnect_mid_upload_aborts_the_upstream_request() {
         "the receiver must see an aborted request"
     );
     // The proxy is still healthy.
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full("{}"))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post("{}").await;
     assert_eq!(got.status, 200);
 }
 
@@ -126,13 +120,7 @@ async fn reject_mode_refuses_payloads_over_upstream_limit() {
         receiver.addr,
     ))
     .await;
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full(payload(5000)))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post(payload(5000)).await;
     assert_eq!(got.status, 413);
     assert_eq!(got.json()["error"], "over_upstream_limit");
     assert_eq!(receiver.started.load(Ordering::SeqCst), 0);
@@ -155,13 +143,7 @@ async fn reject_mode_refuses_payloads_over_upstream_limit() {
         assert!(receiver.next().await.body.is_err());
     }
     // Under the limit passes.
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full(payload(900)))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post(payload(900)).await;
     assert_eq!(got.status, 200);
     drop(tx);
 }
@@ -175,13 +157,7 @@ async fn forward_mode_sends_payloads_over_upstream_limit_as_is() {
     ))
     .await;
     let body = payload(5000);
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full(body.clone()))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post(body.clone()).await;
     assert_eq!(got.status, 200);
     assert_eq!(receiver.next().await.body.unwrap(), body);
 }

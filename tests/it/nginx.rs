@@ -117,14 +117,7 @@ async fn bodies_pass_byte_identical_through_nginx() {
     let proxy = start_proxy(config(&one_route("", ""), nginx.addr)).await;
     for size in [10, 300_000, 1024 * 1024 - 100] {
         let body = payload(size);
-        let got = send(
-            proxy.addr,
-            Request::post(proxy.url("/hooks/test"))
-                .header("content-type", "application/json")
-                .body(full(body.clone()))
-                .unwrap(),
-        )
-        .await;
+        let got = proxy.post_json(body.clone()).await;
         assert_eq!(got.status, 200, "{:?}", got.body);
         assert_eq!(receiver.next().await.body.unwrap(), body);
     }
@@ -137,14 +130,7 @@ async fn nginx_early_413_reaches_the_sender_every_time() {
     let proxy = start_proxy(config(&one_route("", ""), nginx.addr)).await;
     let big = Bytes::from(payload(5 * 1024 * 1024));
     for attempt in 0..20 {
-        let got = send(
-            proxy.addr,
-            Request::post(proxy.url("/hooks/test"))
-                .header("content-type", "application/json")
-                .body(full(big.clone()))
-                .unwrap(),
-        )
-        .await;
+        let got = proxy.post_json(big.clone()).await;
         assert_eq!(got.status, 413, "attempt {attempt}: {:?}", got.body);
         let body = String::from_utf8_lossy(&got.body);
         assert!(

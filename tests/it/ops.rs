@@ -41,25 +41,11 @@ async fn metrics_count_real_traffic() {
     let proxy = start_proxy(config(&text, receiver.addr)).await;
     let admin = start_admin(&proxy, std::path::Path::new("unused.toml")).await;
     for _ in 0..3 {
-        let got = send(
-            proxy.addr,
-            Request::post(proxy.url("/hooks/test"))
-                .header("content-type", "application/json")
-                .body(full("{}"))
-                .unwrap(),
-        )
-        .await;
+        let got = proxy.post_json("{}").await;
         assert_eq!(got.status, 200);
         receiver.next().await;
     }
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(payload(5000)))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post_json(payload(5000)).await;
     assert_eq!(got.status, 200);
     let trimmed = receiver.next().await.body.unwrap();
     assert!(trimmed.len() <= 1000);
@@ -178,17 +164,7 @@ async fn reload_swaps_config_for_new_requests_only_and_refuses_bad_files() {
     drop(tx);
     assert_eq!(in_flight.await.unwrap().status, 200);
     assert_eq!(a.next().await.body.unwrap(), "{\"old\":true}");
-    assert_eq!(
-        send(
-            proxy.addr,
-            Request::post(proxy.url("/hooks/test"))
-                .body(full("{}"))
-                .unwrap()
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(proxy.post("{}").await.status, 200);
     assert_eq!(b.next().await.body.unwrap(), "{}");
 
     // An invalid file is refused with check's message; B stays in force.
@@ -204,17 +180,7 @@ async fn reload_swaps_config_for_new_requests_only_and_refuses_bad_files() {
         message.contains("proxy.toml:4:12: routes[0].upstream: unsupported scheme"),
         "{message}"
     );
-    assert_eq!(
-        send(
-            proxy.addr,
-            Request::post(proxy.url("/hooks/test"))
-                .body(full("{}"))
-                .unwrap()
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(proxy.post("{}").await.status, 200);
     assert_eq!(b.next().await.body.unwrap(), "{}");
     let m = parse_metrics(&String::from_utf8_lossy(
         &admin_request(admin, "GET", "/metrics", None).await.body,

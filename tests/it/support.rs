@@ -200,6 +200,23 @@ impl ProxyHandle {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// POSTs `body` to `/hooks/test` on a new connection and reads the whole response.
+    pub async fn post(&self, body: impl Into<Bytes>) -> Got {
+        let req = Request::post(self.url("/hooks/test"))
+            .body(full(body))
+            .unwrap();
+        send(self.addr, req).await
+    }
+
+    /// Like [`ProxyHandle::post`], as `application/json`.
+    pub async fn post_json(&self, body: impl Into<Bytes>) -> Got {
+        let req = Request::post(self.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap();
+        send(self.addr, req).await
+    }
+
     /// Every incident written so far (waits for the writer to catch up).
     pub async fn incidents(&self) -> Vec<serde_json::Value> {
         self.proxy.shared().incidents.flush().await;

@@ -104,14 +104,7 @@ async fn small_payloads_pass_byte_identical_and_chunked_ones_get_a_content_lengt
     let mut receiver = Receiver::start(Behavior::LimitEarly(MIB as u64)).await;
     let proxy = start_proxy(config(&trim_route(""), receiver.addr)).await;
     let small = synthflow_payload(300_000, 1);
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(small.clone()))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post_json(small.clone()).await;
     assert_eq!(got.status, 200);
     assert_eq!(receiver.next().await.body.unwrap(), small);
 
@@ -208,14 +201,7 @@ async fn untrimmable_payloads_follow_on_trim_failure() {
     assert_eq!(got.json()["error"], "over_upstream_limit");
     let mut broken = synthflow_payload(2 * MIB, 3);
     broken.truncate(broken.len() - 10);
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(broken.clone()))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post_json(broken.clone()).await;
     assert_eq!(got.status, 413);
     assert_eq!(got.json()["error"], "trim_failed");
     assert!(receiver.try_next().is_none());
@@ -283,14 +269,7 @@ async fn rules_that_cannot_reach_the_limit_reject_or_forward_the_smallest() {
         receiver.addr,
     ))
     .await;
-    let got = send(
-        proxy2.addr,
-        Request::post(proxy2.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(big.clone()))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy2.post_json(big.clone()).await;
     assert_eq!(got.status, 200);
     let seen = receiver.next().await;
     let body = seen.body.unwrap();
@@ -311,14 +290,7 @@ async fn dry_run_forwards_the_original_and_records_what_would_happen() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
     let proxy = start_proxy(config(&trim_route("trim_dry_run = true"), receiver.addr)).await;
     let big = synthflow_payload(2 * MIB, 5);
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(big.clone()))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post_json(big.clone()).await;
     assert_eq!(got.status, 200);
     let seen = receiver.next().await;
     assert_eq!(seen.body.unwrap(), big);
@@ -339,14 +311,7 @@ async fn buffer_budget_exhaustion_gets_503_with_retry_after() {
     );
     let proxy = start_proxy(config(&text, receiver.addr)).await;
     let big = synthflow_payload(2 * MIB, 6);
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(big))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post_json(big).await;
     assert_eq!(got.status, 503);
     assert_eq!(got.headers["retry-after"], "1");
     assert_eq!(got.json()["error"], "buffer_budget_exhausted");

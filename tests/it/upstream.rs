@@ -23,13 +23,7 @@ async fn refused_upstream_gets_502() {
         .local_addr()
         .unwrap();
     let proxy = start_proxy(config(&one_route("", ""), free)).await;
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full("{}"))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post("{}").await;
     assert_eq!(got.status, 502, "{:?}", got.body);
     assert_eq!(got.json()["error"], "upstream_connect_failed");
 }
@@ -51,13 +45,7 @@ async fn connect_timeout_gets_504() {
         }
     }
     let proxy = start_proxy(config(&one_route("connect_timeout = \"300ms\"", ""), addr)).await;
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full("{}"))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post("{}").await;
     assert_eq!(got.status, 504, "{:?}", got.body);
     assert_eq!(got.json()["error"], "upstream_connect_timeout");
     drop(listener);
@@ -71,13 +59,7 @@ async fn response_timeout_gets_504() {
         receiver.addr,
     ))
     .await;
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full("{}"))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post("{}").await;
     assert_eq!(got.status, 504);
     assert_eq!(got.json()["error"], "upstream_response_timeout");
     assert_eq!(receiver.next().await.body.unwrap(), "{}");
@@ -131,13 +113,7 @@ async fn receiver_that_resets_mid_response_gets_502() {
         }
     });
     let proxy = start_proxy(config(&one_route("", ""), addr)).await;
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .body(full("{}"))
-            .unwrap(),
-    )
-    .await;
+    let got = proxy.post("{}").await;
     assert_eq!(got.status, 502);
     assert_eq!(got.json()["error"], "upstream_failed");
 }

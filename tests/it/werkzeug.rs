@@ -5,8 +5,6 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use http::Request;
-
 use crate::support::*;
 
 /// The receiver: Werkzeug's dev server with a 1 MiB request limit, as Flask sets it.
@@ -66,25 +64,11 @@ fn start_werkzeug() -> Werkzeug {
 async fn werkzeug_413_is_relayed_and_fingerprinted() {
     let werkzeug = start_werkzeug();
     let proxy = start_proxy(config(&one_route("", ""), werkzeug.addr)).await;
-    let small = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(payload(1000)))
-            .unwrap(),
-    )
-    .await;
+    let small = proxy.post_json(payload(1000)).await;
     assert_eq!(small.status, 200, "{:?}", small.body);
     assert_eq!(small.json()["received"], 1000);
     for attempt in 0..5 {
-        let got = send(
-            proxy.addr,
-            Request::post(proxy.url("/hooks/test"))
-                .header("content-type", "application/json")
-                .body(full(payload(2 * 1024 * 1024)))
-                .unwrap(),
-        )
-        .await;
+        let got = proxy.post_json(payload(2 * 1024 * 1024)).await;
         assert_eq!(got.status, 413, "attempt {attempt}: {:?}", got.body);
         assert!(String::from_utf8_lossy(&got.body).contains("Request Entity Too Large"));
     }
