@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc instead of glibc malloc: hyper and the pipeline allocate and free many small
+/// buffers per request, and glibc's `malloc`/`free`/`malloc_consolidate` took about 9% of the
+/// proxy's CPU on 2 KiB POSTs (see benches/load/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = payload_guard::cli::Cli::parse();
     payload_guard::cli::init_tracing(cli.log_format);
