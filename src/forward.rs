@@ -1,20 +1,24 @@
 //! Stage 6: the upstream side. Builds one pooled client per route (HTTP/1.1, and HTTP/2 when
-//! TLS ALPN offers it), rewrites the request's URI and headers for the receiver, and turns
-//! upstream failures into [`ProxyError`]s.
+//! TLS ALPN offers it), keeps a dedicated upstream connection per downstream HTTP/1 connection
+//! for plain-HTTP receivers ([`ConnUpstream`]), rewrites the request's URI and headers for the
+//! receiver, and turns upstream failures into [`ProxyError`]s.
 
 use std::error::Error as StdError;
 use std::net::IpAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 
 use crate::config::RouteConfig;
@@ -76,6 +80,168 @@ pub fn build_client(route: &RouteConfig) -> Result<UpstreamClient, ProxyError> {
         .retry_canceled_requests(true)
         .set_host(true)
         .build(https))
+}
+
+/// Why an upstream exchange failed, from either the pooled client or a [`ConnUpstream`].
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The pooled client failed.
+    Pooled(hyper_util::client::legacy::Error),
+    /// Connecting a dedicated connection failed.
+    Connect(std::io::Error),
+    /// Connecting a dedicated connection took longer than `connect_timeout`.
+    ConnectTimeout,
+    /// The exchange on a dedicated connection failed.
+    Exchange(hyper::Error),
+}
+
+/// The upstream connection of one downstream HTTP/1 connection, for plain-HTTP receivers.
+///
+/// A downstream HTTP/1 connection carries one request at a time, so its requests can all go
+/// over one upstream connection of their own, like nginx's and HAProxy's keep-alive to the
+/// backend. That skips the pooled client's per-request work (pool lock and checkout, and a
+/// task spawned per request to return the connection to the pool). The connection closes
+/// when the downstream connection does. Anything else (HTTPS receivers, HTTP/2 senders, a
+/// request while the connection is busy) goes through the route's pooled client.
+#[derive(Default)]
+pub struct ConnUpstream {
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// A request holds the connection (it is then `None` here).
+    busy: bool,
+    dedicated: Option<Dedicated>,
+}
+
+struct Dedicated {
+    authority: Authority,
+    sender: http1::SendRequest<UpstreamBody>,
+}
+
+/// Holds the connection for one request; hands it back (or frees the slot) when dropped,
+/// also when the request is cancelled.
+struct Lease<'a> {
+    owner: &'a ConnUpstream,
+    dedicated: Option<Dedicated>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let mut slot = lock(&self.owner.slot);
+        slot.busy = false;
+        slot.dedicated = self.dedicated.take().filter(|d| !d.sender.is_closed());
+    }
+}
+
+fn lock(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ConnUpstream {
+    /// Sends `req` (absolute URI) to the receiver: over this downstream connection's own
+    /// upstream connection when the receiver is plain HTTP, else through `pooled`.
+    pub async fn request(
+        &self,
+        pooled: &UpstreamClient,
+        mut req: Request<UpstreamBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let authority = match req.uri().authority() {
+            Some(a) if req.uri().scheme() == Some(&Scheme::HTTP) => a.clone(),
+            _ => return pooled.request(req).await.map_err(UpstreamError::Pooled),
+        };
+        let Some(mut lease) = self.lease(&authority) else {
+            return pooled.request(req).await.map_err(UpstreamError::Pooled);
+        };
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        // HTTP/1 to the receiver itself: origin-form.
+        let origin = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(origin);
+
+        if let Some(dedicated) = lease.dedicated.as_mut() {
+            if dedicated.sender.ready().await.is_ok() {
+                match dedicated.sender.try_send_request(req).await {
+                    Ok(response) => return Ok(response),
+                    Err(mut err) => match err.take_message() {
+                        // Never written (the receiver had closed the idle connection):
+                        // safe to send on a new one, as the pooled client does.
+                        Some(unsent) => req = unsent,
+                        None => {
+                            lease.dedicated = None;
+                            return Err(UpstreamError::Exchange(err.into_error()));
+                        }
+                    },
+                }
+            }
+            lease.dedicated = None;
+        }
+        let mut sender = connect(&authority, connect_timeout).await?;
+        let response = sender.send_request(req).await;
+        lease.dedicated = Some(Dedicated { authority, sender });
+        response.map_err(UpstreamError::Exchange)
+    }
+}
+
+impl ConnUpstream {
+    /// Holds the connection for one request, or `None` when another request holds it.
+    fn lease(&self, authority: &Authority) -> Option<Lease<'_>> {
+        let mut slot = lock(&self.slot);
+        if slot.busy {
+            return None;
+        }
+        slot.busy = true;
+        Some(Lease {
+            owner: self,
+            dedicated: slot
+                .dedicated
+                .take()
+                .filter(|d| d.authority == *authority && !d.sender.is_closed()),
+        })
+    }
+}
+
+/// Opens a plain HTTP/1 connection to `authority` and starts its connection task.
+async fn connect(
+    authority: &Authority,
+    connect_timeout: Duration,
+) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+    let port = authority.port_u16().unwrap_or(80);
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let stream = match tokio::time::timeout(
+        connect_timeout,
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => return Err(UpstreamError::Connect(err)),
+        Err(_) => return Err(UpstreamError::ConnectTimeout),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(UpstreamError::Exchange)?;
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            tracing::debug!(error = %err, "upstream connection closed with error");
+        }
+    });
+    Ok(sender)
 }
 
 /// The upstream URI: the route's upstream path joined with the rest of the request path after
@@ -194,6 +360,21 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) 
 
 /// Classifies a failed upstream exchange (the request body's own failures are handled by the
 /// caller, which knows them from [`crate::limit::BodyStats`]).
+pub fn classify(err: &UpstreamError, route: &RouteConfig) -> ProxyError {
+    match err {
+        UpstreamError::Pooled(err) => classify_error(err, route),
+        UpstreamError::ConnectTimeout => ProxyError::UpstreamConnectTimeout(route.connect_timeout),
+        UpstreamError::Connect(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+            ProxyError::UpstreamConnectTimeout(route.connect_timeout)
+        }
+        UpstreamError::Connect(err) => {
+            ProxyError::UpstreamConnect(format!("client error (Connect): {}", error_chain(err)))
+        }
+        UpstreamError::Exchange(err) => ProxyError::UpstreamBroken(error_chain(err)),
+    }
+}
+
+/// Classifies a failed exchange of the pooled client.
 pub fn classify_error(err: &hyper_util::client::legacy::Error, route: &RouteConfig) -> ProxyError {
     let chain = error_chain(err);
     if err.is_connect() {

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::config::{MAX_HEADERS, ServerConfig};
+use crate::forward::ConnUpstream;
 use crate::framing::{FramingFlags, FramingWatch};
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 
@@ -98,6 +99,7 @@ pub async fn serve(
                 local,
                 proto: if tls_at_start { "https" } else { "http" },
                 framing_conflict: false,
+                upstream: None,
             },
             watcher: graceful.watcher(),
         };
@@ -172,12 +174,14 @@ impl Conn {
         let peer = info.peer;
         let flags = Arc::new(FramingFlags::default());
         let io = FramingWatch::new(io, flags.clone());
+        let upstream = Arc::new(ConnUpstream::default());
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
+            let is_h1 = req.version() < http::Version::HTTP_2;
             let info = ConnInfo {
-                framing_conflict: req.version() < http::Version::HTTP_2
-                    && flags.next_request_conflicts(),
-                ..info
+                framing_conflict: is_h1 && flags.next_request_conflicts(),
+                upstream: is_h1.then(|| upstream.clone()),
+                ..info.clone()
             };
             // Boxed so the compiler checks `Send` on concrete types (works around a
             // higher-ranked lifetime limitation with boxed error types in async fns).

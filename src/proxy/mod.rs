@@ -20,7 +20,9 @@ use crate::buffer::{self, BufferBudget, CollectError, Reservation};
 use crate::config::{Config, OnOversize, OnTrimFailure, RouteConfig, TrimConfig};
 use crate::deliver::{self, SpoolState};
 use crate::error::ProxyError;
-use crate::forward::{self, ForwardedFor, UpstreamBody, UpstreamClient};
+use crate::forward::{
+    self, ConnUpstream, ForwardedFor, UpstreamBody, UpstreamClient, UpstreamError,
+};
 use crate::incident::{
     self, Action, FieldBytes, Incident, IncidentLog, Kind, LimitLearner, Removed, Retry,
 };
@@ -48,7 +50,7 @@ pub const INCIDENT_QUEUE: usize = 1024;
 const SNIFF_BYTES: usize = 4096;
 
 /// Facts about the connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ConnInfo {
     /// The sender's address.
     pub peer: SocketAddr,
@@ -58,6 +60,8 @@ pub struct ConnInfo {
     pub proto: &'static str,
     /// The request carried both `Content-Length` and `Transfer-Encoding` (see [`crate::framing`]).
     pub framing_conflict: bool,
+    /// The connection's own upstream connection (HTTP/1 senders only; see [`ConnUpstream`]).
+    pub upstream: Option<Arc<ConnUpstream>>,
 }
 
 /// One route, ready to serve: its configuration and its pooled upstream client.
@@ -443,6 +447,8 @@ struct Ctx<'a> {
     shared: &'a Shared,
     cfg: &'a RouteConfig,
     client: &'a UpstreamClient,
+    /// The downstream connection's own upstream connection, if it has one.
+    upstream: Option<&'a ConnUpstream>,
     request_id: String,
     method: Method,
     path: String,
@@ -570,6 +576,10 @@ async fn pipeline(
         shared,
         cfg,
         client: &route.client,
+        upstream: conn
+            .upstream
+            .as_deref()
+            .filter(|_| parts.version < Version::HTTP_2),
         request_id: exchange.request_id.clone(),
         method: parts.method.clone(),
         path: parts.uri.path().to_string(),
@@ -688,7 +698,16 @@ async fn send(
     *req.headers_mut() = target.headers.clone();
     *req.version_mut() = Version::HTTP_11;
     let started = tokio::time::Instant::now();
-    let sent = ctx.client.request(req);
+    let sent = async {
+        match ctx.upstream {
+            Some(upstream) => {
+                upstream
+                    .request(ctx.client, req, ctx.cfg.connect_timeout)
+                    .await
+            }
+            None => ctx.client.request(req).await.map_err(UpstreamError::Pooled),
+        }
+    };
     let result = tokio::select! {
         result = sent => result,
         err = deadline(stats, ctx.cfg.response_timeout, ctx.body_timeout) => return Err(SendError::Proxy(err)),
@@ -701,7 +720,7 @@ async fn send(
             if let Some(failure) = stats.failure() {
                 return Err(SendError::Body(failure));
             }
-            let err = forward::classify_error(&err, ctx.cfg);
+            let err = forward::classify(&err, ctx.cfg);
             tracing::warn!(route = %ctx.cfg.name, error = %err, "upstream request failed");
             Err(SendError::Upstream(err))
         }

@@ -1,5 +1,7 @@
 //! Routing and forwarding: bodies byte-identical, paths and queries, forwarded headers.
 
+use std::sync::atomic::Ordering;
+
 use http::Request;
 
 use crate::support::*;
@@ -118,4 +120,67 @@ async fn receiver_status_and_body_are_relayed() {
     assert_eq!(got.status, 422);
     assert_eq!(got.json()["received"], 2);
     receiver.next().await;
+}
+
+/// Sends `n` POSTs one after another over one keep-alive connection to the proxy.
+async fn posts_on_one_connection(proxy: &ProxyHandle, n: usize) -> Vec<Got> {
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut got = Vec::new();
+    for i in 0..n {
+        sender.ready().await.expect("proxy closed the connection");
+        let req = Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .body(full(format!("{{\"n\":{i}}}")))
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("request failed");
+        got.push(read(resp).await);
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_sender_connection_keeps_one_upstream_connection() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
+    for got in posts_on_one_connection(&proxy, 5).await {
+        assert_eq!(got.status, 200, "{:?}", got.body);
+    }
+    for i in 0..5 {
+        assert_eq!(
+            receiver.next().await.body.unwrap(),
+            format!("{{\"n\":{i}}}")
+        );
+    }
+    assert_eq!(
+        receiver.connections.load(Ordering::SeqCst),
+        1,
+        "five requests on one sender connection should reuse one upstream connection"
+    );
+    // A second sender connection gets an upstream connection of its own.
+    for got in posts_on_one_connection(&proxy, 2).await {
+        assert_eq!(got.status, 200, "{:?}", got.body);
+    }
+    assert_eq!(receiver.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_receiver_that_closes_each_connection_still_gets_every_request() {
+    let mut receiver = Receiver::start(Behavior::CloseEach).await;
+    let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
+    for got in posts_on_one_connection(&proxy, 4).await {
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        assert_eq!(got.json()["received"], 7);
+    }
+    for i in 0..4 {
+        assert_eq!(
+            receiver.next().await.body.unwrap(),
+            format!("{{\"n\":{i}}}")
+        );
+    }
+    assert_eq!(receiver.connections.load(Ordering::SeqCst), 4);
 }

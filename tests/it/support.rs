@@ -48,6 +48,8 @@ pub enum Behavior {
     Hang,
     /// Answer the first `n` requests with `status`, then like `Ok`.
     FailFirst(usize, u16),
+    /// Like `Ok`, with `Connection: close`: every connection carries one request.
+    CloseEach,
 }
 
 /// A real hyper receiver on 127.0.0.1:0 that reports every request it sees.
@@ -55,6 +57,8 @@ pub struct Receiver {
     pub addr: SocketAddr,
     pub seen: mpsc::UnboundedReceiver<Seen>,
     pub started: Arc<AtomicUsize>,
+    /// Connections accepted so far.
+    pub connections: Arc<AtomicUsize>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -71,12 +75,15 @@ impl Receiver {
         let (stop, mut stopped) = oneshot::channel::<()>();
         let started = Arc::new(AtomicUsize::new(0));
         let count = started.clone();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     a = listener.accept() => a.unwrap(),
                     _ = &mut stopped => return,
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let tx = tx.clone();
                 let behavior = behavior.clone();
                 let count = count.clone();
@@ -103,6 +110,7 @@ impl Receiver {
             addr,
             seen,
             started,
+            connections,
             _stop: stop,
         }
     }
@@ -167,7 +175,9 @@ async fn receive(
         body,
     });
     let status = match behavior {
-        Behavior::Ok | Behavior::LimitEarly(_) | Behavior::FailFirst(..) => 200,
+        Behavior::Ok | Behavior::LimitEarly(_) | Behavior::FailFirst(..) | Behavior::CloseEach => {
+            200
+        }
         Behavior::Status(s) => s,
         Behavior::Hang => {
             std::future::pending::<()>().await;
@@ -180,8 +190,13 @@ async fn receive(
         .insert("content-type", "application/json".parse().unwrap());
     resp.headers_mut()
         .insert("x-receiver-hop", "secret".parse().unwrap());
+    let connection = if matches!(behavior, Behavior::CloseEach) {
+        "close, x-receiver-hop"
+    } else {
+        "x-receiver-hop"
+    };
     resp.headers_mut()
-        .insert("connection", "x-receiver-hop".parse().unwrap());
+        .insert("connection", connection.parse().unwrap());
     resp
 }
 
