@@ -94,20 +94,31 @@ pub(super) async fn process_buffered(
         // Fits as it is: forward byte-identical.
         return send_buffered(ctx, &target, wire, &stats, None, None, exchange).await;
     }
-    if reservation
-        .ensure(original_len + crate::trim::memory_estimate(&decoded))
-        .is_err()
-    {
+    // The output is at most the decoded size; the scan's tape grows within what the budget has
+    // left and is then reserved for what it took.
+    let output = original_len + decoded.len() as u64;
+    if reservation.ensure(output).is_err() {
         return Err(ctx.budget_exhausted(original_len));
     }
+    let spare = ctx
+        .shared
+        .budget
+        .limit()
+        .saturating_sub(ctx.shared.budget.in_use());
     // One scan serves the incident's facts, the trim and the retry.
-    let doc = match crate::trim::Document::parse(&decoded) {
+    let doc = match crate::trim::Document::parse_within(&decoded, spare) {
         Ok(doc) => doc,
+        Err(crate::trim::TrimError::TooManyValues { .. }) => {
+            return Err(ctx.budget_exhausted(original_len));
+        }
         Err(err) => {
             let err = ShrinkError::Trim(err);
             return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await;
         }
     };
+    if reservation.ensure(output + doc.memory()).is_err() {
+        return Err(ctx.budget_exhausted(original_len));
+    }
     let facts = BodyFacts::read(&doc, &cfg.id_path);
     if measured <= limit {
         // retry_on_413 buffers every payload so it can be trimmed if the receiver refuses it.

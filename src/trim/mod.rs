@@ -75,6 +75,24 @@ impl<'a> Document<'a> {
         })
     }
 
+    /// [`Document::parse`] within a memory cap: the scan's tape (one
+    /// [`Document::BYTES_PER_VALUE`]-byte node per JSON value) may take at most `max_bytes`;
+    /// a body of more values fails with [`TrimError::TooManyValues`] before it does.
+    pub fn parse_within(body: &'a [u8], max_bytes: u64) -> Result<Document<'a>, TrimError> {
+        let max_values = usize::try_from(max_bytes / Self::BYTES_PER_VALUE).unwrap_or(usize::MAX);
+        Ok(Document {
+            tape: scan::Tape::parse_within(body, max_values)?,
+        })
+    }
+
+    /// Memory per JSON value of the scan.
+    pub const BYTES_PER_VALUE: u64 = std::mem::size_of::<scan::Node>() as u64;
+
+    /// Memory the scan holds (its tape), in bytes.
+    pub fn memory(&self) -> u64 {
+        self.tape.nodes.capacity() as u64 * Self::BYTES_PER_VALUE
+    }
+
     /// The bytes scanned.
     pub fn body(&self) -> &'a [u8] {
         self.tape.body
@@ -94,48 +112,6 @@ impl<'a> Document<'a> {
     pub fn string_at(&self, path: &str) -> Option<String> {
         fields::string_at_of(&self.tape, path)
     }
-}
-
-/// An upper bound on the memory [`trim`] needs for `body`: the output plus one 28-byte tape
-/// node per JSON value (counted from the structural characters that can start one), so a body
-/// of millions of tiny values cannot blow through the buffer budget.
-pub fn memory_estimate(body: &[u8]) -> u64 {
-    let starts = count_value_starts(body) + 1;
-    body.len() as u64 + starts * std::mem::size_of::<scan::Node>() as u64
-}
-
-/// How many `,`, `[` and `{` bytes `body` holds.
-///
-/// Counted in byte lanes, 32 at a time, for at most 255 rounds before the lanes are summed
-/// (a lane cannot overflow), a shape the compiler turns into SIMD compares and adds. A
-/// `filter().count()` over the bytes, or a `memchr3` iterator that stops at every comma of a
-/// long transcript, took 14-36% of the trim route's CPU on 5 MiB payloads.
-fn count_value_starts(body: &[u8]) -> u64 {
-    const LANES: usize = 32;
-    const BLOCK: usize = LANES * 255;
-    let is_start = |b: u8| u8::from(b == b',') + u8::from(b == b'[') + u8::from(b == b'{');
-    let mut total = 0u64;
-    let mut blocks = body.chunks_exact(BLOCK);
-    let mut count_block = |block: &[u8]| {
-        let mut lanes = [0u8; LANES];
-        let mut rows = block.chunks_exact(LANES);
-        for row in &mut rows {
-            for (lane, &b) in lanes.iter_mut().zip(row) {
-                *lane += is_start(b);
-            }
-        }
-        total += lanes.iter().map(|&n| u64::from(n)).sum::<u64>();
-        total += rows
-            .remainder()
-            .iter()
-            .map(|&b| u64::from(is_start(b)))
-            .sum::<u64>();
-    };
-    for block in &mut blocks {
-        count_block(block);
-    }
-    count_block(blocks.remainder());
-    total
 }
 
 /// The protect list used when a route names none: the value Synthflow signs.
@@ -423,6 +399,12 @@ pub enum TrimError {
         /// The limit.
         max_depth: usize,
     },
+    /// The scan would need more memory than it may take (see [`Document::parse_within`]).
+    #[error("more than {max_values} JSON values: the scan would go over the buffer budget")]
+    TooManyValues {
+        /// How many values fit.
+        max_values: usize,
+    },
     /// The body is larger than the engine's 4 GiB offset space.
     #[error("body of {len} bytes is too large to trim: lower the route's buffer limit below 4 GiB")]
     TooLarge {
@@ -475,30 +457,6 @@ pub enum JsonErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn value_starts_are_counted_exactly_across_blocks() {
-        let naive = |b: &[u8]| {
-            b.iter()
-                .filter(|&&c| matches!(c, b',' | b'[' | b'{'))
-                .count() as u64
-        };
-        // Lengths around the 32-byte rows and the 8160-byte blocks, and a block of nothing but
-        // starts (each lane reaches 255).
-        let mut text = Vec::new();
-        for i in 0..20_000u32 {
-            text.push(b"ab,[{\"x}] "[(i * 7 % 10) as usize]);
-        }
-        for len in [0, 1, 31, 32, 33, 8159, 8160, 8161, 16_320, 20_000] {
-            assert_eq!(
-                count_value_starts(&text[..len]),
-                naive(&text[..len]),
-                "len {len}"
-            );
-        }
-        let all = vec![b','; 8160 * 2 + 5];
-        assert_eq!(count_value_starts(&all), all.len() as u64);
-    }
 
     fn protect() -> Vec<String> {
         DEFAULT_PROTECT.iter().map(|s| (*s).to_owned()).collect()

@@ -64,6 +64,12 @@ impl<'a> Tape<'a> {
     /// Validates `body` as one JSON value (with optional surrounding whitespace) and records
     /// every value.
     pub(crate) fn parse(body: &'a [u8]) -> Result<Self, TrimError> {
+        Self::parse_within(body, usize::MAX)
+    }
+
+    /// [`Tape::parse`], holding at most `max_values` nodes: a body of more values fails with
+    /// [`TrimError::TooManyValues`] before the tape grows past that.
+    pub(crate) fn parse_within(body: &'a [u8], max_values: usize) -> Result<Self, TrimError> {
         if u32::try_from(body.len()).is_err() {
             return Err(TrimError::TooLarge { len: body.len() });
         }
@@ -82,6 +88,7 @@ impl<'a> Tape<'a> {
             body,
             pos: 0,
             nodes: Vec::new(),
+            max_values,
         };
         parser.skip_ws();
         parser.value(0, 0, 0, None)?;
@@ -152,6 +159,7 @@ struct Parser<'a> {
     body: &'a [u8],
     pos: usize,
     nodes: Vec<Node>,
+    max_values: usize,
 }
 
 /// Offsets fit in `u32`: `Tape::parse` rejects longer bodies before any node is built.
@@ -160,6 +168,20 @@ fn off(pos: usize) -> u32 {
 }
 
 impl Parser<'_> {
+    /// Room for more nodes, never past `max_values` (the tape doubles, capped there).
+    #[cold]
+    fn grow(&mut self) -> Result<(), TrimError> {
+        let len = self.nodes.len();
+        if len >= self.max_values {
+            return Err(TrimError::TooManyValues {
+                max_values: self.max_values,
+            });
+        }
+        let want = len.saturating_mul(2).max(64).min(self.max_values);
+        self.nodes.reserve_exact(want - len);
+        Ok(())
+    }
+
     fn err(&self, kind: JsonErrorKind) -> TrimError {
         TrimError::InvalidJson {
             offset: self.pos,
@@ -212,6 +234,9 @@ impl Parser<'_> {
             b'-' | b'0'..=b'9' => Kind::Number,
             _ => return Err(self.err(JsonErrorKind::ExpectedValue)),
         };
+        if self.nodes.len() == self.nodes.capacity() {
+            self.grow()?;
+        }
         self.nodes.push(Node {
             start: off(start),
             key_end_or_index,
@@ -530,6 +555,23 @@ mod tests {
             Err(TrimError::InvalidJson { offset, reason }) => (offset, reason),
             other => panic!("expected invalid json for {input:?}, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn parse_within_caps_the_tape() {
+        let body = br#"{"a":[1,2,3],"b":"x"}"#; // 6 values
+        assert_eq!(Tape::parse_within(body, 6).unwrap().nodes.len(), 6);
+        assert!(Tape::parse_within(body, 6).unwrap().nodes.capacity() <= 6);
+        assert!(matches!(
+            Tape::parse_within(body, 5),
+            Err(TrimError::TooManyValues { max_values: 5 })
+        ));
+        // A long array grows the tape in steps, never past the cap.
+        let many = format!("[{}0]", "0,".repeat(9_999));
+        let tape = Tape::parse_within(many.as_bytes(), 10_001).unwrap();
+        assert_eq!(tape.nodes.len(), 10_001);
+        assert!(tape.nodes.capacity() <= 10_001);
+        assert!(Tape::parse_within(many.as_bytes(), 10_000).is_err());
     }
 
     #[test]

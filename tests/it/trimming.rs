@@ -303,6 +303,39 @@ async fn dry_run_forwards_the_original_and_records_what_would_happen() {
 }
 
 #[tokio::test]
+async fn a_payload_of_too_many_values_for_the_budget_gets_503_and_a_normal_one_is_trimmed() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let text = trim_route("").replace(
+        "[server]\nlisten = \"127.0.0.1:0\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nbuffer_budget = \"4MiB\"\n",
+    );
+    let proxy = start_proxy(config(&text, receiver.addr)).await;
+    // 1.5 MiB of tiny values: the body and its output fit the 4 MiB budget, the scan's
+    // 28 bytes per value (about 21 MiB) do not.
+    let mut numbers = String::from(r#"{"call":{"call_id":"c1","transcript":"x"},"n":[0"#);
+    while numbers.len() < 3 * MIB / 2 {
+        numbers.push_str(",0");
+    }
+    numbers.push_str("]}");
+    let got = proxy.post_json(numbers).await;
+    assert_eq!(got.status, 503, "{:?}", got.body);
+    assert_eq!(got.json()["error"], "buffer_budget_exhausted");
+    assert_eq!(receiver.started.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        proxy.proxy.shared().budget.in_use(),
+        0,
+        "reservations are released"
+    );
+
+    // A Synthflow payload of the same size is trimmed within the same budget.
+    let payload = synthflow_payload(3 * MIB / 2, 7);
+    let got = proxy.post_json(payload).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert!(receiver.next().await.body.unwrap().len() <= MIB);
+    assert_eq!(proxy.proxy.shared().budget.in_use(), 0);
+}
+
+#[tokio::test]
 async fn buffer_budget_exhaustion_gets_503_with_retry_after() {
     let receiver = Receiver::start(Behavior::Ok).await;
     let text = trim_route("").replace(
