@@ -146,6 +146,13 @@ def cpu_ticks(pid: int) -> int:
     return proc_stat(pid)[0]
 
 
+def cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) in clock ticks: user space and kernel."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def vm_hwm_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -543,6 +550,9 @@ def measure(bench: Bench, target: str, wl: dict, args) -> dict:
             if not reset_hwm(pid):
                 log(f"cannot reset VmHWM of {pid}: peak RSS includes start-up")
             t0 = cpu_ticks(pid)
+            split0 = cpu_split(pid)
+        recv0 = sum(cpu_ticks(r) for r in bench.recv_pids)
+        gen0 = children_ticks()
         bg = Background(ours)
         if wl["kind"] == "wrk":
             res = run_wrk(url, wl["files"], wl["conns"], args.duration)
@@ -560,8 +570,16 @@ def measure(bench: Bench, target: str, wl: dict, args) -> dict:
                    "status": ",".join(sorted(set(statuses))), "time_s": secs, "times": times,
                    "best_s": min(times)}
         res.update(bg.done())
+        per_req = 1e6 / CLK_TCK / max(1, res["requests"])
+        # The other processes on the request path: the receivers, and the load generator
+        # (wrk or curl, this script's children, reaped within the measurement).
+        res["receiver_us_per_req"] = (sum(cpu_ticks(r) for r in bench.recv_pids) - recv0) * per_req
+        res["loadgen_us_per_req"] = (children_ticks() - gen0) * per_req
         if pid:
-            res["cpu_us_per_req"] = (cpu_ticks(pid) - t0) / CLK_TCK * 1e6 / max(1, res["requests"])
+            res["cpu_us_per_req"] = (cpu_ticks(pid) - t0) * per_req
+            user, sys_ = cpu_split(pid)
+            res["cpu_user_us_per_req"] = (user - split0[0]) * per_req
+            res["cpu_sys_us_per_req"] = (sys_ - split0[1]) * per_req
             res["hwm_kib"] = vm_hwm_kib(pid)
         else:
             res["cpu_us_per_req"] = None
@@ -637,6 +655,43 @@ def ratio_per_rep(results, wl, target, ref, key, reps, invert=False):
     return med(rs), rs
 
 
+def cpu_breakdown(results, wl, targets, reps) -> list[str]:
+    """Where each request's CPU went on the machine: the proxy (user space and kernel), the
+    receiver and the load generator. With every core busy, req/s is about cores ÷ their sum."""
+    rows = []
+    for t in targets:
+        rs = [results[(wl, t, r)] for r in range(reps) if (wl, t, r) in results]
+        if not rs or "receiver_us_per_req" not in rs[0]:
+            continue
+        user = med([r.get("cpu_user_us_per_req") for r in rs])
+        sys_ = med([r.get("cpu_sys_us_per_req") for r in rs])
+        recv = med([r["receiver_us_per_req"] for r in rs])
+        gen = med([r["loadgen_us_per_req"] for r in rs])
+        total = sum(x for x in (user, sys_, recv, gen) if x is not None)
+        rows.append(f"| {TARGET_LABEL[t]} | {fmt(user, 1)} | {fmt(sys_, 1)} | {fmt(recv, 1)} | "
+                    f"{fmt(gen, 1)} | {fmt(total, 1)} |")
+    if not rows:
+        return []
+    return ["CPU µs per request by process (medians; user and kernel time from /proc):\n",
+            "| target | proxy, user space | proxy, kernel | receiver | load generator | all |",
+            "|---|---:|---:|---:|---:|---:|"] + rows + [""]
+
+
+def budget_for(results, wl, ref, factor, reps, ncpu) -> dict | None:
+    """What a proxy may spend per request to reach `factor` × `ref`'s req/s on this machine.
+    Two bounds: its one worker thread has 1 s of CPU per second, and the whole machine has
+    `ncpu` s, shared with the receiver and the load generator (their CPU per request taken
+    from `ref`'s runs; medians over the repetitions)."""
+    rs = [results[(wl, ref, r)] for r in range(reps) if (wl, ref, r) in results]
+    if not rs or "receiver_us_per_req" not in rs[0]:
+        return None
+    rate = factor * med([r["rps"] for r in rs])
+    others = med([r["receiver_us_per_req"] + r["loadgen_us_per_req"] for r in rs])
+    return {"rate": rate, "worker": 1e6 / rate, "machine": ncpu * 1e6 / rate - others,
+            "ref_sys": med([r.get("cpu_sys_us_per_req") for r in rs]),
+            "ref_user": med([r.get("cpu_user_us_per_req") for r in rs])}
+
+
 def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
     lines = []
     verdicts = []
@@ -689,6 +744,8 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
                     f"{fmt(ratio_per_rep(results, name, t, 'direct', 'best_s', reps)[0], 2, '×') if t != 'direct' else '—'} | "
                     f"{errors} |")
         lines.append("")
+        if wl["kind"] == "wrk":
+            lines += cpu_breakdown(results, name, wl_targets, reps)
 
     # trim vs forward, within each repetition
     trim_rows = [results.get(("5m-trim", "payload-guard", r)) for r in range(reps)]
@@ -780,6 +837,38 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
         verdict("payload-guard correctness checks 100%", n or None, f"{ok}/{n}", n > 0 and ok == n)
     errs = sum(r["non2xx"] + r["socket_errors"] for (w, t, _), r in results.items() if t == pg)
     verdict("payload-guard: no error answers under load", errs, f"{errs} errors", errs == 0)
+
+    # What the req/s targets leave a proxy to spend, from this run's own numbers.
+    ncpu = int(meta.get("machine", {}).get("nproc") or os.cpu_count() or 1)
+    budgets = []
+    for wl, ref, factor in (("2k", "nginx", 1.2), ("2k", "haproxy", 1.05),
+                            ("1m", "nginx", 3.0), ("1m", "haproxy", 1.1)):
+        if ref not in have:
+            continue
+        b = budget_for(results, wl, ref, factor, reps, ncpu)
+        if b is None:
+            continue
+        mine = [results[(wl, pg, r)] for r in range(reps) if (wl, pg, r) in results]
+        pg_sys = med([r.get("cpu_sys_us_per_req") for r in mine])
+        pg_all = med([r.get("cpu_us_per_req") for r in mine])
+        budgets.append(
+            f"| {wl} | {factor}× {TARGET_LABEL[ref]} = {fmt(b['rate'])} req/s | "
+            f"{fmt(b['worker'], 1)} | {fmt(b['machine'], 1)} | "
+            f"{fmt(b['ref_user'], 1)} + {fmt(b['ref_sys'], 1)} | {fmt(pg_all, 1)} | {fmt(pg_sys, 1)} |")
+    if budgets:
+        lines.append("### What the req/s targets leave a proxy to spend\n")
+        lines.append("At a rate of R req/s, a proxy with one worker thread has at most 1 s ÷ R of "
+                     f"CPU per request, and all {ncpu} cores together have {ncpu} s ÷ R for the "
+                     "proxy, the receiver and the load generator. With the receiver's and the load "
+                     "generator's CPU per request taken from the reference's own runs, the smaller "
+                     "of the two bounds is what a proxy may spend to reach the target rate. The "
+                     "kernel part (socket reads and writes on loopback) is about the same for every "
+                     "proxy that moves the same bytes.\n")
+        lines.append("| workload | target rate | budget: one worker µs/req | budget: whole machine "
+                     "µs/req | reference: user + kernel µs/req | payload-guard µs/req "
+                     "| payload-guard kernel µs/req |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|")
+        lines += budgets + [""]
     return "\n".join(lines), verdicts
 
 
