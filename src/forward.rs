@@ -186,7 +186,8 @@ impl ConnUpstream {
             }
             lease.dedicated = None;
         }
-        let mut sender = connect(&authority, connect_timeout).await?;
+        // Boxed: connecting happens once per sender connection, its state need not be inline.
+        let mut sender = Box::pin(connect(&authority, connect_timeout)).await?;
         let response = sender.send_request(req).await;
         lease.dedicated = Some(Dedicated { authority, sender });
         response.map_err(UpstreamError::Exchange)

@@ -664,7 +664,11 @@ async fn pipeline(
             hard_limit,
             untrimmable,
         } => stream(&ctx, target, body, hard_limit, untrimmable, exchange).await,
-        Plan::Buffer { encoding } => buffered(&ctx, target, body, encoding, exchange).await,
+        // Boxed: the buffered path's state is large, and most requests stream; inline, it
+        // would make every request's future (allocated and moved per request) as large.
+        Plan::Buffer { encoding } => {
+            Box::pin(buffered(&ctx, target, body, encoding, exchange)).await
+        }
     }
 }
 

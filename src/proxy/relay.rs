@@ -27,7 +27,23 @@ pub(super) async fn relay(
     if status != 413 {
         return Ok(convert_response(response));
     }
-    // The receiver refused the size: read the start of its answer to name who refused.
+    // Boxed: the 413 path (sniff, incident, trimmed retry) is rare and its state is large.
+    Box::pin(refused(ctx, response, size, facts, retry, exchange)).await
+}
+
+/// The receiver answered 413: fingerprint it, learn from it, record the incident, and (with
+/// `retry_on_413`) trim below the learned bound and try once more.
+async fn refused(
+    ctx: &Ctx<'_>,
+    response: Response<Incoming>,
+    size: Option<u64>,
+    facts: &BodyFacts,
+    retry: Option<(RetryState<'_>, Target)>,
+    exchange: &mut Exchange,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let cfg = ctx.cfg;
+    let status = response.status().as_u16();
+    // Read the start of its answer to name who refused.
     let (mut parts, body) = response.into_parts();
     let (prefix, rest) = sniff(body.map_err(BodyError::new).boxed_unsync(), SNIFF_BYTES).await;
     let headers: Vec<(String, String)> = parts
