@@ -12,7 +12,8 @@
 //! - [`limit`]: `Content-Length` pre-check, then a counting body with idle and total timeouts.
 //! - [`buffer`]: bounded buffering under a global budget, only when trimming may be needed.
 //! - [`trim`]: byte-faithful JSON trimming by path rules (and the gzip/deflate wrapper).
-//! - [`forward`]: upstream clients (pooled, TLS, HTTP/2 by ALPN), URI and header rewriting.
+//! - [`forward`]: upstream clients (a connection per HTTP/1 sender connection for plain-HTTP
+//!   receivers; pooled, TLS, HTTP/2 by ALPN otherwise), URI and header rewriting.
 //! - [`verify`]: sender signatures (Synthflow's HMAC of `call.call_id`, whole-body HMACs).
 //! - [`deliver`] and [`spool`]: spool routes keep what the receiver could not take, redeliver it.
 //! - [`observe`]: the access-log line for each exchange.

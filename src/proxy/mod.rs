@@ -64,7 +64,8 @@ pub struct ConnInfo {
     pub upstream: Option<Arc<ConnUpstream>>,
 }
 
-/// One route, ready to serve: its configuration and its pooled upstream client.
+/// One route, ready to serve: its configuration and its pooled upstream client (used for HTTPS
+/// receivers, HTTP/2 senders and redelivery; see [`ConnUpstream`] for the rest).
 pub struct RouteRuntime {
     /// The route's configuration.
     pub config: RouteConfig,
