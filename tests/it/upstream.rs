@@ -118,6 +118,66 @@ async fn receiver_that_resets_mid_response_gets_502() {
     assert_eq!(got.json()["error"], "upstream_failed");
 }
 
+#[tokio::test]
+async fn a_kept_alive_upstream_connection_the_receiver_closed_is_replaced() {
+    // A receiver that answers one request per connection without `Connection: close` and then
+    // closes the connection, as idle timeouts on real receivers do.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            n += 1;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers plus the 2-byte body.
+            while !got
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .is_some_and(|end| got.len() >= end + 4 + 2)
+            {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got.extend_from_slice(&buf[..k]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let _ = stream.shutdown().await;
+            drop(stream);
+            let _ = closed_tx.send(n);
+        }
+    });
+    let proxy = start_proxy(config(&one_route("", ""), addr)).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for round in 1..=3 {
+        sender
+            .ready()
+            .await
+            .expect("the proxy kept the sender's connection");
+        let resp = sender
+            .send_request(
+                Request::post(proxy.url("/hooks/test"))
+                    .body(full("{}"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let got = read(resp).await;
+        assert_eq!(got.status, 200, "round {round}: {:?}", got.body);
+        assert_eq!(got.body, "ok");
+        // The receiver has closed that connection before the next request is sent.
+        assert_eq!(closed.recv().await, Some(round));
+    }
+}
+
 /// A private CA and a certificate for 127.0.0.1 signed by it.
 fn private_ca() -> (
     String,
