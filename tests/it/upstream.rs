@@ -133,11 +133,12 @@ async fn a_kept_alive_upstream_connection_the_receiver_closed_is_replaced() {
             let mut got = Vec::new();
             let mut buf = [0u8; 4096];
             // Headers plus the 2-byte body.
-            while !got
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .is_some_and(|end| got.len() >= end + 4 + 2)
-            {
+            let complete = |got: &[u8]| {
+                got.windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .is_some_and(|end| got.len() >= end + 4 + 2)
+            };
+            while !complete(&got) {
                 match stream.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(k) => got.extend_from_slice(&buf[..k]),
