@@ -124,21 +124,10 @@ async fn receiver_status_and_body_are_relayed() {
 
 /// Sends `n` POSTs one after another over one keep-alive connection to the proxy.
 async fn posts_on_one_connection(proxy: &ProxyHandle, n: usize) -> Vec<Got> {
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = http1_sender(proxy.addr).await;
     let mut got = Vec::new();
     for i in 0..n {
-        sender.ready().await.expect("proxy closed the connection");
-        let req = Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .body(full(format!("{{\"n\":{i}}}")))
-            .unwrap();
-        let resp = sender.send_request(req).await.expect("request failed");
-        got.push(read(resp).await);
+        got.push(post_on(&mut sender, proxy, format!("{{\"n\":{i}}}")).await);
     }
     got
 }

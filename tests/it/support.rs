@@ -406,13 +406,37 @@ impl Got {
 
 /// Sends one request on a new HTTP/1.1 connection and reads the whole response.
 pub async fn send(addr: SocketAddr, req: Request<TestBody>) -> Got {
+    let mut sender = http1_sender(addr).await;
+    let resp = sender.send_request(req).await.expect("request failed");
+    read(resp).await
+}
+
+/// An HTTP/1.1 connection to `addr`, for tests that send several requests over one connection.
+pub async fn http1_sender(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let resp = sender.send_request(req).await.expect("request failed");
-    read(resp).await
+    sender
+}
+
+/// POSTs `body` to `/hooks/test` on `sender`'s connection (waiting until it is ready) and
+/// reads the whole response.
+pub async fn post_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<TestBody>,
+    proxy: &ProxyHandle,
+    body: impl Into<Bytes>,
+) -> Got {
+    sender
+        .ready()
+        .await
+        .expect("the proxy closed the sender's connection");
+    let req = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/json")
+        .body(full(body))
+        .unwrap();
+    read(sender.send_request(req).await.expect("request failed")).await
 }
 
 /// Sends one request over HTTP/2 prior knowledge (h2c).

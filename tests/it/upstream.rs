@@ -82,11 +82,7 @@ async fn receiver_that_resets_mid_response_gets_502() {
     });
     let proxy = start_proxy(config(&one_route("", ""), addr)).await;
     // Headers arrived, so the status is relayed; the body is cut and the client sees an error.
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = http1_sender(proxy.addr).await;
     let resp = sender
         .send_request(
             Request::post(proxy.url("/hooks/test"))
@@ -153,25 +149,9 @@ async fn a_kept_alive_upstream_connection_the_receiver_closed_is_replaced() {
         }
     });
     let proxy = start_proxy(config(&one_route("", ""), addr)).await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = http1_sender(proxy.addr).await;
     for round in 1..=3 {
-        sender
-            .ready()
-            .await
-            .expect("the proxy kept the sender's connection");
-        let resp = sender
-            .send_request(
-                Request::post(proxy.url("/hooks/test"))
-                    .body(full("{}"))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        let got = read(resp).await;
+        let got = post_on(&mut sender, &proxy, "{}").await;
         assert_eq!(got.status, 200, "round {round}: {:?}", got.body);
         assert_eq!(got.body, "ok");
         // The receiver has closed that connection before the next request is sent.
