@@ -4,6 +4,7 @@
 //! receiver, and turns upstream failures into [`ProxyError`]s.
 
 use std::error::Error as StdError;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -285,29 +286,34 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header names, and any
 /// `Proxy-*` header.
+///
+/// One pass over the names finds what is there; only those are removed (each removal hashes
+/// the name, and most requests carry one hop-by-hop header, `Connection`, or none).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
-        let proxy: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("proxy-"))
-            .cloned()
-            .collect();
-        for name in proxy {
-            headers.remove(name);
+    let mut present: Vec<HeaderName> = Vec::new();
+    let mut connection = false;
+    for name in headers.keys() {
+        if *name == header::CONNECTION {
+            connection = true;
+            present.push(name.clone());
+        } else if HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-") {
+            present.push(name.clone());
         }
+    }
+    if connection {
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',') {
+                if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes())
+                    && headers.contains_key(&name)
+                {
+                    present.push(name);
+                }
+            }
+        }
+    }
+    for name in present {
+        headers.remove(name);
     }
 }
 
@@ -329,33 +335,48 @@ pub struct ForwardedFor<'a> {
 /// Rewrites the request headers for the receiver: hop-by-hop removed, `X-Forwarded-*` and
 /// `X-Request-Id` set, `Host` replaced by the upstream authority unless `preserve_host`.
 pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) {
+    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     strip_hop_by_hop(headers);
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let peer = fwd.peer.to_string();
-    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {peer}"),
-        _ => peer,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(xff, v);
-    }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(fwd.proto),
-    );
-    if let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
-    }
-    if let Ok(id) = HeaderValue::from_str(fwd.request_id) {
-        headers.insert(HeaderName::from_static("x-request-id"), id);
-    }
-    if !fwd.preserve_host {
-        // The client sets Host from the upstream URI when it is absent.
-        headers.remove(header::HOST);
-    } else if !headers.contains_key(header::HOST)
-        && let Some(host) = fwd.host.and_then(|h| HeaderValue::from_str(h).ok())
+    let mut value = String::with_capacity(64);
+    if let Some(prior) = headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
+        && !prior.trim().is_empty()
     {
-        headers.insert(header::HOST, host);
+        value.push_str(prior);
+        value.push_str(", ");
+    }
+    // `write!` to a String cannot fail.
+    let _ = write!(value, "{}", fwd.peer);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    // The sender's `Host` value itself when it has one (no copy); else the authority it used.
+    let sender_host = if fwd.preserve_host {
+        headers.get(header::HOST).cloned()
+    } else {
+        // The client sets Host from the upstream URI when it is absent.
+        headers.remove(header::HOST)
+    };
+    let forwarded_host =
+        sender_host.or_else(|| fwd.host.and_then(|h| HeaderValue::from_str(h).ok()));
+    if fwd.preserve_host
+        && !headers.contains_key(header::HOST)
+        && let Some(host) = &forwarded_host
+    {
+        headers.insert(header::HOST, host.clone());
+    }
+    if let Some(host) = forwarded_host {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    if headers
+        .get(X_REQUEST_ID)
+        .is_none_or(|v| v.as_bytes() != fwd.request_id.as_bytes())
+        && let Ok(id) = HeaderValue::from_str(fwd.request_id)
+    {
+        headers.insert(X_REQUEST_ID, id);
     }
 }
 
@@ -468,6 +489,40 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["content-type", "http_synthflow_signature"]);
+    }
+
+    #[test]
+    fn preserved_host_comes_from_the_authority_when_the_sender_sent_none() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        h.insert("connection", HeaderValue::from_static("close, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        let fwd = ForwardedFor {
+            peer: "::1".parse().unwrap(),
+            proto: "https",
+            host: Some("guard.example:8443"),
+            request_id: "abc",
+            preserve_host: true,
+        };
+        prepare_request_headers(&mut h, &fwd);
+        assert_eq!(h["host"], "guard.example:8443");
+        assert_eq!(h["x-forwarded-host"], "guard.example:8443");
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-request-id"], "abc");
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+                "x-request-id"
+            ]
+        );
     }
 
     #[test]
