@@ -314,16 +314,11 @@ pub(super) async fn send_buffered(
     retry: Option<RetryState<'_>>,
     exchange: &mut Exchange,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let mut target_headers = target.headers.clone();
-    target_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len() as u64));
-    target_headers.remove(header::TRANSFER_ENCODING);
-    let sending = Target {
-        method: target.method.clone(),
-        uri: target.uri.clone(),
-        headers: target_headers,
-    };
     let sent = body.len() as u64;
-    let response = match send(ctx, &sending, full_body(body), stats).await {
+    let sending = target.clone().with_content_length(sent);
+    // The trimmed retry after a 413 resends to the same target.
+    let retry = retry.map(|r| (r, sending.clone()));
+    let response = match send(ctx, sending, full_body(body), stats).await {
         Ok(response) => response,
         Err(SendError::Body(failure)) => {
             return Err(limit::failure_to_error(failure, ctx.cfg.max_body_bytes));
@@ -331,6 +326,5 @@ pub(super) async fn send_buffered(
         Err(SendError::Proxy(err) | SendError::Upstream(err)) => return Err(err),
     };
     let facts = facts.cloned().unwrap_or_default();
-    let retry = retry.map(|r| (r, sending));
     relay(ctx, response, Some(sent), true, &facts, retry, exchange).await
 }

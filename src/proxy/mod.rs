@@ -681,6 +681,17 @@ struct Target {
     headers: HeaderMap,
 }
 
+impl Target {
+    /// The same request with a body of exactly `len` bytes: `Content-Length` set, no
+    /// `Transfer-Encoding` (some receivers silently truncate chunked bodies over their limit).
+    fn with_content_length(mut self, len: u64) -> Target {
+        self.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        self.headers.remove(header::TRANSFER_ENCODING);
+        self
+    }
+}
+
 /// Why sending upstream failed.
 enum SendError {
     /// The request body failed (size, timeouts, sender).
@@ -693,14 +704,14 @@ enum SendError {
 
 async fn send(
     ctx: &Ctx<'_>,
-    target: &Target,
+    target: Target,
     body: UpstreamBody,
     stats: &BodyStats,
 ) -> Result<Response<Incoming>, SendError> {
     let mut req = Request::new(body);
-    *req.method_mut() = target.method.clone();
-    *req.uri_mut() = target.uri.clone();
-    *req.headers_mut() = target.headers.clone();
+    *req.method_mut() = target.method;
+    *req.uri_mut() = target.uri;
+    *req.headers_mut() = target.headers;
     *req.version_mut() = Version::HTTP_11;
     let started = tokio::time::Instant::now();
     let sent = async {
@@ -780,7 +791,7 @@ async fn stream(
     let stats = Arc::new(BodyStats::default());
     exchange.body = Some(stats.clone());
     let limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone());
-    let response = match send(ctx, &target, limited.boxed_unsync(), &stats).await {
+    let response = match send(ctx, target, limited.boxed_unsync(), &stats).await {
         Ok(response) => response,
         Err(SendError::Body(failure)) => {
             return Err(body_error(

@@ -78,25 +78,15 @@ async fn refused(
     {
         match payload::shrink(state.wire, state.doc, state.encoding, tc, bound) {
             Ok(shrunk) if shrunk.fits && shrunk.changed() => {
-                let mut headers = target.headers.clone();
-                mark_trimmed(ctx, &mut headers, &shrunk);
-                let again = Target {
-                    method: target.method.clone(),
-                    uri: target.uri.clone(),
-                    headers,
-                };
+                let mut again = target;
+                mark_trimmed(ctx, &mut again.headers, &shrunk);
                 let len = shrunk.body.len() as u64;
                 let trimmed = removed(&shrunk);
                 tracing::info!(route = %cfg.name, bound, bytes = len, "retrying the refused payload trimmed below the learned limit");
                 let stats = BodyStats::default();
                 stats.record_complete(len);
-                let mut again_headers = again.headers;
-                again_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                let again = Target {
-                    headers: again_headers,
-                    ..again
-                };
-                match send(ctx, &again, full_body(Bytes::from(shrunk.body)), &stats).await {
+                let again = again.with_content_length(len);
+                match send(ctx, again, full_body(Bytes::from(shrunk.body)), &stats).await {
                     Ok(second) => {
                         let second_status = second.status().as_u16();
                         inc.retry = Some(Retry {

@@ -80,15 +80,8 @@ pub(super) async fn staged(
     let (path, offset, len) = staging
         .body_file()
         .map_err(|err| refused(err, stats.bytes()))?;
-    let mut headers = target.headers.clone();
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    headers.remove(header::TRANSFER_ENCODING);
-    let sending = Target {
-        headers,
-        ..target.clone()
-    };
     let result = match file_body(&path, offset, len).await {
-        Ok(body) => match send(ctx, &sending, body, &stats).await {
+        Ok(body) => match send(ctx, target.clone().with_content_length(len), body, &stats).await {
             Ok(response) => {
                 relay(
                     ctx,
