@@ -54,17 +54,8 @@ pub struct SpoolState {
 impl SpoolState {
     /// Opens (and recovers) the spool directory as its owner.
     pub fn open(settings: &SpoolSettings) -> Result<SpoolState, SpoolError> {
-        let (spool, report) = Spool::open(spool_config(settings))?;
-        tracing::info!(
-            dir = %settings.dir.display(),
-            ready = report.ready,
-            dead = report.dead,
-            archive = report.archive,
-            tmp_removed = report.tmp_removed,
-            claims_recovered = report.claims_recovered,
-            quarantined = report.quarantined.len(),
-            "spool opened"
-        );
+        // Recovery logs what it found ("spool opened").
+        let (spool, _report) = Spool::open(spool_config(settings))?;
         Ok(SpoolState {
             spool,
             policy: policy(settings),
