@@ -308,13 +308,8 @@ fn check_small_straight(
     seen: Option<Received>,
     small: &Bytes,
 ) {
-    let Some(reply) = reply_or_fail(step, sent) else {
+    if expect_status(step, sent, StatusCode::OK, "200 from the receiver").is_none() {
         return;
-    };
-    step.outcome = status_text(reply.status);
-    if reply.status != StatusCode::OK {
-        step.problems
-            .push(unexpected_status("200 from the receiver", &reply));
     }
     match seen.and_then(|s| s.body) {
         Some(body) if body == *small => {}
@@ -354,13 +349,8 @@ fn check_small_through(
     seen: Option<Received>,
     small: &Bytes,
 ) {
-    let Some(reply) = reply_or_fail(step, sent) else {
+    if expect_status(step, sent, StatusCode::OK, "200 relayed from the receiver").is_none() {
         return;
-    };
-    step.outcome = status_text(reply.status);
-    if reply.status != StatusCode::OK {
-        step.problems
-            .push(unexpected_status("200 relayed from the receiver", &reply));
     }
     let Some(seen) = seen else {
         step.problems
@@ -396,13 +386,8 @@ fn check_large_through(
     seen: Option<Received>,
     large: &Bytes,
 ) {
-    let Some(reply) = reply_or_fail(step, sent) else {
+    if expect_status(step, sent, StatusCode::OK, "200 relayed from the receiver").is_none() {
         return;
-    };
-    step.outcome = status_text(reply.status);
-    if reply.status != StatusCode::OK {
-        step.problems
-            .push(unexpected_status("200 relayed from the receiver", &reply));
     }
     let Some(seen) = seen else {
         step.problems
@@ -483,6 +468,22 @@ async fn check_incident(step: &mut Step, path: &Path, request_id: Option<&str>) 
             "the incident's action is {action:?}, not \"trimmed\""
         ));
     }
+}
+
+/// The reply, with the step's outcome set to its status and a problem noted when that is not
+/// `expected` (`what` names it); `None` when there is no reply.
+fn expect_status(
+    step: &mut Step,
+    sent: Result<Reply, String>,
+    expected: StatusCode,
+    what: &str,
+) -> Option<Reply> {
+    let reply = reply_or_fail(step, sent)?;
+    step.outcome = status_text(reply.status);
+    if reply.status != expected {
+        step.problems.push(unexpected_status(what, &reply));
+    }
+    Some(reply)
 }
 
 /// The reply, or the step fails with the reason there is none.

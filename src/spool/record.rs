@@ -117,6 +117,11 @@ pub(crate) struct RecordWriter {
     body_crc: crc32fast::Hasher,
 }
 
+/// The error for a writer that an earlier write error already closed.
+fn failed_writer(op: &'static str, path: &Path) -> SpoolError {
+    SpoolError::io(op, path, io::Error::other("writer already failed"))
+}
+
 impl RecordWriter {
     /// Creates `tmp_path` (exclusive, 0600) with a zeroed header.
     pub(crate) fn create(tmp_path: PathBuf) -> Result<RecordWriter, SpoolError> {
@@ -143,13 +148,10 @@ impl RecordWriter {
     }
 
     fn write_raw(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
-        let out = self.out.as_mut().ok_or_else(|| {
-            SpoolError::io(
-                "write",
-                &self.tmp_path,
-                io::Error::other("writer already failed"),
-            )
-        })?;
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| failed_writer("write", &self.tmp_path))?;
         if let Err(e) = out.write_all(bytes) {
             // A failed write leaves the buffer in an unknown state: no more writes.
             self.out = None;
@@ -160,13 +162,10 @@ impl RecordWriter {
 
     /// Pushes buffered bytes to the file (so the body can be read back while staging).
     pub(crate) fn flush(&mut self) -> Result<(), SpoolError> {
-        let out = self.out.as_mut().ok_or_else(|| {
-            SpoolError::io(
-                "flush",
-                &self.tmp_path,
-                io::Error::other("writer already failed"),
-            )
-        })?;
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| failed_writer("flush", &self.tmp_path))?;
         out.flush()
             .map_err(|e| SpoolError::io("flush", &self.tmp_path, e))
     }
@@ -224,13 +223,10 @@ impl RecordWriter {
                 )
             })?;
         self.write_raw(meta_json)?;
-        let out = self.out.take().ok_or_else(|| {
-            SpoolError::io(
-                "write",
-                &self.tmp_path,
-                io::Error::other("writer already failed"),
-            )
-        })?;
+        let out = self
+            .out
+            .take()
+            .ok_or_else(|| failed_writer("write", &self.tmp_path))?;
         let file = out
             .into_inner()
             .map_err(|e| SpoolError::io("write", &self.tmp_path, e.into_error()))?;

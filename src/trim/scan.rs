@@ -265,7 +265,9 @@ impl Parser<'_> {
         Ok(())
     }
 
-    fn object(&mut self, depth: usize, idx: u32) -> Result<(), TrimError> {
+    /// Steps over the opening bracket of a container at `depth`; `true` when the container is
+    /// empty (its `close` bracket consumed too).
+    fn open(&mut self, depth: usize, close: u8) -> Result<bool, TrimError> {
         if depth > MAX_DEPTH {
             return Err(TrimError::TooDeep {
                 offset: self.pos,
@@ -274,8 +276,15 @@ impl Parser<'_> {
         }
         self.pos += 1;
         self.skip_ws();
-        if self.peek() == Some(b'}') {
+        if self.peek() == Some(close) {
             self.pos += 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn object(&mut self, depth: usize, idx: u32) -> Result<(), TrimError> {
+        if self.open(depth, b'}')? {
             return Ok(());
         }
         loop {
@@ -308,16 +317,7 @@ impl Parser<'_> {
     }
 
     fn array(&mut self, depth: usize, idx: u32) -> Result<(), TrimError> {
-        if depth > MAX_DEPTH {
-            return Err(TrimError::TooDeep {
-                offset: self.pos,
-                max_depth: MAX_DEPTH,
-            });
-        }
-        self.pos += 1;
-        self.skip_ws();
-        if self.peek() == Some(b']') {
-            self.pos += 1;
+        if self.open(depth, b']')? {
             return Ok(());
         }
         let mut index = 0u32;
