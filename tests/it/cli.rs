@@ -6,6 +6,11 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_payload-guard"))
 }
 
+/// Runs the binary with `args` followed by `paths` (config, input files) and waits for it.
+fn run(args: &[&str], paths: &[&std::path::Path]) -> std::process::Output {
+    bin().args(args).args(paths).output().unwrap()
+}
+
 #[test]
 fn check_accepts_the_shipped_config() {
     let out = bin()
@@ -38,11 +43,7 @@ fn check_reports_every_error_with_file_line_and_key() {
         "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:1/\"\nmax_body = \"1KiB\"\nupstream_limit = \"2KiB\"\n[[routes]]\nname = \"a\"\npath_prefix = \"/b\"\nupstream = \"nope\"\n",
     )
     .unwrap();
-    let out = bin()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = run(&["check", "--config"], &[&path]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let file = path.display().to_string();
@@ -107,12 +108,10 @@ fn trim_writes_the_forwarded_bytes_and_a_report() {
     let payload = payload_guard::trim::testdata::synthflow_payload(500_000, 8);
     let file = dir.path().join("payload.json");
     std::fs::write(&file, &payload).unwrap();
-    let out = bin()
-        .args(["trim", "--route", "synthflow", "--config"])
-        .arg(&config)
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = run(
+        &["trim", "--route", "synthflow", "--config"],
+        &[&config, &file],
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -153,35 +152,26 @@ fn trim_exit_codes_for_unfit_and_bad_input() {
     doc.push_str("\"}");
     let file = dir.path().join("unfit.json");
     std::fs::write(&file, &doc).unwrap();
-    let out = bin()
-        .args(["trim", "--route", "synthflow", "--config"])
-        .arg(&config)
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = run(
+        &["trim", "--route", "synthflow", "--config"],
+        &[&config, &file],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(!out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fits: no"));
     // Invalid JSON and unknown routes -> exit 2 with a message.
     std::fs::write(&file, "{\"call\": ").unwrap();
-    let out = bin()
-        .args(["trim", "--route", "synthflow", "--config"])
-        .arg(&config)
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = run(
+        &["trim", "--route", "synthflow", "--config"],
+        &[&config, &file],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("invalid JSON"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = bin()
-        .args(["trim", "--route", "nope", "--config"])
-        .arg(&config)
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = run(&["trim", "--route", "nope", "--config"], &[&config, &file]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no route named \"nope\""));
 }
@@ -201,11 +191,7 @@ fn diagnose_explains_a_known_log() {
         ),
     )
     .unwrap();
-    let out = bin()
-        .args(["diagnose", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = run(&["diagnose", "--config"], &[&config]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
@@ -219,24 +205,19 @@ fn diagnose_explains_a_known_log() {
     }
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 6: skipped"));
 
-    let out = bin()
-        .args([
+    let out = run(
+        &[
             "diagnose", "--format", "json", "--route", "retell", "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
+        ],
+        &[&config],
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["routes"].as_array().unwrap().len(), 1);
     assert_eq!(report["routes"][0]["by_kind"]["upstream_413"], 4);
 
     // A missing log is a clear message and exit 0.
     std::fs::write(&config, "[incidents]\npath = \"none.jsonl\"\n[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:1/\"\n").unwrap();
-    let out = bin()
-        .args(["diagnose", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = run(&["diagnose", "--config"], &[&config]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("no size incidents recorded yet"));
 }

@@ -139,19 +139,23 @@ async fn gzip_bodies_are_decoded_trimmed_and_reencoded() {
         receiver.addr,
     ))
     .await;
+    let gzip = |bytes: &[u8], level| {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), level);
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    };
+    let post_gzip = |wire: Vec<u8>| {
+        send(
+            proxy.addr,
+            Request::post(proxy.url("/hooks/test"))
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(full(wire))
+                .unwrap(),
+        )
+    };
     let original = synthflow_payload(3 * MIB, 9);
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    enc.write_all(&original).unwrap();
-    let wire = enc.finish().unwrap();
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .header("content-encoding", "gzip")
-            .body(full(wire))
-            .unwrap(),
-    )
-    .await;
+    let got = post_gzip(gzip(&original, flate2::Compression::default())).await;
     assert_eq!(got.status, 200);
     let seen = receiver.next().await;
     assert_eq!(seen.headers["content-encoding"], "gzip");
@@ -167,18 +171,8 @@ async fn gzip_bodies_are_decoded_trimmed_and_reencoded() {
     assert_eq!(after["call"]["call_id"], before["call"]["call_id"]);
 
     // A decompression bomb: 413, nothing forwarded.
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    enc.write_all(&vec![b' '; 40 * MIB]).unwrap();
-    let bomb = enc.finish().unwrap();
-    let got = send(
-        proxy.addr,
-        Request::post(proxy.url("/hooks/test"))
-            .header("content-type", "application/json")
-            .header("content-encoding", "gzip")
-            .body(full(bomb))
-            .unwrap(),
-    )
-    .await;
+    let bomb = gzip(&vec![b' '; 40 * MIB], flate2::Compression::best());
+    let got = post_gzip(bomb).await;
     assert_eq!(got.status, 413);
     assert_eq!(got.json()["error"], "decompression_bomb");
     assert!(receiver.try_next().is_none());
