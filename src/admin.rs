@@ -57,7 +57,7 @@ pub async fn serve_admin(
         let admin = admin.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(handle(&admin, req)) }
+            async move { Ok::<_, Infallible>(handle(&admin, req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -93,7 +93,7 @@ fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
     token.matches(given.as_bytes())
 }
 
-fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if !authorized(admin, &req) {
         let mut response = json(
             StatusCode::UNAUTHORIZED,
@@ -108,12 +108,10 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
-            let spool_ok = admin
-                .proxy
-                .shared()
-                .spool
-                .as_ref()
-                .is_none_or(|s| s.spool.writable());
+            let spool_ok = match admin.proxy.shared().spool.as_ref() {
+                Some(s) => s.spool.probe().await,
+                None => true,
+            };
             if admin.ready.load(Ordering::Acquire) && spool_ok {
                 json(StatusCode::OK, serde_json::json!({"status": "ready"}))
             } else {
@@ -141,7 +139,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         (&Method::GET, path) if path.starts_with("/originals/") => {
-            original(admin, &path["/originals/".len()..])
+            original(admin, &path["/originals/".len()..]).await
         }
         (_, "/healthz" | "/readyz" | "/metrics" | "/reload") => json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -155,7 +153,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// `GET /originals/<id>`: the exact untrimmed bytes of an archived original.
-fn original(admin: &Admin, id: &str) -> Response<Full<Bytes>> {
+async fn original(admin: &Admin, id: &str) -> Response<Full<Bytes>> {
     let Some(state) = admin.proxy.shared().spool.as_ref() else {
         return json(
             StatusCode::NOT_FOUND,
@@ -168,7 +166,7 @@ fn original(admin: &Admin, id: &str) -> Response<Full<Bytes>> {
             serde_json::json!({"error": "bad_id", "message": "not a spool record id"}),
         );
     };
-    match state.spool.read(crate::spool::State::Archive, &id) {
+    match state.spool.read(crate::spool::State::Archive, &id).await {
         Ok((meta, body)) => {
             let content_type = meta
                 .headers

@@ -3,7 +3,6 @@
 //! payloads to the spool durably before the sender is acknowledged; and redelivers spooled
 //! payloads with backoff ([`redeliver_due`]), the same way `payload-guard replay` does.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +16,9 @@ use crate::forward;
 use crate::incident::{self, LimitLearner};
 use crate::limit::BodyError;
 use crate::proxy::Runtime;
-use crate::spool::{Claim, Meta, RecordId, RetryPolicy, Spool, SpoolConfig, SpoolError, State};
+use crate::spool::{
+    ClaimedRecord, Meta, RecordId, RetryPolicy, SpoolConfig, SpoolError, State, Store,
+};
 use crate::trim::payload::{self, Encoding};
 
 /// What a receiver's status means for a spooled or spool-route payload.
@@ -43,8 +44,8 @@ pub fn disposition(status: u16) -> Disposition {
 /// The spool and how it is drained, shared by the proxy's routes.
 #[derive(Clone)]
 pub struct SpoolState {
-    /// The spool directory.
-    pub spool: Spool,
+    /// The spool (a directory, or PostgreSQL shared by replicas).
+    pub spool: Store,
     /// Backoff and give-up policy.
     pub policy: RetryPolicy,
     /// The `[spool]` settings.
@@ -52,10 +53,9 @@ pub struct SpoolState {
 }
 
 impl SpoolState {
-    /// Opens (and recovers) the spool directory as its owner.
+    /// Opens the spool as its owner (a spool directory is locked and recovered).
     pub fn open(settings: &SpoolSettings) -> Result<SpoolState, SpoolError> {
-        // Recovery logs what it found ("spool opened").
-        let (spool, _report) = Spool::open(spool_config(settings))?;
+        let spool = crate::spool::store::open(settings, true)?;
         Ok(SpoolState {
             spool,
             policy: policy(settings),
@@ -82,23 +82,14 @@ pub fn policy(settings: &SpoolSettings) -> RetryPolicy {
     }
 }
 
-/// Commits a record durably (on a blocking thread: it writes and fsyncs).
+/// Commits a record durably; returns once it is (fsynced, or its transaction committed).
 pub async fn commit(
-    spool: &Spool,
+    spool: &Store,
     state: State,
     meta: Meta,
     body: Bytes,
 ) -> Result<RecordId, SpoolError> {
-    let spool = spool.clone();
-    tokio::task::spawn_blocking(move || spool.commit(state, &meta, &body))
-        .await
-        .unwrap_or_else(|join| {
-            Err(SpoolError::Io {
-                op: "commit",
-                path: std::path::PathBuf::new(),
-                source: std::io::Error::other(join.to_string()),
-            })
-        })
+    spool.commit(state, &meta, body).await
 }
 
 /// Headers stored with a record: the request as forwarded, minus its framing.
@@ -271,39 +262,28 @@ pub struct RoundReport {
     pub buried: usize,
 }
 
-/// Redelivers every ready record due at `now`: per route in order of arrival (a route stops at
-/// its first failure, so later payloads never overtake an earlier one), routes in parallel up
-/// to `redeliver_concurrency`. A record is deleted only after a 2xx.
+/// Redelivers every ready record due at `now`: per route in order of arrival (each step
+/// claims the route's oldest record; a route stops at its first failure, so later payloads
+/// never overtake an earlier one), routes in parallel up to `redeliver_concurrency`. A record
+/// is deleted only after a 2xx.
 pub async fn redeliver_due(
     runtime: Arc<Runtime>,
     learner: Arc<LimitLearner>,
     state: &SpoolState,
     now: SystemTime,
 ) -> RoundReport {
-    let spool = state.spool.clone();
-    let entries = match tokio::task::spawn_blocking(move || spool.list(State::Ready, None)).await {
-        Ok(Ok(entries)) => entries,
-        Ok(Err(err)) => {
+    let routes = match state.spool.ready_routes().await {
+        Ok(routes) => routes,
+        Err(err) => {
             tracing::error!(error = %err, "cannot list the spool");
             return RoundReport::default();
         }
-        Err(_) => return RoundReport::default(),
     };
-    let mut by_route: BTreeMap<String, Vec<RecordId>> = BTreeMap::new();
-    for entry in entries {
-        if entry.claimed || entry.meta.next_attempt_at.is_some_and(|at| at > now) {
-            continue;
-        }
-        by_route
-            .entry(entry.meta.route.clone())
-            .or_default()
-            .push(entry.id);
-    }
     let limit = Arc::new(tokio::sync::Semaphore::new(
         state.settings.redeliver_concurrency,
     ));
     let mut tasks = tokio::task::JoinSet::new();
-    for (route, ids) in by_route {
+    for route in routes {
         let (runtime, learner, state, limit) = (
             runtime.clone(),
             learner.clone(),
@@ -313,8 +293,8 @@ pub async fn redeliver_due(
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
             let mut report = RoundReport::default();
-            for id in ids {
-                match redeliver_one(&runtime, &learner, &state, &id, now).await {
+            loop {
+                match redeliver_next(&runtime, &learner, &state, &route, now).await {
                     Some(Disposition::Delivered) => report.delivered += 1,
                     Some(Disposition::Final(_)) => report.buried += 1,
                     Some(Disposition::Retry(_)) => {
@@ -322,7 +302,7 @@ pub async fn redeliver_due(
                         tracing::debug!(route = %route, "redelivery paused for this route until its oldest payload goes through");
                         break;
                     }
-                    None => {}
+                    None => break,
                 }
             }
             report
@@ -339,31 +319,27 @@ pub async fn redeliver_due(
     total
 }
 
-/// Claims and delivers one record; `None` if someone else holds it or it is unreadable.
-async fn redeliver_one(
+/// Claims and delivers the oldest due record of `route`; `None` when there is none (or it is
+/// held by another attempt, or unreadable).
+async fn redeliver_next(
     runtime: &Runtime,
     learner: &LimitLearner,
     state: &SpoolState,
-    id: &RecordId,
+    route: &str,
     now: SystemTime,
 ) -> Option<Disposition> {
-    let spool = state.spool.clone();
-    let claim_id = id.clone();
-    let claimed = tokio::task::spawn_blocking(move || {
-        let mut claim = spool.claim(&claim_id)?;
-        let body = match claim.as_mut() {
-            Some(c) => Some(c.body()?),
-            None => None,
-        };
-        Ok::<_, SpoolError>(claim.zip(body))
-    })
-    .await
-    .ok()?;
-    let (claim, body) = match claimed {
-        Ok(Some(pair)) => pair,
+    let mut claim = match state.spool.claim_next(route, now).await {
+        Ok(Some(claim)) => claim,
         Ok(None) => return None,
         Err(err) => {
-            tracing::error!(id = %id, error = %err, "cannot claim spooled payload");
+            tracing::error!(route = %route, error = %err, "cannot claim a spooled payload");
+            return None;
+        }
+    };
+    let body = match claim.body().await {
+        Ok(body) => body,
+        Err(err) => {
+            tracing::error!(id = %claim.id(), error = %err, "cannot read a spooled payload");
             return None;
         }
     };
@@ -380,7 +356,7 @@ async fn redeliver_one(
 
 /// Applies an attempt's outcome to its claim: delete, back to ready, or dead.
 pub async fn settle(
-    claim: Claim,
+    claim: Box<dyn ClaimedRecord>,
     disposition: &Disposition,
     result: &Attempt,
     policy: &RetryPolicy,
@@ -390,37 +366,34 @@ pub async fn settle(
     let id = claim.id().clone();
     let route = claim.meta().route.clone();
     let next = policy.next_attempt_at(claim.meta(), now, seed);
-    let (disposition, result) = (disposition.clone(), result.clone());
-    let outcome = tokio::task::spawn_blocking(move || match disposition {
-        Disposition::Delivered => claim.complete().map(|()| "delivered"),
+    let outcome = match disposition {
+        Disposition::Delivered => claim.complete().await.map(|()| "delivered"),
         Disposition::Retry(err) => match next {
-            Some(at) => claim.release(&err, at).map(|()| "retry later"),
+            Some(at) => claim.release(err, at).await.map(|()| "retry later"),
             None => claim
                 .bury(
                     result.status,
                     &result.snippet,
                     &format!("gave up after retry_for: {err}"),
                 )
+                .await
                 .map(|()| "dead (retry_for exceeded)"),
         },
         Disposition::Final(status) => claim
             .bury(
-                Some(status),
+                Some(*status),
                 &result.snippet,
                 &format!("receiver refused it: {status}"),
             )
+            .await
             .map(|()| "dead (final answer)"),
-    })
-    .await;
+    };
     match outcome {
-        Ok(Ok(what)) => {
+        Ok(what) => {
             tracing::info!(route = %route, id = %id, status = ?result.status, error = ?result.error, outcome = what, "redelivery attempt")
         }
-        Ok(Err(err)) => {
-            tracing::error!(route = %route, id = %id, error = %err, "cannot update spooled payload")
-        }
         Err(err) => {
-            tracing::error!(route = %route, id = %id, error = %err, "redelivery task failed")
+            tracing::error!(route = %route, id = %id, error = %err, "cannot update spooled payload")
         }
     }
 }
@@ -449,11 +422,13 @@ pub fn spawn_redelivery(proxy: crate::proxy::Proxy, state: SpoolState) {
                     "redelivery round"
                 );
             }
+            state.spool.refresh().await;
             if last_purge.elapsed() >= Duration::from_secs(3600) {
                 last_purge = tokio::time::Instant::now();
-                let spool = state.spool.clone();
-                let keep = state.settings.archive_for;
-                let _ = tokio::task::spawn_blocking(move || spool.purge_archive(keep)).await;
+                let _ = state
+                    .spool
+                    .purge(State::Archive, state.settings.archive_for)
+                    .await;
             }
         }
     });

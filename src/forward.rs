@@ -36,7 +36,7 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Root certificates: the Mozilla set (webpki-roots) plus the system's, loaded once.
-fn base_roots() -> &'static RootCertStore {
+pub(crate) fn base_roots() -> &'static RootCertStore {
     static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
     ROOTS.get_or_init(|| {
         let mut roots = RootCertStore::empty();

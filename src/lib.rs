@@ -15,7 +15,8 @@
 //! - [`forward`]: upstream clients (a connection per HTTP/1 sender connection for plain-HTTP
 //!   receivers; pooled, TLS, HTTP/2 by ALPN otherwise), URI and header rewriting.
 //! - [`verify`]: sender signatures (Synthflow's HMAC of `call.call_id`, whole-body HMACs).
-//! - [`deliver`] and [`spool`]: spool routes keep what the receiver could not take, redeliver it.
+//! - [`deliver`] and [`spool`]: spool routes keep what the receiver could not take, redeliver it
+//!   (on disk, or in PostgreSQL shared by replicas through [`db`]).
 //! - [`observe`]: the access-log line for each exchange.
 //! - [`incident`]: the 413 incident log, fingerprints of who rejected, learned limits, diagnosis.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
@@ -30,6 +31,7 @@ pub mod admin;
 pub mod buffer;
 pub mod cli;
 pub mod config;
+pub mod db;
 pub mod deliver;
 pub mod error;
 pub mod forward;

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::incident::diagnose::{self, RouteInfo};
 
 use super::{EXIT_ERROR, EXIT_OK, EXIT_USAGE, OutputFormat, emit};
@@ -24,14 +24,26 @@ pub(super) fn diagnose(
         }
     };
     let since = since.map(|d| SystemTime::now() - d);
-    let path = &config.incidents.path;
-    let read = match diagnose::read_log(path, since, route) {
-        Ok(read) => read,
-        Err(err) => {
-            eprintln!("payload-guard diagnose: {err}");
-            return EXIT_ERROR;
+    let (read, source) = match &config.incidents.backend {
+        StoreBackend::Disk => {
+            let path = &config.incidents.path;
+            match diagnose::read_log(path, since, route) {
+                Ok(read) => (read, path.clone()),
+                Err(err) => {
+                    eprintln!("payload-guard diagnose: {err}");
+                    return EXIT_ERROR;
+                }
+            }
         }
+        StoreBackend::Postgres { url_env } => match read_table(url_env) {
+            Ok((lines, source)) => (diagnose::read_lines(&lines, since, route), source),
+            Err(err) => {
+                eprintln!("payload-guard diagnose: {err}");
+                return EXIT_ERROR;
+            }
+        },
     };
+    let path = &source;
     for warning in &read.warnings {
         eprintln!("warning: {}: {warning}", path.display());
     }
@@ -66,4 +78,17 @@ pub(super) fn diagnose(
         },
     }
     EXIT_OK
+}
+
+/// Every replica's incident lines from the shared table, and how to name it in messages.
+fn read_table(url_env: &str) -> Result<(Vec<String>, std::path::PathBuf), crate::db::DbError> {
+    let db = crate::db::Database::from_env(url_env, 1)?;
+    let source =
+        std::path::PathBuf::from(format!("{} (table payload_guard_incidents)", db.display()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| db.unavailable(&format!("cannot start the async runtime: {e}")))?;
+    let lines = runtime.block_on(crate::incident::table::read_lines(&db))?;
+    Ok((lines, source))
 }

@@ -10,10 +10,10 @@ use std::time::SystemTime;
 use http::Uri;
 
 use crate::config::Config;
-use crate::deliver::{self, Disposition, spool_config};
+use crate::deliver::{self, Disposition};
 use crate::incident;
 use crate::proxy::Runtime;
-use crate::spool::{RecordId, Spool, State};
+use crate::spool::{RecordId, State};
 
 use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
 
@@ -51,10 +51,20 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let spool = match Spool::attach(spool_config(&config.spool)) {
+    let spool = match crate::spool::store::open(&config.spool, false) {
         Ok(spool) => spool,
         Err(err) => {
             eprintln!("payload-guard replay: {err}");
+            return EXIT_ERROR;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("payload-guard replay: cannot start the async runtime: {err}");
             return EXIT_ERROR;
         }
     };
@@ -66,7 +76,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
                 return EXIT_USAGE;
             }
         },
-        None => match spool.list(sel.state, sel.route) {
+        None => match runtime.block_on(spool.list(sel.state, sel.route)) {
             Ok(entries) => entries.into_iter().map(|e| e.id).collect(),
             Err(err) => {
                 eprintln!("payload-guard replay: {err}");
@@ -84,7 +94,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
     }
     if sel.dry_run {
         for id in &ids {
-            if let Ok(Some(entry)) = spool.find(id) {
+            if let Ok(Some(entry)) = runtime.block_on(spool.find(id)) {
                 emit(&format!(
                     "would send {id} ({}, {} bytes, {} attempts) to {}\n",
                     entry.meta.route,
@@ -97,16 +107,6 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
         }
         return EXIT_OK;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("payload-guard replay: cannot start the async runtime: {err}");
-            return EXIT_ERROR;
-        }
-    };
     let learner = Arc::new(incident::learn::rebuild_from_log(&config.incidents.path));
     let policy = deliver::policy(&config.spool);
     let proxy_runtime = match Runtime::new(config) {
@@ -120,16 +120,14 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
     let (mut delivered, mut failed) = (0usize, 0usize);
     runtime.block_on(async {
         for (i, id) in ids.iter().enumerate() {
-            if sel.state == State::Dead && !spool.revive(id).unwrap_or(false) {
+            if sel.state == State::Dead && !spool.revive(id).await.unwrap_or(false) {
                 // Not in dead/ (maybe it is ready): claim it where it is.
             }
-            let claimed = spool.claim(id).and_then(|claim| match claim {
-                Some(mut claim) => {
-                    let body = claim.body()?;
-                    Ok(Some((claim, body)))
-                }
-                None => Ok(None),
-            });
+            let claimed = match spool.claim(id).await {
+                Ok(Some(mut claim)) => claim.body().await.map(|body| Some((claim, body))),
+                Ok(None) => Ok(None),
+                Err(err) => Err(err),
+            };
             let (claim, body) = match claimed {
                 Ok(Some(pair)) => pair,
                 Ok(None) => {

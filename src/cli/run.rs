@@ -87,6 +87,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     spawn_reload_on_sighup(proxy.clone(), config_path);
     if let Some(state) = proxy.shared().spool.clone() {
+        if let Err(err) = state.spool.prepare().await {
+            // Not fatal: spool routes answer 503 and /readyz says so until it is reachable.
+            tracing::error!(spool = %state.spool.location(), error = %err, "spool not ready yet; retrying on every use");
+        }
         crate::deliver::spawn_redelivery(proxy.clone(), state);
     }
     ready.store(true, Ordering::Release);

@@ -1,40 +1,57 @@
 //! `payload-guard spool list|show|purge`: look at and tidy the spool, also while the proxy
-//! runs (the CLI attaches without taking the owner's lock; records move only by atomic rename).
+//! runs (the CLI attaches without taking the owner's lock; disk records move only by atomic
+//! rename, database rows only in transactions), on either backend.
 
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
-use crate::deliver::spool_config;
-use crate::spool::{self, RecordId, Spool, State};
+use crate::spool::{self, RecordId, State, Store};
 
 use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
 
-fn attach(config: &Path) -> Result<(Config, Spool), u8> {
+/// Loads the config and attaches to its spool (without the owner's lock or recovery).
+pub(super) fn attach(config: &Path, command: &str) -> Result<(Config, Store), u8> {
     let config = Config::load(config).map_err(|err| {
         eprintln!("{err}");
         EXIT_USAGE
     })?;
-    let spool = Spool::attach(spool_config(&config.spool)).map_err(|err| {
-        eprintln!("payload-guard spool: {err}");
+    let spool = spool::store::open(&config.spool, false).map_err(|err| {
+        eprintln!("payload-guard {command}: {err}");
         EXIT_ERROR
     })?;
     Ok((config, spool))
 }
 
+/// Runs one spool call to completion on a current-thread runtime.
+pub(super) fn block_on<T>(future: impl Future<Output = T>) -> Result<T, u8> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Ok(rt.block_on(future)),
+        Err(err) => {
+            eprintln!("payload-guard: cannot start the async runtime: {err}");
+            Err(EXIT_ERROR)
+        }
+    }
+}
+
 /// `spool list`: an aligned table of the records in `state`.
 pub(super) fn list(config: &Path, route: Option<&str>, state: State) -> u8 {
-    let (_, spool) = match attach(config) {
+    let (_, spool) = match attach(config, "spool list") {
         Ok(v) => v,
         Err(code) => return code,
     };
-    match spool.list(state, route) {
+    let listed = match block_on(spool.list(state, route)) {
+        Ok(listed) => listed,
+        Err(code) => return code,
+    };
+    match listed {
         Ok(entries) if entries.is_empty() => {
-            emit(&format!(
-                "no {state} records in {}\n",
-                spool.dir().display()
-            ));
+            emit(&format!("no {state} records in {}\n", spool.location()));
             EXIT_OK
         }
         Ok(entries) => {
@@ -50,7 +67,7 @@ pub(super) fn list(config: &Path, route: Option<&str>, state: State) -> u8 {
 
 /// `spool show ID [--body]`: a record's metadata, or its exact body bytes.
 pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
-    let (_, spool) = match attach(config) {
+    let (_, spool) = match attach(config, "spool show") {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -61,12 +78,16 @@ pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let entry = match spool.find(&id) {
+    let found = match block_on(spool.find(&id)) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    let entry = match found {
         Ok(Some(entry)) => entry,
         Ok(None) => {
             eprintln!(
                 "payload-guard spool show: no record {id} in {}",
-                spool.dir().display()
+                spool.location()
             );
             return EXIT_PROBLEMS;
         }
@@ -79,8 +100,12 @@ pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
         emit(&spool::render_show(&entry));
         return EXIT_OK;
     }
-    let mut out = std::io::stdout().lock();
-    match spool.copy_body(entry.state, &id, &mut out) {
+    let mut out = std::io::stdout();
+    let copied = match block_on(spool.copy_body(entry.state, &id, &mut out)) {
+        Ok(copied) => copied,
+        Err(code) => return code,
+    };
+    match copied {
         Ok(_) => {
             let _ = out.flush();
             EXIT_OK
@@ -94,11 +119,15 @@ pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
 
 /// `spool purge --state S --older-than D`: removes records received before now - D.
 pub(super) fn purge(config: &Path, state: State, older_than: Duration) -> u8 {
-    let (_, spool) = match attach(config) {
+    let (_, spool) = match attach(config, "spool purge") {
         Ok(v) => v,
         Err(code) => return code,
     };
-    match spool.purge(state, older_than) {
+    let purged = match block_on(spool.purge(state, older_than)) {
+        Ok(purged) => purged,
+        Err(code) => return code,
+    };
+    match purged {
         Ok(n) => {
             emit(&format!(
                 "removed {n} {state} record{} older than {}\n",

@@ -70,6 +70,23 @@ pub struct SpoolSettings {
     pub archive_for: Duration,
     /// Whether any route uses the spool (else it is not opened).
     pub used: bool,
+    /// Where records are kept: the directory (`"disk"`) or PostgreSQL shared by replicas.
+    pub backend: StoreBackend,
+    /// How long a redelivery attempt holds a record in PostgreSQL before another replica may
+    /// take it over (the attempt's lease).
+    pub lease_for: Duration,
+}
+
+/// `backend = "disk" | "postgres"` of `[spool]` and `[incidents]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// Files on this machine (the spool directory, the incident JSONL file).
+    Disk,
+    /// PostgreSQL, its URL in this environment variable.
+    Postgres {
+        /// The environment variable holding the database URL.
+        url_env: String,
+    },
 }
 
 /// `[server]`: listeners, timeouts and connection limits.
@@ -132,6 +149,9 @@ pub struct VerifyConfig {
 pub struct IncidentsConfig {
     /// The JSONL file (relative paths are resolved against the config file's folder).
     pub path: PathBuf,
+    /// `backend = "postgres"`: incidents also go to the shared table, and `diagnose` reads
+    /// them from there (every replica's).
+    pub backend: StoreBackend,
 }
 
 /// One `[[routes]]` entry with `[defaults]` applied.

@@ -46,6 +46,9 @@ pub struct RawSpool {
     pub redeliver_concurrency: Option<Spanned<i64>>,
     pub redeliver_interval: Option<Spanned<Dur>>,
     pub archive_for: Option<Spanned<Dur>>,
+    pub backend: Option<Spanned<String>>,
+    pub postgres_url_env: Option<Spanned<String>>,
+    pub lease_for: Option<Spanned<Dur>>,
 }
 
 /// What the sender gets when its payload was spooled.
@@ -109,6 +112,8 @@ pub struct RawResign {
 #[serde(deny_unknown_fields)]
 pub struct RawIncidents {
     pub path: Option<Spanned<PathBuf>>,
+    pub backend: Option<Spanned<String>>,
+    pub postgres_url_env: Option<Spanned<String>>,
 }
 
 /// What to do with a payload over the receiver's limit.

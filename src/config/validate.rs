@@ -18,7 +18,7 @@ use super::units::Dur;
 use super::{
     Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure, RouteConfig,
-    ServerConfig, SpoolSettings, TlsConfig, TrimConfig, VerifyConfig,
+    ServerConfig, SpoolSettings, StoreBackend, TlsConfig, TrimConfig, VerifyConfig,
 };
 use crate::trim::{ActionSpec, DEFAULT_PROTECT, Keep, RuleOrigin, RuleSet, RuleSpec};
 use crate::verify::{Scheme, Secret, Verifier};
@@ -105,6 +105,15 @@ pub(super) fn validate(text: &str, path: &Path, env: &Env<'_>) -> Result<Config,
             .and_then(|i| i.path.as_ref())
             .map(|p| resolve(&base_dir, p.get_ref()))
             .unwrap_or_else(|| base_dir.join("incidents.jsonl")),
+        backend: raw.incidents.as_ref().map_or(StoreBackend::Disk, |i| {
+            validate_backend(
+                &mut rep,
+                "incidents",
+                "file",
+                i.backend.as_ref(),
+                i.postgres_url_env.as_ref(),
+            )
+        }),
     };
 
     let defaults = raw.defaults.as_ref().map(|d| {
@@ -517,6 +526,84 @@ fn validate_spool(
             Duration::from_secs(30 * 24 * 3600),
         ),
         used: false,
+        backend: validate_backend(
+            rep,
+            "spool",
+            "disk",
+            s.backend.as_ref(),
+            s.postgres_url_env.as_ref(),
+        ),
+        lease_for: dur(
+            rep,
+            &s.lease_for,
+            "spool.lease_for",
+            Duration::from_secs(120),
+        ),
+    }
+}
+
+/// `backend` and `postgres_url_env` of `[spool]` (local value `"disk"`) or `[incidents]`
+/// (`"file"`). The URL itself is only ever read from the environment: it holds a password.
+fn validate_backend(
+    rep: &mut Reporter<'_>,
+    section: &str,
+    local: &str,
+    backend: Option<&Spanned<String>>,
+    url_env: Option<&Spanned<String>>,
+) -> StoreBackend {
+    let postgres = match backend {
+        None => false,
+        Some(b) if b.get_ref() == local => false,
+        Some(b) if b.get_ref() == "postgres" => true,
+        Some(b) => {
+            rep.at(
+                Some(b.span()),
+                format!("{section}.backend"),
+                format!(
+                    "unknown backend {:?}: use \"{local}\" or \"postgres\"",
+                    b.get_ref()
+                ),
+            );
+            false
+        }
+    };
+    let env_name = url_env.map_or(crate::db::DEFAULT_URL_ENV, |e| e.get_ref().as_str());
+    if !postgres {
+        if let Some(e) = url_env {
+            rep.at(
+                Some(e.span()),
+                format!("{section}.postgres_url_env"),
+                "only used with backend = \"postgres\": set the backend or remove this key",
+            );
+        }
+        return StoreBackend::Disk;
+    }
+    let span = url_env.map(Spanned::span).or(backend.map(Spanned::span));
+    let key = format!("{section}.postgres_url_env");
+    if env_name.is_empty()
+        || !env_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        rep.at(
+            span,
+            key,
+            format!("{env_name:?} is not an environment variable name"),
+        );
+    } else {
+        match (rep.env)(env_name) {
+            Some(url) if !url.is_empty() => {}
+            _ => rep.at(
+                span,
+                key,
+                format!(
+                    "environment variable {env_name} is not set: export the database URL in it, e.g. postgres://payload_guard@db.internal/payload_guard (the URL holds a password, so it never goes in the TOML file)"
+                ),
+            ),
+        }
+    }
+    StoreBackend::Postgres {
+        url_env: env_name.to_owned(),
     }
 }
 

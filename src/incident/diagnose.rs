@@ -98,6 +98,52 @@ pub struct LogRead {
 }
 
 impl LogRead {
+    /// Reads one line of the log (`number` counts from 1): blank lines are skipped, corrupt
+    /// ones are skipped with a warning, incidents passing the filters are kept.
+    pub fn add_line(
+        &mut self,
+        number: usize,
+        line: &[u8],
+        since: Option<SystemTime>,
+        route: Option<&str>,
+    ) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        self.lines += 1;
+        let incident: Incident = match serde_json::from_slice(line) {
+            Ok(incident) => incident,
+            Err(e) if e.is_data() => {
+                self.warnings.push(format!(
+                    "line {number}: skipped, not an incident record ({e})"
+                ));
+                return;
+            }
+            Err(e) => {
+                self.warnings
+                    .push(format!("line {number}: skipped, not valid JSON ({e})"));
+                return;
+            }
+        };
+        if route.is_some_and(|r| r != incident.route) {
+            return;
+        }
+        if let Some(since) = since {
+            match humantime::parse_rfc3339_weak(&incident.ts) {
+                Ok(ts) if ts < since => return,
+                Ok(_) => {}
+                Err(e) => {
+                    self.warnings.push(format!(
+                        "line {number}: skipped, ts {:?} is not an RFC 3339 time ({e})",
+                        incident.ts
+                    ));
+                    return;
+                }
+            }
+        }
+        self.incidents.push(incident);
+    }
+
     /// The message to print instead of a report when there is nothing to diagnose, if so:
     /// a missing or empty log is not an error.
     pub fn nothing_to_diagnose(&self, path: &Path) -> Option<String> {
@@ -121,6 +167,16 @@ impl LogRead {
             None
         }
     }
+}
+
+/// Reads incident lines that came from the shared table (oldest first), with the same
+/// filters and warnings as [`read_log`]; `missing` is never set.
+pub fn read_lines(lines: &[String], since: Option<SystemTime>, route: Option<&str>) -> LogRead {
+    let mut read = LogRead::default();
+    for (index, line) in lines.iter().enumerate() {
+        read.add_line(index + 1, line.as_bytes(), since, route);
+    }
+    read
 }
 
 /// Reads the incident log at `path`, keeping incidents at or after `since` and of `route`.
@@ -152,41 +208,7 @@ pub fn read_log(
             line: number,
             source,
         })?;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        read.lines += 1;
-        let incident: Incident = match serde_json::from_slice(&line) {
-            Ok(incident) => incident,
-            Err(e) if e.is_data() => {
-                read.warnings.push(format!(
-                    "line {number}: skipped, not an incident record ({e})"
-                ));
-                continue;
-            }
-            Err(e) => {
-                read.warnings
-                    .push(format!("line {number}: skipped, not valid JSON ({e})"));
-                continue;
-            }
-        };
-        if route.is_some_and(|r| r != incident.route) {
-            continue;
-        }
-        if let Some(since) = since {
-            match humantime::parse_rfc3339_weak(&incident.ts) {
-                Ok(ts) if ts < since => continue,
-                Ok(_) => {}
-                Err(e) => {
-                    read.warnings.push(format!(
-                        "line {number}: skipped, ts {:?} is not an RFC 3339 time ({e})",
-                        incident.ts
-                    ));
-                    continue;
-                }
-            }
-        }
-        read.incidents.push(incident);
+        read.add_line(number, &line, since, route);
     }
     Ok(read)
 }

@@ -7,6 +7,8 @@
 //! - [`fingerprint`](mod@fingerprint): names the component that answered a receiver's 413 (pure).
 //! - [`learn`]: per route, the bracket of body sizes the receiver accepted and rejected, and the
 //!   effective limit derived from it.
+//! - [`table`]: with `[incidents] backend = "postgres"`, the same lines in a table every
+//!   replica writes to.
 //! - [`diagnose`]: reads the log back and builds the per-route report behind
 //!   `payload-guard diagnose` (pure, apart from reading the file).
 //!
@@ -54,6 +56,7 @@
 pub mod diagnose;
 pub mod fingerprint;
 pub mod learn;
+pub mod table;
 pub mod writer;
 
 use std::net::IpAddr;

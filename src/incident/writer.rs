@@ -37,6 +37,8 @@ pub struct IncidentLog {
     /// `None` for a disabled log (no `[incidents] path`, or tests).
     tx: Option<mpsc::Sender<Message>>,
     counters: Arc<Counters>,
+    /// The shared table (`[incidents] backend = "postgres"`), fed after the file.
+    table: Option<super::table::IncidentTable>,
 }
 
 impl IncidentLog {
@@ -53,7 +55,14 @@ impl IncidentLog {
         IncidentLog {
             tx: Some(tx),
             counters,
+            table: None,
         }
+    }
+
+    /// Also writes every incident to the shared incident `table`.
+    pub fn with_table(mut self, table: super::table::IncidentTable) -> IncidentLog {
+        self.table = Some(table);
+        self
     }
 
     /// A log that writes no file: incidents only go to tracing, and nothing is counted.
@@ -61,6 +70,7 @@ impl IncidentLog {
         IncidentLog {
             tx: None,
             counters: Arc::new(Counters::default()),
+            table: None,
         }
     }
 
@@ -81,6 +91,9 @@ impl IncidentLog {
             rejector = incident.rejector.map(|r| r.as_str()),
             "size incident"
         );
+        if let Some(table) = &self.table {
+            table.insert(incident.to_line().trim_end());
+        }
         let Some(tx) = &self.tx else { return };
         if let Err(e) = tx.try_send(Message::Write(Box::new(incident))) {
             let (reason, incident) = match e {

@@ -148,6 +148,12 @@ impl Shared {
             None
         };
         let path = config.incidents.path.clone();
+        let mut incidents = IncidentLog::start(path.clone(), INCIDENT_QUEUE);
+        if let crate::config::StoreBackend::Postgres { url_env } = &config.incidents.backend {
+            let db = crate::db::Database::from_env(url_env, 2)
+                .map_err(|e| ProxyError::Internal(format!("[incidents] backend: {e}")))?;
+            incidents = incidents.with_table(incident::table::IncidentTable::start(db));
+        }
         let metrics = Metrics::new();
         for route in &config.routes {
             metrics.init_route(&route.name);
@@ -155,7 +161,7 @@ impl Shared {
         Ok(Shared {
             budget: BufferBudget::new(config.server.buffer_budget_bytes),
             learner: Arc::new(incident::learn::rebuild_from_log(&path)),
-            incidents: IncidentLog::start(path, INCIDENT_QUEUE),
+            incidents,
             metrics,
             open_connections: Arc::new(AtomicU64::new(0)),
             spool,

@@ -25,16 +25,12 @@ pub(super) async fn staged(
         ctx.record(inc);
         ProxyError::SpoolUnavailable(err.to_string())
     };
-    let spool = state.spool.clone();
-    let received_at = ctx.received_at;
-    let staging = tokio::task::spawn_blocking(move || spool.stage(received_at)).await;
-    let mut staging = match staging {
-        Ok(Ok(staging)) => staging,
-        Ok(Err(err)) => {
+    let mut staging = match state.spool.stage(ctx.received_at).await {
+        Ok(staging) => staging,
+        Err(err) => {
             limit::linger(body);
             return Err(refused(err, 0));
         }
-        Err(join) => return Err(ProxyError::Internal(join.to_string())),
     };
     let stats = Arc::new(BodyStats::default());
     exchange.body = Some(stats.clone());
@@ -344,10 +340,10 @@ async fn read_answer(
     }
 }
 
-/// A body kept until the receiver has taken it: in memory, or staged in `spool/tmp/`.
+/// A body kept until the receiver has taken it: in memory, or staged in a local file.
 pub(super) enum Kept {
     Memory(Bytes),
-    Staged(crate::spool::Staging),
+    Staged(Box<dyn crate::spool::StagedBody>),
 }
 
 impl Kept {
@@ -365,7 +361,7 @@ impl Kept {
         }
     }
 
-    /// Makes the body a durable record (on a blocking thread: it writes and fsyncs).
+    /// Makes the body a durable record.
     async fn commit(
         self,
         state: &SpoolState,
@@ -374,15 +370,7 @@ impl Kept {
     ) -> Result<crate::spool::RecordId, crate::spool::SpoolError> {
         match self {
             Kept::Memory(bytes) => deliver::commit(&state.spool, to, meta, bytes).await,
-            Kept::Staged(staging) => tokio::task::spawn_blocking(move || staging.commit(to, &meta))
-                .await
-                .unwrap_or_else(|join| {
-                    Err(crate::spool::SpoolError::Io {
-                        op: "commit",
-                        path: std::path::PathBuf::new(),
-                        source: std::io::Error::other(join.to_string()),
-                    })
-                }),
+            Kept::Staged(staging) => staging.commit(to, &meta).await,
         }
     }
 }

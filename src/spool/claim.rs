@@ -64,6 +64,27 @@ impl Claim {
         Ok(body)
     }
 
+    /// Reads the body on a blocking thread (for async callers), checking its checksum; a
+    /// corrupt record is quarantined, as with [`Claim::body`].
+    pub async fn read_body(&mut self) -> Result<Vec<u8>, SpoolError> {
+        let path = self.path();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut body = Vec::new();
+            RecordFile::open(&path)
+                .and_then(|mut f| f.copy_body(&mut body))
+                .map(|_| body)
+        })
+        .await
+        .unwrap_or_else(|join| {
+            Err(SpoolError::io(
+                "read",
+                self.path(),
+                std::io::Error::other(join.to_string()),
+            ))
+        });
+        read.map_err(|e| self.quarantine_if_corrupt(e))
+    }
+
     /// Streams the body to `out`, checking its checksum at the end (see [`Spool::copy_body`]).
     /// A corrupt record is quarantined, as with [`Claim::body`].
     pub fn copy_body(&mut self, out: &mut dyn Write) -> Result<u64, SpoolError> {

@@ -59,6 +59,10 @@ pub enum SpoolError {
     /// No record with this id in the asked-for state.
     #[error("no spool record {0}: check the id with `payload-guard spool list`")]
     NotFound(RecordId),
+    /// The spool database could not be reached or refused the operation: nothing was
+    /// stored or changed.
+    #[error("spool database unavailable: {0}")]
+    Database(#[from] crate::db::DbError),
     /// A record id from user input is not of the form the spool writes.
     #[error("invalid spool record id {0:?}: ids look like 1718000000000-0001-0123456789abcdef")]
     InvalidId(String),

@@ -41,11 +41,13 @@ mod durable;
 mod error;
 mod id;
 mod meta;
+pub mod pg;
 mod record;
 mod recover;
 mod render;
 mod space;
 mod staging;
+pub mod store;
 #[cfg(test)]
 mod tests;
 
@@ -69,6 +71,7 @@ pub use self::record::FORMAT_VERSION;
 pub use self::recover::{Quarantined, RecoveryReport};
 pub use self::render::{human_age, human_bytes, render_list, render_show};
 pub use self::staging::Staging;
+pub use self::store::{ClaimedRecord, DiskStore, SpoolStore, StagedBody, Store};
 
 use self::meta::truncate_utf8;
 use self::record::{RecordFile, RecordWriter};
@@ -480,6 +483,55 @@ impl Spool {
                 Err(e)
             }
         }
+    }
+
+    /// Claims the oldest ready record of `route` if it is due at `now`; `None` when the route
+    /// has none, its oldest is not due yet, or an attempt holds one of its records (a later
+    /// record never overtakes an earlier one). Reads the metadata of ready records in arrival
+    /// order until it meets the route's oldest.
+    pub fn claim_next(&self, route: &str, now: SystemTime) -> Result<Option<Claim>, SpoolError> {
+        for id in list_ids_in(&self.sub_dir(INFLIGHT))? {
+            if let Ok(Some(entry)) = self.entry_at(State::Ready, true, &id)
+                && entry.meta.route == route
+            {
+                return Ok(None);
+            }
+        }
+        for id in self.list_ids(State::Ready)? {
+            match self.entry_at(State::Ready, false, &id) {
+                Ok(Some(entry)) if entry.meta.route == route => {
+                    if entry.meta.next_attempt_at.is_some_and(|at| at > now) {
+                        return Ok(None);
+                    }
+                    return self.claim(&id);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Claiming quarantines a record whose metadata fails its checksum.
+                    tracing::warn!(id = %id, error = %e, "skipping unreadable spool record");
+                    if let Ok(Some(claim)) = self.claim(&id) {
+                        drop(claim);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The routes with ready (or claimed) records, sorted.
+    pub fn ready_routes(&self) -> Result<Vec<String>, SpoolError> {
+        let mut routes = std::collections::BTreeSet::new();
+        for (claimed, dir) in [
+            (false, self.state_dir(State::Ready)),
+            (true, self.sub_dir(INFLIGHT)),
+        ] {
+            for id in list_ids_in(&dir)? {
+                if let Ok(Some(entry)) = self.entry_at(State::Ready, claimed, &id) {
+                    routes.insert(entry.meta.route);
+                }
+            }
+        }
+        Ok(routes.into_iter().collect())
     }
 
     /// Moves a claimed record that failed its checksum to `quarantine/`.

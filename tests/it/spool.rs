@@ -63,7 +63,7 @@ async fn round(proxy: &ProxyHandle, now: SystemTime) -> RoundReport {
 }
 
 /// The running proxy's spool records in `state`.
-fn listed(
+async fn listed(
     proxy: &ProxyHandle,
     state: payload_guard::spool::State,
 ) -> Vec<payload_guard::spool::Entry> {
@@ -75,6 +75,7 @@ fn listed(
         .expect("the route spools")
         .spool
         .list(state, None)
+        .await
         .unwrap()
 }
 
@@ -150,7 +151,7 @@ async fn a_500_then_200_is_delivered_on_retry_with_backoff() {
     let now = SystemTime::now();
     assert_eq!(round(&proxy, now).await.retried, 1); // 500 again
     receiver.next().await;
-    let entries = listed(&proxy, payload_guard::spool::State::Ready);
+    let entries = listed(&proxy, payload_guard::spool::State::Ready).await;
     let next = entries[0].meta.next_attempt_at.unwrap();
     let wait = next.duration_since(now).unwrap();
     assert!(
@@ -178,7 +179,7 @@ async fn a_final_400_is_passed_through_and_kept_as_a_dead_letter() {
     assert_eq!(got.status, 400);
     assert_eq!(got.json()["received"], 12, "the receiver's own body");
     receiver.next().await;
-    let dead = listed(&proxy, payload_guard::spool::State::Dead);
+    let dead = listed(&proxy, payload_guard::spool::State::Dead).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].meta.status, Some(400));
     assert!(
@@ -207,7 +208,7 @@ async fn a_413_after_the_trim_retry_is_spooled() {
     let original_len = original.len() as u64;
     let got = send(proxy.addr, post_json(&proxy, original)).await;
     assert_eq!(got.status, 202, "{:?}", got.body);
-    let ready = listed(&proxy, payload_guard::spool::State::Ready);
+    let ready = listed(&proxy, payload_guard::spool::State::Ready).await;
     assert_eq!(ready.len(), 1);
     assert!(ready[0].meta.last_error.as_deref().unwrap().contains("413"));
     assert_eq!(
@@ -455,6 +456,7 @@ async fn large_bodies_are_staged_on_disk_not_in_memory() {
         .unwrap()
         .spool
         .read(payload_guard::spool::State::Ready, &id)
+        .await
         .unwrap();
     assert_eq!(stored, body);
 
@@ -494,7 +496,7 @@ async fn a_receiver_that_breaks_off_mid_answer_gets_the_payload_spooled() {
     let proxy = start_proxy(Config::load(&path).unwrap()).await;
     let got = send(proxy.addr, post_json(&proxy, b"{\"a\":1}".to_vec())).await;
     assert_eq!(got.status, 202, "{:?}", got.body);
-    let ready = listed(&proxy, payload_guard::spool::State::Ready);
+    let ready = listed(&proxy, payload_guard::spool::State::Ready).await;
     assert_eq!(ready.len(), 1);
     assert!(
         ready[0]

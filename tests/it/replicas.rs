@@ -1,0 +1,521 @@
+//! Scale-out with the PostgreSQL spool, as a user runs it: several replicas of the built
+//! binary share one database. A replica killed while redelivering loses only its leases (the
+//! others deliver its records); a database restart under load acknowledges nothing that was
+//! not committed, loses nothing, and delivery resumes by itself.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::pg;
+use crate::support::*;
+
+const ROUTES: [&str; 3] = ["a", "b", "c"];
+
+/// A replica: the built binary with the database URL in its environment.
+struct Replica {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Replica {
+    /// Starts the binary with `config` and waits for its "listening" lines.
+    fn start(config: &Path, url: &str) -> Replica {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+            .arg("--config")
+            .arg(config)
+            .env("PAYLOAD_GUARD_DATABASE_URL", url)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            let line = lines.next().expect("replica exited").unwrap();
+            let listen = line.find("listen=").map(|pos| {
+                let rest = &line[pos + 7..];
+                rest[..rest.find(' ').unwrap_or(rest.len())]
+                    .parse::<SocketAddr>()
+                    .unwrap()
+            });
+            if line.contains("admin listening") {
+                admin = listen;
+            } else if line.contains("payload-guard listening") {
+                addr = listen;
+            }
+            log.lock().unwrap().push(line);
+        }
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Replica {
+            child,
+            addr: addr.unwrap(),
+            admin: admin.unwrap(),
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(dir: &Path, name: &str, receiver: SocketAddr, plain: Option<SocketAddr>) -> PathBuf {
+    let mut routes = String::new();
+    for route in ROUTES {
+        routes.push_str(&format!(
+            r#"
+[[routes]]
+name = "{route}"
+path_prefix = "/hooks/{route}"
+upstream = "http://{receiver}/webhook/{route}"
+spool = true
+response_timeout = "5s"
+"#
+        ));
+    }
+    if let Some(plain) = plain {
+        routes.push_str(&format!(
+            r#"
+[[routes]]
+name = "plain"
+path_prefix = "/plain"
+upstream = "http://{plain}/webhook"
+"#
+        ));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[incidents]
+path = "{name}-incidents.jsonl"
+[spool]
+backend = "postgres"
+dir = "{name}-spool"
+retry_initial = "100ms"
+retry_max = "200ms"
+redeliver_interval = "50ms"
+lease_for = "2s"
+{routes}"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// What the receiver saw: `(route, origin replica, seq)` in arrival order.
+type Seen = Arc<Mutex<Vec<(String, usize, usize)>>>;
+
+/// A receiver that answers 200 after `delay` while `slow` is set (so a replica can be killed
+/// while it holds a lease), at once otherwise.
+async fn receiver(addr: SocketAddr, slow: Arc<AtomicBool>) -> (Seen, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (log, slow) = (log.clone(), slow.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (log, slow) = (log.clone(), slow.clone());
+                    async move {
+                        let route = req.uri().path().rsplit('/').next().unwrap_or("").to_owned();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        if let Ok(body) = body
+                            && let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&body)
+                        {
+                            let replica = doc["replica"].as_u64().unwrap_or(99) as usize;
+                            let seq = doc["seq"].as_u64().unwrap_or(0) as usize;
+                            if slow.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(150)).await;
+                            }
+                            log.lock().unwrap().push((route, replica, seq));
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (seen, task)
+}
+
+fn payload(route: &str, replica: usize, seq: usize) -> Vec<u8> {
+    serde_json::json!({
+        "route": route,
+        "replica": replica,
+        "seq": seq,
+        "filler": "x".repeat(1500),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn post(addr: SocketAddr, route: &str, body: Vec<u8>) -> Got {
+    send(
+        addr,
+        Request::post(format!("http://{addr}/hooks/{route}/event"))
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap(),
+    )
+    .await
+}
+
+async fn wait_for<F: FnMut() -> bool>(what: &str, limit: Duration, mut done: F) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_share_one_spool_and_survive_a_sigkill() {
+    let Some(server) = pg::shared() else {
+        return;
+    };
+    let url = server.database("replicas");
+    let dir = tempfile::tempdir().unwrap();
+    let receiver_addr = free_addr();
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        let path = config(dir.path(), &format!("r{i}"), receiver_addr, None);
+        let url = url.clone();
+        replicas.push(
+            tokio::task::spawn_blocking(move || Replica::start(&path, &url))
+                .await
+                .unwrap(),
+        );
+    }
+
+    // The receiver is down: 300 payloads across replicas and routes, all acknowledged.
+    let mut posts = tokio::task::JoinSet::new();
+    for (r, replica) in replicas.iter().enumerate() {
+        let addr = replica.addr;
+        posts.spawn(async move {
+            for seq in 0..100 {
+                let route = ROUTES[seq % ROUTES.len()];
+                let got = post(addr, route, payload(route, r, seq)).await;
+                assert_eq!(got.status, 202, "replica {r} seq {seq}: {:?}", got.body);
+            }
+        });
+    }
+    while let Some(done) = posts.join_next().await {
+        done.unwrap();
+    }
+    let db = pg::client(&url).await;
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM payload_guard_spool WHERE state = 'ready'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored, 300,
+        "every acknowledged payload has a committed row"
+    );
+
+    // The receiver comes back, slow: kill replica 0 while it holds a lease.
+    let slow = Arc::new(AtomicBool::new(true));
+    let (seen, _receiver) = receiver(receiver_addr, slow.clone()).await;
+    let victim = format!("{}/{}", host(), replicas[0].pid());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let held: i64 = db
+            .query_one(
+                "SELECT count(*) FROM payload_guard_spool WHERE claimed_by = $1 AND lease_until > now()",
+                &[&victim],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if held > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica 0 never took a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    replicas[0].child.kill().unwrap(); // SIGKILL
+    replicas[0].child.wait().unwrap();
+    // What the killed replica held when it died (its leases can only expire now).
+    let leased: HashSet<(usize, usize)> = db
+        .query(
+            "SELECT c.data FROM payload_guard_spool s
+             JOIN payload_guard_spool_chunks c ON c.record_id = s.id
+             WHERE s.claimed_by = $1",
+            &[&victim],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let doc: serde_json::Value = serde_json::from_slice(row.get::<_, &[u8]>(0)).unwrap();
+            (
+                doc["replica"].as_u64().unwrap() as usize,
+                doc["seq"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
+    slow.store(false, Ordering::SeqCst);
+
+    wait_for(
+        "all 300 payloads delivered",
+        Duration::from_secs(90),
+        || {
+            let seen = seen.lock().unwrap();
+            seen.iter()
+                .map(|(_, r, s)| (*r, *s))
+                .collect::<HashSet<_>>()
+                .len()
+                == 300
+        },
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM payload_guard_spool", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} rows left after delivery"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let seen = seen.lock().unwrap().clone();
+    let mut times: HashMap<(usize, usize), usize> = HashMap::new();
+    for (_, r, s) in &seen {
+        *times.entry((*r, *s)).or_default() += 1;
+    }
+    let duplicates: Vec<(usize, usize)> = times
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| *k)
+        .collect();
+    eprintln!(
+        "replicas: 300 delivered, {} duplicate(s) {duplicates:?}, the killed replica held {} lease(s)",
+        duplicates.len(),
+        leased.len()
+    );
+    for dup in &duplicates {
+        assert!(
+            leased.contains(dup),
+            "{dup:?} was delivered twice but the killed replica did not hold it"
+        );
+    }
+    // Arrival order per route for each replica's own records (first deliveries).
+    let mut firsts: BTreeMap<(String, usize), Vec<usize>> = BTreeMap::new();
+    let mut counted = HashSet::new();
+    for (route, r, s) in &seen {
+        if counted.insert((*r, *s)) {
+            firsts.entry((route.clone(), *r)).or_default().push(*s);
+        }
+    }
+    for ((route, r), seqs) in &firsts {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "route {route}, replica {r}: delivered out of order: {seqs:?}"
+        );
+    }
+    for replica in &replicas {
+        assert!(!replica.log_text().contains(pg::SECRET_PASSWORD));
+    }
+}
+
+/// Waits until the replica logged `n` spooled payloads.
+async fn wait_for_posts(replica: &Replica, n: usize) {
+    wait_for(
+        "payloads spooled before the restart",
+        Duration::from_secs(30),
+        || {
+            replica
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("payload spooled for redelivery"))
+                .count()
+                >= n
+        },
+    )
+    .await;
+}
+
+async fn readyz(admin: SocketAddr) -> u16 {
+    let got = send(
+        admin,
+        Request::get(format!("http://{admin}/readyz"))
+            .body(full(Vec::new()))
+            .unwrap(),
+    )
+    .await;
+    got.status.as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_restart_under_load_acknowledges_only_committed_rows() {
+    let Some(server) = pg::PgServer::start() else {
+        return;
+    };
+    let url = server.database("restart");
+    let dir = tempfile::tempdir().unwrap();
+    let receiver_addr = free_addr();
+    let plain = Receiver::start(Behavior::Ok).await;
+    let path = config(dir.path(), "r0", receiver_addr, Some(plain.addr));
+    let replica = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || Replica::start(&path, &url))
+            .await
+            .unwrap()
+    };
+    assert_eq!(readyz(replica.admin).await, 200);
+
+    // Load: posts one after another while the database stops and starts again.
+    let addr = replica.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = stop.clone();
+    let load = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        let mut seq = 0;
+        while !running.load(Ordering::SeqCst) || seq < 60 {
+            let got = post(addr, "a", payload("a", 0, seq)).await;
+            outcomes.push((seq, got));
+            seq += 1;
+        }
+        outcomes
+    });
+    // Stop the database once some payloads went through before it.
+    wait_for_posts(&replica, 10).await;
+    tokio::task::block_in_place(|| server.pg_ctl_stop());
+    // While it is down: readiness says so, spool routes refuse, other routes work.
+    assert_eq!(readyz(replica.admin).await, 503);
+    let refused = post(addr, "b", payload("b", 0, 10_000)).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert!(refused.headers.contains_key("retry-after"));
+    let through = send(
+        addr,
+        Request::post(format!("http://{addr}/plain/x"))
+            .body(full(b"{}".to_vec()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(through.status, 200);
+    tokio::task::block_in_place(|| server.pg_ctl_start());
+    stop.store(true, Ordering::SeqCst);
+    let outcomes = load.await.unwrap();
+
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for (seq, got) in &outcomes {
+        match got.status.as_u16() {
+            202 => {
+                let id = got.headers["payload-guard-spool-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                acknowledged.push((*seq, id));
+            }
+            503 => {
+                assert!(got.headers.contains_key("retry-after"));
+                refused += 1;
+            }
+            other => panic!("seq {seq}: unexpected {other}: {:?}", got.body),
+        }
+    }
+    // No 2xx without a committed row.
+    let db = pg::client(&url).await;
+    let rows: HashSet<String> = db
+        .query("SELECT id FROM payload_guard_spool", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (seq, id) in &acknowledged {
+        assert!(rows.contains(id), "seq {seq} got 202 ({id}) but has no row");
+    }
+    eprintln!(
+        "database restart: {} acknowledged, {refused} refused with 503",
+        acknowledged.len()
+    );
+
+    // Nothing lost, and delivery resumes by itself once the receiver is up.
+    let (seen, _receiver) = receiver(receiver_addr, Arc::new(AtomicBool::new(false))).await;
+    let want: HashSet<usize> = acknowledged.iter().map(|(seq, _)| *seq).collect();
+    wait_for(
+        "every acknowledged payload delivered",
+        Duration::from_secs(60),
+        || {
+            let seen = seen.lock().unwrap();
+            let got: HashSet<usize> = seen.iter().map(|(_, _, s)| *s).collect();
+            want.is_subset(&got)
+        },
+    )
+    .await;
+    assert_eq!(readyz(replica.admin).await, 200);
+    assert!(!replica.log_text().contains(pg::SECRET_PASSWORD));
+}
