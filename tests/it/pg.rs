@@ -159,7 +159,9 @@ rm -rf "$4""#,
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        watchdog.spawn().expect("cannot start the watchdog");
+        let mut watchdog = watchdog.spawn().expect("cannot start the watchdog");
+        // It outlives this process on purpose; reap it if it ever ends before.
+        std::thread::spawn(move || watchdog.wait());
         server
     }
 
