@@ -523,3 +523,162 @@ async fn a_database_restart_under_load_acknowledges_only_committed_rows() {
     assert_eq!(readyz(replica.admin).await, 200);
     assert!(!replica.log_text().contains(pg::SECRET_PASSWORD));
 }
+
+/// Runs the CLI with the database URL in its environment.
+fn cli(url: &str, args: &[&str], config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("PAYLOAD_GUARD_DATABASE_URL", url)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnose_and_the_spool_commands_see_every_replica() {
+    let Some(server) = pg::shared() else {
+        return;
+    };
+    let url = server.database("incidents");
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Receiver::start(Behavior::Ok).await;
+    let down = free_addr();
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        let path = dir.path().join(format!("r{i}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[incidents]
+path = "r{i}-incidents.jsonl"
+backend = "postgres"
+[spool]
+backend = "postgres"
+dir = "r{i}-spool"
+redeliver_interval = "1h"
+[[routes]]
+name = "small"
+path_prefix = "/small"
+upstream = "http://{}/webhook"
+max_body = "1KiB"
+[[routes]]
+name = "a"
+path_prefix = "/hooks/a"
+upstream = "http://{down}/webhook"
+spool = true
+"#,
+                plain.addr
+            ),
+        )
+        .unwrap();
+        let url = url.clone();
+        replicas.push((
+            path.clone(),
+            tokio::task::spawn_blocking(move || Replica::start(&path, &url))
+                .await
+                .unwrap(),
+        ));
+    }
+    // One size incident on each replica, and a spooled payload on the second.
+    for (_, replica) in &replicas {
+        let addr = replica.addr;
+        let got = send(
+            addr,
+            Request::post(format!("http://{addr}/small/x"))
+                .header("content-type", "application/json")
+                .body(full(payload("small", 0, 1)))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 413);
+    }
+    let spooled = post(replicas[1].1.addr, "a", payload("a", 1, 7)).await;
+    assert_eq!(spooled.status, 202);
+    let id = spooled.headers["payload-guard-spool-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let db = pg::client(&url).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows: i64 = db
+            .query_one(
+                "SELECT count(DISTINCT replica) FROM payload_guard_incidents",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if rows == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "incidents of both replicas in the table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Any replica's config reads everyone's incidents.
+    let config = replicas[0].0.clone();
+    let out = tokio::task::spawn_blocking({
+        let (url, config) = (url.clone(), config.clone());
+        move || cli(&url, &["diagnose", "--format", "json"], &config)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["incidents"], 2, "{report}");
+    assert_eq!(report["routes"][0]["route"], "small", "{report}");
+
+    // The spool commands on the first replica's config see the second replica's record.
+    let out = tokio::task::spawn_blocking({
+        let (url, config) = (url.clone(), config.clone());
+        move || cli(&url, &["spool", "list"], &config)
+    })
+    .await
+    .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{listing}");
+    assert!(listing.contains(&id), "{listing}");
+    let out = tokio::task::spawn_blocking({
+        let (url, config, id) = (url.clone(), config.clone(), id.clone());
+        move || cli(&url, &["spool", "show", &id, "--body"], &config)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, payload("a", 1, 7));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains(pg::SECRET_PASSWORD), "{text}");
+
+    // Without the URL in the environment the CLI names the variable to set.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+            .args(["spool", "list", "--config"])
+            .arg(&config)
+            .env_remove("PAYLOAD_GUARD_DATABASE_URL")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("PAYLOAD_GUARD_DATABASE_URL is not set"),
+        "{text}"
+    );
+}
