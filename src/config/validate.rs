@@ -183,6 +183,29 @@ pub(super) fn validate(text: &str, path: &Path, env: &Env<'_>) -> Result<Config,
     spool.used = routes
         .iter()
         .any(|r| r.spool || r.dead_letter || r.archive_originals);
+    if let StoreBackend::Postgres { .. } = spool.backend
+        && let Some(route) = routes
+            .iter()
+            .filter(|r| r.spool)
+            .find(|r| r.response_timeout >= spool.lease_for)
+    {
+        // A lease that runs out while the receiver is still answering lets another replica
+        // send the same payload again.
+        let span = raw
+            .spool
+            .as_ref()
+            .and_then(|s| s.lease_for.as_ref())
+            .map(Spanned::span);
+        rep.at(
+            span,
+            "spool.lease_for",
+            format!(
+                "must be longer than route {:?}'s response_timeout ({}): raise lease_for or lower response_timeout",
+                route.name,
+                humantime::format_duration(route.response_timeout)
+            ),
+        );
+    }
     if rep.errors.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
@@ -1221,6 +1244,51 @@ mod tests {
         assert!(
             !format!("{:?}", cfg.routes[0].verify).contains("s3cret"),
             "secret leaked into Debug"
+        );
+    }
+
+    #[test]
+    fn postgres_backends_take_their_url_from_the_environment() {
+        let spool_route = MINIMAL.replace("[[routes]]", "[[routes]]\nspool = true");
+        let text = format!("[spool]\nbackend = \"postgres\"\n{spool_route}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "spool.postgres_url_env: environment variable PAYLOAD_GUARD_DATABASE_URL is not set"
+            ),
+            "{err}"
+        );
+        let env = |k: &str| (k == "DB_URL").then(|| "postgres://u:pw@db/x".to_string());
+        let text = format!(
+            "[incidents]\nbackend = \"postgres\"\npostgres_url_env = \"DB_URL\"\n[spool]\nbackend = \"postgres\"\npostgres_url_env = \"DB_URL\"\n{spool_route}"
+        );
+        let cfg = validate(&text, Path::new("proxy.toml"), &env).unwrap();
+        let want = StoreBackend::Postgres {
+            url_env: "DB_URL".into(),
+        };
+        assert_eq!((&cfg.spool.backend, &cfg.incidents.backend), (&want, &want));
+        assert!(!format!("{cfg:?}").contains("pw@"), "the URL is never kept");
+        assert_eq!(load(MINIMAL).unwrap().spool.backend, StoreBackend::Disk);
+
+        let bad = load(&format!("[spool]\nbackend = \"redis\"\n{MINIMAL}")).unwrap_err();
+        assert!(
+            bad.to_string().contains("unknown backend \"redis\""),
+            "{bad}"
+        );
+        let stray = load(&format!("[spool]\npostgres_url_env = \"X\"\n{MINIMAL}")).unwrap_err();
+        assert!(
+            stray.to_string().contains("only used with backend"),
+            "{stray}"
+        );
+        let short = format!(
+            "[spool]\nbackend = \"postgres\"\npostgres_url_env = \"DB_URL\"\nlease_for = \"10s\"\n{}",
+            spool_route.replace("[[routes]]", "[[routes]]\nresponse_timeout = \"30s\"")
+        );
+        let err = validate(&short, Path::new("proxy.toml"), &env).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spool.lease_for: must be longer than route"),
+            "{err}"
         );
     }
 

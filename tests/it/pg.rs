@@ -19,6 +19,8 @@ pub struct PgServer {
     top: PathBuf,
     data: PathBuf,
     owned: bool,
+    /// `fsync` on (benchmarks); tests turn it off: they crash the server, never the machine.
+    durable: bool,
 }
 
 /// Where the Debian `postgresql` package puts initdb and pg_ctl (newest version first).
@@ -100,10 +102,18 @@ impl PgServer {
         if !available() {
             return None;
         }
-        Some(PgServer::launch(true))
+        Some(PgServer::launch(true, false))
     }
 
-    fn launch(owned: bool) -> PgServer {
+    /// Like [`PgServer::start`], with `fsync` on, as in production (for benchmarks).
+    pub fn start_durable() -> Option<PgServer> {
+        if !available() {
+            return None;
+        }
+        Some(PgServer::launch(true, true))
+    }
+
+    fn launch(owned: bool, durable: bool) -> PgServer {
         let bin = pg_bin().expect("checked by available()");
         let top = tempfile::Builder::new()
             .prefix("payload-guard-pg-")
@@ -140,6 +150,7 @@ impl PgServer {
             top,
             data,
             owned,
+            durable,
         };
         server.pg_ctl_start();
         // The watchdog: once this test process is gone, stop the server and remove its files.
@@ -175,9 +186,10 @@ rm -rf "$4""#,
                 .arg(self.top.join("server.log"))
                 .arg("-o")
                 .arg(format!(
-                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200",
                     self.port,
-                    self.top.display()
+                    self.top.display(),
+                    if self.durable { "on" } else { "off" }
                 ))
                 .args(["-w", "-t", "60", "start"]),
             "pg_ctl start",
@@ -247,7 +259,7 @@ impl Drop for PgServer {
 pub fn shared() -> Option<&'static PgServer> {
     static SHARED: OnceLock<Option<PgServer>> = OnceLock::new();
     SHARED
-        .get_or_init(|| available().then(|| PgServer::launch(false)))
+        .get_or_init(|| available().then(|| PgServer::launch(false, false)))
         .as_ref()
 }
 

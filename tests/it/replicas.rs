@@ -105,7 +105,7 @@ name = "{route}"
 path_prefix = "/hooks/{route}"
 upstream = "http://{receiver}/webhook/{route}"
 spool = true
-response_timeout = "5s"
+response_timeout = "1s"
 "#
         ));
     }
@@ -663,6 +663,51 @@ spool = true
     assert_eq!(out.stdout, payload("a", 1, 7));
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains(pg::SECRET_PASSWORD), "{text}");
+
+    // An archived original stored by any replica is served by every replica's claim-check URL.
+    let archived = {
+        let db = payload_guard::db::Database::from_url("test", &url, 1).unwrap();
+        let store = payload_guard::spool::pg::PgStore::new(
+            db,
+            payload_guard::spool::pg::PgSpoolConfig {
+                max_bytes: 1 << 30,
+                lease_for: Duration::from_secs(60),
+                staging_dir: dir.path().join("staging"),
+            },
+        )
+        .unwrap();
+        let mut meta = payload_guard::spool::Meta::new(
+            "a",
+            std::time::SystemTime::now(),
+            "req-archived",
+            "POST",
+            "/hooks/a",
+            12,
+        );
+        meta.headers = vec![("content-type".into(), "application/json".into())];
+        meta.trimmed = true;
+        payload_guard::spool::SpoolStore::commit(
+            &store,
+            payload_guard::spool::State::Archive,
+            &meta,
+            Bytes::from_static(b"{\"big\":true}"),
+        )
+        .await
+        .unwrap()
+    };
+    for (_, replica) in &replicas {
+        let admin = replica.admin;
+        let got = send(
+            admin,
+            Request::get(format!("http://{admin}/originals/{archived}"))
+                .body(full(Vec::new()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, &b"{\"big\":true}"[..]);
+        assert_eq!(got.headers["content-type"], "application/json");
+    }
 
     // Without the URL in the environment the CLI names the variable to set.
     let out = tokio::task::spawn_blocking(move || {
