@@ -12,7 +12,6 @@
 //!
 //! Run: `cargo bench --bench spool`.
 
-#[allow(dead_code)]
 #[path = "../tests/it/pg.rs"]
 mod pg;
 

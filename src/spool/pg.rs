@@ -596,8 +596,19 @@ impl SpoolStore for PgStore {
         Ok(())
     }
 
-    async fn probe(&self) -> bool {
-        self.inner.db.ping(PROBE_TIMEOUT).await
+    async fn can_accept(&self) -> Result<(), SpoolError> {
+        if !self.inner.db.ping(PROBE_TIMEOUT).await {
+            return Err(SpoolError::Database(
+                self.inner
+                    .db
+                    .unavailable(&format!("no answer within {PROBE_TIMEOUT:?}")),
+            ));
+        }
+        let (used, max) = (self.usage(), self.inner.cfg.max_bytes);
+        if max > 0 && used >= max {
+            return Err(SpoolError::Full { used, max });
+        }
+        Ok(())
     }
 
     async fn refresh(&self) {

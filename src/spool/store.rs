@@ -81,8 +81,9 @@ pub trait SpoolStore: Send + Sync + fmt::Debug {
         Ok(())
     }
 
-    /// Whether a record could be stored right now (for `/readyz`).
-    async fn probe(&self) -> bool;
+    /// Whether a new record could be stored right now (for `/readyz`): below `max_bytes`,
+    /// and the disk writable above `min_free` or the database reachable; else why not.
+    async fn can_accept(&self) -> Result<(), SpoolError>;
 
     /// Recounts depth and usage from the store (after other processes changed it).
     async fn refresh(&self);
@@ -286,11 +287,9 @@ impl SpoolStore for DiskStore {
         blocking("purge", move || spool.purge(state, older_than)).await
     }
 
-    async fn probe(&self) -> bool {
+    async fn can_accept(&self) -> Result<(), SpoolError> {
         let spool = self.spool.clone();
-        tokio::task::spawn_blocking(move || spool.writable())
-            .await
-            .unwrap_or(false)
+        blocking("create", move || spool.can_accept()).await
     }
 
     async fn refresh(&self) {

@@ -3,6 +3,7 @@
 
 mod cli;
 mod demo;
+mod early413;
 mod forwarding;
 mod hardening;
 mod incidents;

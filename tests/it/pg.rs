@@ -5,6 +5,10 @@
 //!
 //! A watchdog shell (as the server's user) stops the server and removes its directory once
 //! this test process is gone, so nothing outlives `cargo test`.
+//!
+//! `benches/spool.rs` includes this file too (for a durable server), hence unused items here.
+
+#![allow(dead_code)]
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -174,7 +174,7 @@ async fn commit_reads_back_and_is_found(backend: Backend) {
     assert_eq!((n, out.as_slice()), (body.len() as u64, &body[..]));
     let missing = RecordId::generate(at(T0));
     assert!(store.find(&missing).await.unwrap().is_none());
-    assert!(store.probe().await);
+    store.can_accept().await.unwrap();
 }
 
 async fn a_claim_is_exclusive_and_a_dropped_claim_goes_back(backend: Backend) {
@@ -635,5 +635,5 @@ async fn postgres_unreachable_refuses_commits_without_the_password() {
     let text = format!("{err} {err:?} {store:?}");
     assert!(!text.contains(pg::SECRET_PASSWORD), "{text}");
     assert!(text.contains("127.0.0.1"), "{text}");
-    assert!(!store.probe().await);
+    assert!(store.can_accept().await.is_err());
 }
