@@ -55,6 +55,28 @@ CREATE TABLE payload_guard_incidents (
 );
 "#,
     ),
+    (
+        3,
+        "learned limits and dedupe",
+        r#"
+CREATE TABLE payload_guard_learned_limits (
+    route      text PRIMARY KEY,
+    state      text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE SEQUENCE payload_guard_dedupe_seq;
+CREATE TABLE payload_guard_dedupe (
+    route            text NOT NULL,
+    id               text NOT NULL,
+    hash             text NOT NULL,
+    first_request_id text NOT NULL,
+    at               bigint NOT NULL,
+    seq              bigint NOT NULL DEFAULT nextval('payload_guard_dedupe_seq'),
+    PRIMARY KEY (route, id)
+);
+CREATE INDEX payload_guard_dedupe_by_seq ON payload_guard_dedupe (seq);
+"#,
+    ),
 ];
 
 /// Applies the migrations the database lacks; returns the versions applied now.

@@ -169,6 +169,11 @@ impl Shared {
             dedupe::DEFAULT_CAPACITY,
         ));
         dedupe.spawn_writer();
+        if let crate::config::StoreBackend::Postgres { url_env } = &config.spool.backend {
+            let db = crate::db::Database::from_env(url_env, 2)
+                .map_err(|e| ProxyError::Internal(format!("[spool] backend: {e}")))?;
+            crate::state::shared::spawn(db, learned.clone(), dedupe.clone());
+        }
         let mut incidents = IncidentLog::start(config.incidents.path.clone(), INCIDENT_QUEUE);
         if let crate::config::StoreBackend::Postgres { url_env } = &config.incidents.backend {
             let db = crate::db::Database::from_env(url_env, 2)

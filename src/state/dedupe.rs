@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 
 use super::file::StateFile;
 
@@ -63,6 +64,24 @@ pub struct DedupeMemory {
     memory: Mutex<Memory>,
     capacity: usize,
     file: Option<Arc<StateFile>>,
+    /// Where remembered ids are also sent (to share them with other replicas), once
+    /// subscribed.
+    events: Mutex<Option<mpsc::UnboundedSender<Remembered>>>,
+}
+
+/// One id remembered on this replica, for the table replicas share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    /// The route.
+    pub route: String,
+    /// The payload id.
+    pub id: String,
+    /// Hex SHA-256 of the body.
+    pub hash: String,
+    /// The request that carried it.
+    pub request_id: String,
+    /// When (Unix seconds).
+    pub at: u64,
 }
 
 /// The hash a body is remembered by.
@@ -81,6 +100,7 @@ impl DedupeMemory {
             memory: Mutex::new(Memory::default()),
             capacity,
             file: None,
+            events: Mutex::default(),
         }
     }
 
@@ -110,6 +130,7 @@ impl DedupeMemory {
             memory: Mutex::new(memory),
             capacity,
             file: Some(Arc::new(file)),
+            events: Mutex::default(),
         }
     }
 
@@ -159,13 +180,46 @@ impl DedupeMemory {
     /// Remembers that `id` was delivered (or spooled) with this body hash. A conflicting
     /// repeat replaces the earlier body: the latest delivered version is the one remembered.
     pub fn remember(&self, route: &str, id: &str, hash: &str, request_id: &str, now: SystemTime) {
+        let at = unix_secs(now);
+        if self.insert(route, id, hash, request_id, at)
+            && let Some(tx) = self
+                .events
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+        {
+            let _ = tx.send(Remembered {
+                route: route.to_string(),
+                id: id.to_string(),
+                hash: hash.to_string(),
+                request_id: request_id.to_string(),
+                at,
+            });
+        }
+    }
+
+    /// Remembers an id another replica delivered (from the shared table), without sending it
+    /// back out.
+    pub fn learn(&self, seen: &Remembered) {
+        self.insert(&seen.route, &seen.id, &seen.hash, &seen.request_id, seen.at);
+    }
+
+    /// From now on, every newly remembered id is also sent to the returned receiver.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Remembered> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.events.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
+    /// Inserts or replaces an id; `true` when something changed.
+    fn insert(&self, route: &str, id: &str, hash: &str, request_id: &str, at: u64) -> bool {
         {
             let mut memory = self.lock();
             let key = (route.to_string(), id.to_string());
             if let Some(seen) = memory.by_key.get(&key)
                 && seen.hash == hash
             {
-                return;
+                return false;
             }
             if !memory.by_key.contains_key(&key) {
                 memory.order.push_back(key.clone());
@@ -177,7 +231,7 @@ impl DedupeMemory {
                     id: id.to_string(),
                     hash: hash.to_string(),
                     first_request_id: request_id.to_string(),
-                    at: unix_secs(now),
+                    at,
                 },
             );
             while memory.by_key.len() > self.capacity {
@@ -192,6 +246,7 @@ impl DedupeMemory {
         if let Some(file) = &self.file {
             file.mark_dirty();
         }
+        true
     }
 
     /// Ids remembered now.

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use super::file::StateFile;
 use crate::incident::{Bracket, effective_limit, format_ts};
@@ -61,7 +62,116 @@ pub struct RouteLearned {
     pub evidence: VecDeque<Evidence>,
 }
 
+/// One thing learned about a receiver, as it is applied to a route's state: here, and in the
+/// table replicas share (`state::shared`), by the same rules ([`RouteLearned::apply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitEvent {
+    /// The receiver accepted a body of `wire` bytes (`decoded` when it was compressed).
+    Accepted {
+        /// The route.
+        route: String,
+        /// Bytes on the wire.
+        wire: u64,
+        /// Decoded bytes, for a compressed body.
+        decoded: Option<u64>,
+        /// The request it came from.
+        request_id: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// The receiver refused a body of `wire` bytes with 413.
+    Refused {
+        /// The route.
+        route: String,
+        /// Bytes on the wire.
+        wire: u64,
+        /// Decoded bytes, for a compressed body.
+        decoded: Option<u64>,
+        /// The request it came from.
+        request_id: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// Forget what was learned for the route.
+    Reset {
+        /// The route.
+        route: String,
+    },
+    /// The route's configured `upstream_limit` (a change forgets what was learned).
+    Configured {
+        /// The route.
+        route: String,
+        /// Its `upstream_limit`.
+        upstream_limit: Option<u64>,
+    },
+}
+
+impl LimitEvent {
+    /// The route it is about.
+    pub fn route(&self) -> &str {
+        match self {
+            LimitEvent::Accepted { route, .. }
+            | LimitEvent::Refused { route, .. }
+            | LimitEvent::Reset { route }
+            | LimitEvent::Configured { route, .. } => route,
+        }
+    }
+}
+
 impl RouteLearned {
+    /// Applies `event`; `true` when it changed what is known.
+    pub fn apply(&mut self, event: &LimitEvent) -> bool {
+        match event {
+            LimitEvent::Accepted {
+                wire,
+                decoded,
+                request_id,
+                at,
+                ..
+            } => accept(self, *wire, *decoded, request_id, *at),
+            LimitEvent::Refused {
+                wire,
+                decoded,
+                request_id,
+                at,
+                ..
+            } => {
+                match decoded {
+                    // Compressed: evidence about the decoded size only.
+                    Some(d) => {
+                        self.decoded.rejected(*d);
+                        self.note("refused", *d, Units::Decoded, request_id, *at);
+                    }
+                    None => {
+                        self.wire.rejected(*wire);
+                        self.decoded.rejected(*wire);
+                        self.note("refused", *wire, Units::Wire, request_id, *at);
+                    }
+                }
+                true
+            }
+            LimitEvent::Reset { .. } => {
+                let had =
+                    !self.wire.is_empty() || !self.decoded.is_empty() || !self.evidence.is_empty();
+                *self = RouteLearned {
+                    configured: self.configured,
+                    ..RouteLearned::default()
+                };
+                had
+            }
+            LimitEvent::Configured { upstream_limit, .. } => {
+                if self.configured == *upstream_limit {
+                    return false;
+                }
+                *self = RouteLearned {
+                    configured: *upstream_limit,
+                    ..RouteLearned::default()
+                };
+                true
+            }
+        }
+    }
+
     /// The bracket in `units`.
     pub fn bracket(&self, units: Units) -> Bracket {
         match units {
@@ -70,12 +180,12 @@ impl RouteLearned {
         }
     }
 
-    fn note(&mut self, verdict: &str, bytes: u64, units: Units, request_id: &str) {
+    fn note(&mut self, verdict: &str, bytes: u64, units: Units, request_id: &str, at: SystemTime) {
         if self.evidence.len() >= EVIDENCE_KEPT {
             self.evidence.pop_front();
         }
         self.evidence.push_back(Evidence {
-            at: format_ts(SystemTime::now()),
+            at: format_ts(at),
             verdict: verdict.to_string(),
             bytes,
             units,
@@ -95,6 +205,8 @@ struct Stored {
 pub struct LearnedLimits {
     routes: Mutex<BTreeMap<String, RouteLearned>>,
     file: Option<Arc<StateFile>>,
+    /// Where changes are also sent (to share them with other replicas), once subscribed.
+    events: Mutex<Option<mpsc::UnboundedSender<LimitEvent>>>,
 }
 
 /// One route's configured limit, for [`LearnedLimits::reconcile`].
@@ -111,6 +223,7 @@ impl LearnedLimits {
         LearnedLimits {
             routes: Mutex::new(BTreeMap::new()),
             file: None,
+            events: Mutex::default(),
         }
     }
 
@@ -135,6 +248,7 @@ impl LearnedLimits {
         LearnedLimits {
             routes: Mutex::new(routes),
             file: Some(Arc::new(file)),
+            events: Mutex::default(),
         }
     }
 
@@ -154,6 +268,39 @@ impl LearnedLimits {
         }
     }
 
+    /// From now on, every change is also sent as a [`LimitEvent`] to the returned receiver
+    /// (the replica's link to the shared table).
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<LimitEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.events.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
+    /// Replaces what is known about `route` (with the shared table's version).
+    pub fn replace_route(&self, route: &str, learned: RouteLearned) {
+        let changed = {
+            let mut all = self.lock();
+            let slot = all.entry(route.to_string()).or_default();
+            let changed = *slot != learned;
+            *slot = learned;
+            changed
+        };
+        if changed {
+            self.changed();
+        }
+    }
+
+    fn emit(&self, event: LimitEvent) {
+        if let Some(tx) = self
+            .events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            let _ = tx.send(event);
+        }
+    }
+
     /// Forgets what was learned for routes whose `upstream_limit` changed since (and records
     /// the configured limit of new routes). Returns the routes that were reset.
     pub fn reconcile<'a>(&self, routes: impl IntoIterator<Item = Configured<'a>>) -> Vec<String> {
@@ -161,6 +308,10 @@ impl LearnedLimits {
         {
             let mut all = self.lock();
             for c in routes {
+                self.emit(LimitEvent::Configured {
+                    route: c.route.to_string(),
+                    upstream_limit: c.upstream_limit,
+                });
                 match all.get_mut(c.route) {
                     Some(learned) if learned.configured != c.upstream_limit => {
                         let had_evidence = !learned.wire.is_empty() || !learned.decoded.is_empty();
@@ -212,17 +363,16 @@ impl LearnedLimits {
     /// The receiver accepted a body of `wire` bytes (`decoded`: its decoded size, when it
     /// was compressed). Cheap when it says nothing new.
     pub fn accepted(&self, route: &str, wire: u64, decoded: Option<u64>, request_id: &str) {
-        let changed = {
-            let mut all = self.lock();
-            let Some(learned) = all.get_mut(route) else {
-                drop(all);
-                self.insert_then(route, |l| accept(l, wire, decoded, request_id));
-                return;
-            };
-            accept(learned, wire, decoded, request_id)
+        let event = LimitEvent::Accepted {
+            route: route.to_string(),
+            wire,
+            decoded,
+            request_id: request_id.to_string(),
+            at: SystemTime::now(),
         };
-        if changed {
+        if self.insert_then(route, |l| l.apply(&event)) {
             self.changed();
+            self.emit(event);
         }
     }
 
@@ -235,45 +385,37 @@ impl LearnedLimits {
         decoded: Option<u64>,
         request_id: &str,
     ) -> Bracket {
+        let event = LimitEvent::Refused {
+            route: route.to_string(),
+            wire,
+            decoded,
+            request_id: request_id.to_string(),
+            at: SystemTime::now(),
+        };
         let bracket = self.insert_then(route, |l| {
-            match decoded {
-                // Compressed: evidence about the decoded size only.
-                Some(d) => {
-                    l.decoded.rejected(d);
-                    l.note("refused", d, Units::Decoded, request_id);
-                }
-                None => {
-                    l.wire.rejected(wire);
-                    l.decoded.rejected(wire);
-                    l.note("refused", wire, Units::Wire, request_id);
-                }
-            }
+            l.apply(&event);
             if decoded.is_some() { l.decoded } else { l.wire }
         });
         self.changed();
+        self.emit(event);
         bracket
     }
 
     /// Forgets what was learned for `route`; `false` if nothing was known.
     pub fn reset(&self, route: &str) -> bool {
-        let had = {
-            let mut all = self.lock();
-            match all.get_mut(route) {
-                Some(l) => {
-                    let had = !l.wire.is_empty() || !l.decoded.is_empty() || !l.evidence.is_empty();
-                    *l = RouteLearned {
-                        configured: l.configured,
-                        ..RouteLearned::default()
-                    };
-                    had
-                }
-                None => false,
-            }
+        let event = LimitEvent::Reset {
+            route: route.to_string(),
+        };
+        let had = match self.lock().get_mut(route) {
+            Some(l) => l.apply(&event),
+            None => false,
         };
         if had {
             tracing::info!(route, "learned limit reset");
             self.changed();
         }
+        // Other replicas may know something this one does not: reset the shared state too.
+        self.emit(event);
         had
     }
 
@@ -323,14 +465,20 @@ impl LearnedLimits {
 }
 
 /// Applies an acceptance; `true` when it changed a bracket.
-fn accept(l: &mut RouteLearned, wire: u64, decoded: Option<u64>, request_id: &str) -> bool {
+fn accept(
+    l: &mut RouteLearned,
+    wire: u64,
+    decoded: Option<u64>,
+    request_id: &str,
+    at: SystemTime,
+) -> bool {
     let decoded_size = decoded.unwrap_or(wire);
     let (w, d) = (l.wire, l.decoded);
     l.wire.accepted(wire);
     l.decoded.accepted(decoded_size);
     let changed = l.wire != w || l.decoded != d;
     if changed {
-        l.note("accepted", wire, Units::Wire, request_id);
+        l.note("accepted", wire, Units::Wire, request_id, at);
     }
     changed
 }

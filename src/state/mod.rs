@@ -6,11 +6,13 @@
 //! ([`file::StateFile`]). The incident log stays an audit trail; nothing here is rebuilt from it.
 //!
 //! The files live in the spool directory when a route uses the spool, else next to the
-//! incident log ([`state_dir`]).
+//! incident log ([`state_dir`]). With `[spool] backend = "postgres"`, [`shared`] also keeps
+//! both in PostgreSQL, so every replica reads and updates the same rows.
 
 pub mod dedupe;
 pub mod file;
 pub mod limits;
+pub mod shared;
 
 use std::path::PathBuf;
 

@@ -12,6 +12,7 @@ mod nginx;
 mod ops;
 mod pg;
 mod replicas;
+mod shared_state;
 mod spool;
 mod spool_store;
 mod support;
