@@ -19,7 +19,7 @@ const profile = env("USER_DATA_DIR");
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   headless: true,
-  viewport: { width: 1280, height: 800 },
+  viewport: { width: 1280, height: 560 },
   args: [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
