@@ -566,3 +566,107 @@ async fn console_in_chromium_draws_limits_and_replays_by_click() {
     }
     drop(s.calls);
 }
+
+#[tokio::test]
+async fn without_a_token_the_console_is_for_loopback_addresses_and_still_needs_the_csrf_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = free_addr();
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[spool]
+dir = "{spool}"
+min_free = 0
+[[routes]]
+name = "test"
+path_prefix = "/hooks/test"
+upstream = "http://{{upstream}}/webhook"
+spool = true
+"#,
+        spool = dir.path().join("spool").display(),
+    );
+    let proxy = start_proxy(config(&toml, down)).await;
+    let addr = start_admin(&proxy, &dir.path().join("proxy.toml")).await;
+    let got = proxy.post_json(payload(2_000)).await;
+    assert_eq!(got.status, 202, "{:?}", got.body);
+    let id = got.json()["spool_id"].as_str().unwrap().to_string();
+
+    // A page on another site whose name resolves to 127.0.0.1 (DNS rebinding) is refused.
+    let rebound = admin(
+        addr,
+        "GET",
+        "/api/spool",
+        &[("host", "attacker.example:9090")],
+        "",
+    )
+    .await;
+    assert_eq!(rebound.status, 421);
+    for host in [addr.to_string(), format!("localhost:{}", addr.port())] {
+        let got = admin(addr, "GET", "/", &[("host", host.as_str())], "").await;
+        assert_eq!(got.status, 200, "Host {host}");
+        assert!(
+            !text(&got).contains("action=\"/logout\""),
+            "no log-out without a token"
+        );
+    }
+    // A cross-site form POST (no CSRF token) is refused even without a token to steal.
+    let forged = admin(
+        addr,
+        "POST",
+        &format!("/spool/{id}/purge"),
+        &[("origin", "http://evil.example")],
+        "",
+    )
+    .await;
+    assert_eq!(forged.status, 403);
+    let csrf = admin(addr, "GET", "/api/csrf", &[], "").await.json()["csrf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let form = format!("csrf={csrf}");
+    let dead = admin(addr, "POST", &format!("/spool/{id}/dead"), &[], &form).await;
+    assert_eq!(dead.status, 200);
+    assert!(text(&dead).contains(&format!("moved record {id} to dead")));
+    let record = admin(addr, "GET", &format!("/api/spool/{id}"), &[], "")
+        .await
+        .json();
+    assert_eq!(record["state"], "dead");
+    assert_eq!(
+        record["last_error"],
+        "moved to dead from the console by peer 127.0.0.1"
+    );
+    // Replaying a dead record revives it; the receiver is still down, so it waits again.
+    let replay = admin(
+        addr,
+        "POST",
+        &format!("/api/spool/{id}/replay"),
+        &[("x-csrf-token", csrf.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(replay.status, 200, "{}", text(&replay));
+    assert!(
+        replay.json()["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("not delivered")
+    );
+    let record = admin(addr, "GET", &format!("/api/spool/{id}"), &[], "")
+        .await
+        .json();
+    assert_eq!(record["state"], "ready");
+    let purge = admin(addr, "POST", &format!("/spool/{id}/purge"), &[], &form).await;
+    assert!(text(&purge).contains(&format!("purged ready record {id}")));
+    let missing = admin(
+        addr,
+        "POST",
+        &format!("/api/spool/{id}/purge"),
+        &[("x-csrf-token", csrf.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(missing.status, 404);
+    let bad = admin(addr, "GET", "/api/spool/not-an-id", &[], "").await;
+    assert_eq!(bad.status, 400);
+}
