@@ -40,7 +40,7 @@ pub struct RouteView {
     pub name: String,
     /// Its path prefix.
     pub path_prefix: String,
-    /// Its receiver.
+    /// Its receiver (scheme, host, port and path only).
     pub upstream: String,
     /// `max_body` in bytes.
     pub max_body: u64,
@@ -102,6 +102,14 @@ fn lines(route: &RouteView) -> Vec<Line> {
     lines
 }
 
+/// A receiver's URL without user information or query, which may carry credentials.
+pub fn display_upstream(uri: &http::Uri) -> String {
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let host = uri.host().unwrap_or("");
+    let port = uri.port_u16().map_or_else(String::new, |p| format!(":{p}"));
+    format!("{scheme}://{host}{port}{}", uri.path())
+}
+
 /// Every configured route with its counters, limits and recent sizes.
 pub fn routes(proxy: &Proxy) -> RoutesView {
     let runtime = proxy.current();
@@ -116,7 +124,7 @@ pub fn routes(proxy: &Proxy) -> RoutesView {
             let mut route = RouteView {
                 name: cfg.name.clone(),
                 path_prefix: cfg.path_prefix.clone(),
-                upstream: cfg.upstream.to_string(),
+                upstream: display_upstream(&cfg.upstream),
                 max_body: cfg.max_body_bytes,
                 upstream_limit: cfg.upstream_limit_bytes,
                 learned,
@@ -567,4 +575,36 @@ pub fn learned(proxy: &Proxy) -> LearnedView {
         })
         .collect();
     LearnedView { routes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_is_shown_without_credentials() {
+        let uri: http::Uri = "https://user:pw@example.com:8443/hook?key=secret"
+            .parse()
+            .unwrap();
+        assert_eq!(display_upstream(&uri), "https://example.com:8443/hook");
+        let uri: http::Uri = "http://127.0.0.1/".parse().unwrap();
+        assert_eq!(display_upstream(&uri), "http://127.0.0.1/");
+    }
+
+    #[test]
+    fn credential_headers_are_recognised() {
+        for name in [
+            "Authorization",
+            "cookie",
+            "X-Signature",
+            "Synthflow-Signature",
+            "x-api-key",
+            "X-Auth-Token",
+        ] {
+            assert!(is_sensitive_header(name), "{name}");
+        }
+        for name in ["content-type", "x-request-id", "user-agent"] {
+            assert!(!is_sensitive_header(name), "{name}");
+        }
+    }
 }
