@@ -1,7 +1,7 @@
 //! The admin listener: `GET /healthz` (process up), `GET /readyz` (config loaded, listener
 //! bound), `GET /metrics` (Prometheus text), `POST /reload` (re-read `proxy.toml`). When
 //! `[server] admin_token_env` is set, every request must carry `Authorization: Bearer <token>`
-//! (or the console's session cookie). Every other path is the operator's console
+//! (the console also takes its session cookie). Every other path is the operator's console
 //! ([`crate::console`]). Also home of [`reload`], shared by SIGHUP and `POST /reload`.
 
 use std::convert::Infallible;
@@ -122,7 +122,12 @@ async fn handle(
     if console::serves(req.uri().path()) {
         return console::handle(admin, console, req, peer).await;
     }
-    if caller(admin, req.headers()).is_none() {
+    // The console's cookie is for the console: these endpoints keep to the bearer token
+    // (`POST /reload` has no CSRF token to check).
+    if !matches!(
+        caller(admin, req.headers()),
+        Some(Caller::Open | Caller::Bearer)
+    ) {
         let mut response = json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "unauthorized", "message": "admin requests need Authorization: Bearer <token>"}),

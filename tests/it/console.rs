@@ -188,6 +188,11 @@ async fn console_needs_the_token_refuses_cross_site_posts_and_hides_bodies() {
     assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"));
     let cookie = set_cookie.split(';').next().unwrap().to_string();
     let with_cookie = [("cookie", cookie.as_str())];
+    // The cookie is for the console; the other admin endpoints keep to the bearer token.
+    for (method, path) in [("GET", "/metrics"), ("POST", "/reload")] {
+        let got = admin(s.admin, method, path, &with_cookie, "").await;
+        assert_eq!(got.status, 401, "{method} {path}");
+    }
 
     // The pages: no payload body, no signature, no token in any listing.
     for path in [

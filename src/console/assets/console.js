@@ -11,6 +11,13 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const select of document.querySelectorAll("select[data-autosubmit]")) {
     select.addEventListener("change", () => select.form.submit());
   }
+  // Coming back to a page from the history re-enables its buttons.
+  window.addEventListener("pageshow", () => {
+    for (const button of document.querySelectorAll("button[aria-busy]")) {
+      button.removeAttribute("aria-busy");
+      button.disabled = false;
+    }
+  });
   // Buttons say what they are doing while the proxy works (a replay waits for the receiver).
   for (const form of document.querySelectorAll("form[method=post]")) {
     form.addEventListener("submit", () => {
