@@ -157,9 +157,14 @@ fn claim(spool: &crate::spool::Spool, id: &RecordId) -> Result<Claim, ActionErro
     })
 }
 
-// The two functions below are the console's only view of learned limits. Learned limits are
+// The three functions below are the console's only view of learned limits. Learned limits are
 // moving to a state file with its own reset; when they do, these bodies change and nothing
 // else in the console does.
+
+/// What is known about `route`'s receiver (empty when nothing).
+pub fn learned_bracket(shared: &Shared, route: &str) -> Bracket {
+    shared.learner.bracket(route)
+}
 
 /// Every route's learned bracket, by name.
 pub fn learned_brackets(shared: &Shared) -> Vec<(String, Bracket)> {
@@ -169,10 +174,10 @@ pub fn learned_brackets(shared: &Shared) -> Vec<(String, Bracket)> {
 /// Forgets what was learned about `route`'s receiver; returns the bracket it had. The configured
 /// `upstream_limit` applies again until the receiver refuses another payload.
 ///
-/// Today the learner is rebuilt from the incident log at start-up, so a reset lasts until the
-/// proxy restarts.
+/// Today the learner is rebuilt from the incident log at start-up, so a restart brings back
+/// what the log says.
 pub fn reset_learned(shared: &Shared, route: &str) -> Bracket {
-    let before = shared.learner.bracket(route);
+    let before = learned_bracket(shared, route);
     // An incident's `learned` snapshot replaces the route's bracket; an empty one clears it.
     // It is applied in memory only, never written to the log.
     let mut reset = Incident::new(Kind::OverUpstreamLimit, route, "console-reset");

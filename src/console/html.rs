@@ -537,7 +537,7 @@ pub fn record_page(detail: &RecordDetail, ctx: &PageCtx) -> String {
 /// `GET /learned`: each route's bracket, the refusals behind it and a reset button.
 pub fn learned_page(view: &LearnedView, notice: Option<&Notice>, ctx: &PageCtx) -> String {
     let mut main = String::new();
-    main.push_str(r#"<p class="lead">When a receiver refuses a payload with 413, the proxy learns its real limit and enforces it when it is tighter than the configured <code>upstream_limit</code>. Reset forgets what was learned about a route (until it refuses again; a restart rebuilds it from the incident log).</p>"#);
+    main.push_str(r#"<p class="lead">When a receiver refuses a payload with 413, the proxy learns its real limit and enforces it when it is tighter than the configured <code>upstream_limit</code>. Reset forgets what was learned about a route: the proxy learns again from the receiver's next answers (a restart rebuilds it from the incident log).</p>"#);
     for route in &view.routes {
         let l = &route.learned;
         let _ = write!(

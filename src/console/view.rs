@@ -119,7 +119,7 @@ pub fn routes(proxy: &Proxy) -> RoutesView {
         .routes
         .iter()
         .map(|cfg| {
-            let learned = shared.learner.bracket(&cfg.name);
+            let learned = super::actions::learned_bracket(shared, &cfg.name);
             let recent = shared.metrics.sizes().recent(&cfg.name);
             let mut route = RouteView {
                 name: cfg.name.clone(),
@@ -550,7 +550,7 @@ pub fn learned(proxy: &Proxy) -> LearnedView {
     let routes = names
         .into_iter()
         .map(|(route, configured)| {
-            let learned = shared.learner.bracket(&route);
+            let learned = super::actions::learned_bracket(shared, &route);
             let evidence = read
                 .incidents
                 .iter()
