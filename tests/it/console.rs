@@ -565,6 +565,7 @@ async fn console_in_chromium_draws_limits_and_replays_by_click() {
         "incidents.png",
         "spool.png",
         "spool-replayed.png",
+        "record.png",
         "learned.png",
     ] {
         assert!(shots.join(shot).metadata().unwrap().len() > 1000, "{shot}");

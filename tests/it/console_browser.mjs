@@ -88,6 +88,7 @@ try {
   // Opening a record shows its body.
   await page.locator("a.record-link").first().click();
   seen.marker_in_record = (await page.locator("pre.body").textContent()).includes(marker);
+  await page.screenshot({ path: `${shots}/record.png`, fullPage: true });
 
   // Learned limits with their evidence.
   await page.getByRole("link", { name: "Learned limits" }).click();
