@@ -2,6 +2,7 @@
 //! on 127.0.0.1, driven by real HTTP clients.
 
 mod cli;
+mod console;
 mod demo;
 mod early413;
 mod forwarding;
