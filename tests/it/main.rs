@@ -3,8 +3,10 @@
 
 mod cli;
 mod console;
+mod delivery;
 mod demo;
 mod early413;
+mod express;
 mod forwarding;
 mod hardening;
 mod incidents;
