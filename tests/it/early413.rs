@@ -161,9 +161,9 @@ async fn require_nginx() -> Option<Receiver> {
     Some(Receiver::start(Behavior::Ok).await)
 }
 
-/// The redelivery path reads the receiver's early 413 after a reset too: a spooled payload
-/// the receiver refuses that way is judged "too large" (here: not JSON, so it cannot be
-/// trimmed, and it moves to dead/ with the receiver's 413), not "no answer" forever.
+/// Redelivery to a receiver that answers 413 early and resets: the spooled payload is judged
+/// "too large" from the receiver's own answer (here it is not JSON, so it cannot be trimmed,
+/// and it moves to dead/ with that 413), not retried as "no answer" until `retry_for`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_reads_the_413_of_a_resetting_receiver() {
     let dir = tempfile::tempdir().unwrap();
@@ -194,7 +194,7 @@ dead_letter = true
     let proxy = start_proxy(payload_guard::config::Config::load(&path).unwrap()).await;
     let req = Request::post(proxy.url("/hooks/test"))
         .header("content-type", "application/octet-stream")
-        .body(full(vec![b'x'; 8 * 1024 * 1024]))
+        .body(full(vec![b'x'; BODY_BYTES]))
         .unwrap();
     assert_eq!(
         send(proxy.addr, req).await.status,
