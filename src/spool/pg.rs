@@ -570,6 +570,20 @@ impl SpoolStore for PgStore {
         Ok(revived > 0)
     }
 
+    async fn remove(&self, state: State, id: &RecordId) -> Result<bool, SpoolError> {
+        let removed = self
+            .timed(self.delete_where(
+                state,
+                "DELETE FROM payload_guard_spool
+                 WHERE id = $1 AND state = $2
+                   AND (lease_until IS NULL OR lease_until < now())
+                 RETURNING bytes",
+                &[&id.as_str(), &state.as_str()],
+            ))
+            .await?;
+        Ok(removed > 0)
+    }
+
     async fn purge(&self, state: State, older_than: Duration) -> Result<usize, SpoolError> {
         let cutoff = SystemTime::now()
             .checked_sub(older_than)

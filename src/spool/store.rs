@@ -71,6 +71,10 @@ pub trait SpoolStore: Send + Sync + fmt::Debug {
     /// Moves a dead record back to ready; `false` if it is not dead (anymore).
     async fn revive(&self, id: &RecordId) -> Result<bool, SpoolError>;
 
+    /// Removes one record from `state` (the console's purge button); `false` when it is not
+    /// there or (ready) an attempt holds it.
+    async fn remove(&self, state: State, id: &RecordId) -> Result<bool, SpoolError>;
+
     /// Removes records in `state` received more than `older_than` ago (claimed ready records
     /// are skipped); returns how many.
     async fn purge(&self, state: State, older_than: Duration) -> Result<usize, SpoolError>;
@@ -280,6 +284,11 @@ impl SpoolStore for DiskStore {
     async fn revive(&self, id: &RecordId) -> Result<bool, SpoolError> {
         let (spool, id) = (self.spool.clone(), id.clone());
         blocking("rename", move || spool.revive(&id)).await
+    }
+
+    async fn remove(&self, state: State, id: &RecordId) -> Result<bool, SpoolError> {
+        let (spool, id) = (self.spool.clone(), id.clone());
+        blocking("remove", move || spool.remove(state, &id)).await
     }
 
     async fn purge(&self, state: State, older_than: Duration) -> Result<usize, SpoolError> {
