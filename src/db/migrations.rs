@@ -37,10 +37,10 @@ CREATE TABLE payload_guard_spool_chunks (
     PRIMARY KEY (record_id, seq)
 );
 CREATE TABLE payload_guard_spool_usage (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    bytes     bigint NOT NULL CHECK (bytes >= 0)
+    shard integer PRIMARY KEY,
+    bytes bigint NOT NULL
 );
-INSERT INTO payload_guard_spool_usage (singleton, bytes) VALUES (true, 0);
+INSERT INTO payload_guard_spool_usage (shard, bytes) SELECT s, 0 FROM generate_series(0, 15) AS s;
 "#,
     ),
     (

@@ -7,8 +7,11 @@
 //!   metadata as JSON (the same document the disk format stores).
 //! - `payload_guard_spool_chunks`: the body as `bytea` chunks of at most [`CHUNK_BYTES`], so a
 //!   large body never needs to fit in one statement.
-//! - `payload_guard_spool_usage`: one row, the bytes of all records, updated in the same
-//!   transaction as every insert and delete, so `max_bytes` counts the table across replicas.
+//! - `payload_guard_spool_usage`: the bytes of all records, as [`USAGE_SHARDS`] rows (their
+//!   sum), charged in the same transaction as every insert and delete, so `max_bytes` counts
+//!   the table across replicas. Commits charge a random row, so they do not queue behind one
+//!   row lock; the cost: commits at the same moment do not see each other's bytes, so the
+//!   table can go over `max_bytes` by what they store together.
 //!
 //! # Promises
 //! A commit is one transaction (record row, chunks, usage) and returns only after `COMMIT`
@@ -32,6 +35,16 @@ use tokio_postgres::Row;
 use super::store::{ClaimedRecord, SpoolStore, StagedBody};
 use super::{Entry, LAST_ERROR_MAX_BYTES, Meta, RecordId, SNIPPET_MAX_BYTES, SpoolError, State};
 use crate::db::{Database, OPERATION_TIMEOUT};
+
+/// Rows the usage counter is spread over (see the module docs).
+pub const USAGE_SHARDS: u128 = 16;
+
+/// Total bytes charged, over every usage row.
+const USAGE_SUM: &str = "SELECT coalesce(sum(bytes), 0)::bigint FROM payload_guard_spool_usage";
+
+fn usage_shard() -> i32 {
+    (uuid::Uuid::new_v4().as_u128() % USAGE_SHARDS) as i32
+}
 
 /// Bodies are stored in chunks of at most this many bytes.
 pub const CHUNK_BYTES: usize = 1024 * 1024;
@@ -215,28 +228,32 @@ impl PgStore {
             }
         }
         // Last, so the usage row is locked only for the commit itself.
-        let charged = tx
-            .query_opt(
-                "UPDATE payload_guard_spool_usage SET bytes = bytes + $1
-                 WHERE bytes + $1 <= $2 RETURNING bytes",
-                &[&bytes, &max],
+        let shard = usage_shard();
+        let used: i64 = tx
+            .query_one(
+                "WITH charged AS (
+                     UPDATE payload_guard_spool_usage SET bytes = bytes + $1
+                     WHERE shard = $2 RETURNING bytes
+                 )
+                 SELECT ((SELECT coalesce(sum(bytes), 0) FROM payload_guard_spool_usage
+                          WHERE shard <> $2)
+                         + (SELECT bytes FROM charged))::bigint",
+                &[&bytes, &shard],
             )
             .await
-            .map_err(|e| self.err(&e))?;
-        let Some(row) = charged else {
-            let used: i64 = tx
-                .query_one("SELECT bytes FROM payload_guard_spool_usage", &[])
-                .await
-                .map_err(|e| self.err(&e))?
-                .get(0);
-            self.inner.usage.store(used as u64, Ordering::Release);
+            .map_err(|e| self.err(&e))?
+            .get(0);
+        if used > max {
+            // Dropping the transaction rolls it back: nothing of the record is kept.
+            self.inner
+                .usage
+                .store((used - bytes).max(0) as u64, Ordering::Release);
             return Err(SpoolError::Full {
-                used: (used + bytes) as u64,
+                used: used as u64,
                 max: max as u64,
             });
-        };
+        }
         tx.commit().await.map_err(|e| self.err(&e))?;
-        let used: i64 = row.get(0);
         self.inner.usage.store(used as u64, Ordering::Release);
         self.count(state, 1);
         Ok(())
@@ -367,8 +384,8 @@ impl PgStore {
         let freed: i64 = rows.iter().map(|r| r.get::<_, i64>(0)).sum();
         if freed > 0 {
             tx.execute(
-                "UPDATE payload_guard_spool_usage SET bytes = greatest(bytes - $1, 0)",
-                &[&freed],
+                "UPDATE payload_guard_spool_usage SET bytes = bytes - $1 WHERE shard = $2",
+                &[&freed, &usage_shard()],
             )
             .await
             .map_err(|e| self.err(&e))?;
@@ -637,7 +654,7 @@ impl SpoolStore for PgStore {
                     .await
                     .map_err(|e| self.err(&e))?;
                 let used: i64 = client
-                    .query_one("SELECT bytes FROM payload_guard_spool_usage", &[])
+                    .query_one(USAGE_SUM, &[])
                     .await
                     .map_err(|e| self.err(&e))?
                     .get(0);

@@ -564,7 +564,10 @@ async fn postgres_bodies_are_chunks_of_at_most_one_mib() {
     assert!(max as usize <= CHUNK_BYTES);
     assert_eq!(sum as usize, body.len());
     let usage: i64 = client
-        .query_one("SELECT bytes FROM payload_guard_spool_usage", &[])
+        .query_one(
+            "SELECT sum(bytes)::bigint FROM payload_guard_spool_usage",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
