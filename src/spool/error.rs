@@ -63,6 +63,12 @@ pub enum SpoolError {
     /// stored or changed.
     #[error("spool database unavailable: {0}")]
     Database(#[from] crate::db::DbError),
+    /// A claim's lease ran out before its attempt was settled, and another attempt took the
+    /// record (PostgreSQL spool): the late outcome is not applied.
+    #[error(
+        "the lease on spool record {0} ran out and another attempt took it: raise [spool] lease_for above the receiver's response time"
+    )]
+    LeaseLost(RecordId),
     /// A record id from user input is not of the form the spool writes.
     #[error("invalid spool record id {0:?}: ids look like 1718000000000-0001-0123456789abcdef")]
     InvalidId(String),

@@ -119,7 +119,7 @@ impl State {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             State::Ready => 0,
             State::Dead => 1,

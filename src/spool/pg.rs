@@ -139,7 +139,7 @@ impl PgStore {
     }
 
     fn count(&self, state: State, delta: isize) {
-        let slot = &self.inner.depth[state_index(state)];
+        let slot = &self.inner.depth[state.index()];
         let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
             Some(d.saturating_add_signed(delta))
         });
@@ -665,7 +665,7 @@ impl SpoolStore for PgStore {
         let mut depth = [0usize; 3];
         for row in rows {
             if let Ok(state) = row.get::<_, &str>(0).parse::<State>() {
-                depth[state_index(state)] = row.get::<_, i64>(1) as usize;
+                depth[state.index()] = row.get::<_, i64>(1) as usize;
             }
         }
         for (slot, value) in self.inner.depth.iter().zip(depth) {
@@ -679,7 +679,7 @@ impl SpoolStore for PgStore {
     }
 
     fn depth(&self, state: State) -> usize {
-        self.inner.depth[state_index(state)].load(Ordering::Acquire)
+        self.inner.depth[state.index()].load(Ordering::Acquire)
     }
 }
 
@@ -731,23 +731,13 @@ impl PgClaim {
             .await?;
         self.done = true;
         if updated == 0 {
-            return Err(lease_lost(&self.id));
+            return Err(SpoolError::LeaseLost(self.id.clone()));
         }
         if state != State::Ready {
             store.count(State::Ready, -1);
             store.count(state, 1);
         }
         Ok(())
-    }
-}
-
-fn lease_lost(id: &RecordId) -> SpoolError {
-    SpoolError::Io {
-        op: "settle",
-        path: PathBuf::from(id.as_str()),
-        source: std::io::Error::other(
-            "the claim's lease ran out and another attempt took the record: raise [spool] lease_for above the receiver's response time",
-        ),
     }
 }
 
@@ -790,7 +780,7 @@ impl ClaimedRecord for PgClaim {
             .await?;
         self.done = true;
         if removed == 0 {
-            return Err(lease_lost(&self.id));
+            return Err(SpoolError::LeaseLost(self.id.clone()));
         }
         Ok(())
     }
@@ -944,14 +934,6 @@ impl BodySource {
             BodySource::Memory(body) => body.len() as u64,
             BodySource::File { len, .. } => *len,
         }
-    }
-}
-
-fn state_index(state: State) -> usize {
-    match state {
-        State::Ready => 0,
-        State::Dead => 1,
-        State::Archive => 2,
     }
 }
 
