@@ -36,12 +36,22 @@ pub(super) async fn process_buffered(
             (Ok(json), true) => crate::trim::string_at(json, &cfg.id_path),
             _ => None,
         };
-        if let Err(err) = v
-            .verifier
-            .verify(&target.headers, call_id.as_deref(), &wire)
-        {
-            tracing::warn!(route = %cfg.name, scheme = v.verifier.scheme().as_str(), reason = err.as_str(), "sender signature refused");
-            return Err(ProxyError::Unauthorized(err.as_str()));
+        let url = v.sender_url(&cfg.path_prefix, &ctx.path_and_query);
+        let signed = crate::verify::Signed {
+            headers: &target.headers,
+            body: &wire,
+            call_id: call_id.as_deref(),
+            url: url.as_deref(),
+            now: SystemTime::now(),
+        };
+        match v.verifier.verify(&signed) {
+            Ok(verified) => {
+                let _ = ctx.verified.set(verified);
+            }
+            Err(err) => {
+                tracing::warn!(route = %cfg.name, scheme = v.verifier.scheme().as_str(), reason = err.as_str(), "sender signature refused");
+                return Err(ProxyError::Unauthorized(err.as_str()));
+            }
         }
     }
     let Some(tc) = trim else {
@@ -277,14 +287,20 @@ pub(super) fn mark_trimmed(ctx: &Ctx<'_>, headers: &mut HeaderMap, shrunk: &Shru
         &ctx.cfg.name,
         shrunk.applied.iter().map(|a| a.removed as u64).sum(),
     );
-    if let Some(resign) = ctx.cfg.verify.as_ref().and_then(|v| v.resign.as_ref()) {
-        match resign.sign(None, &shrunk.body) {
-            Ok((name, value)) => {
-                headers.insert(name, value);
+    if let Some(v) = ctx.cfg.verify.as_ref() {
+        let signed = match (&v.resign, ctx.verified.get()) {
+            (Some(Resign::Header(resign)), _) => {
+                resign.sign(None, &shrunk.body).map(|(name, value)| {
+                    headers.insert(name, value);
+                })
             }
-            Err(err) => {
-                tracing::warn!(route = %ctx.cfg.name, error = %err, "cannot re-sign the trimmed body");
+            (Some(Resign::Same), Some(verified)) => {
+                v.verifier.resign(verified, &shrunk.body, headers)
             }
+            (Some(Resign::Same), None) | (None, _) => Ok(()),
+        };
+        if let Err(err) = signed {
+            tracing::warn!(route = %ctx.cfg.name, error = %err, "cannot re-sign the trimmed body");
         }
     }
     if let Ok(v) = HeaderValue::from_str(&shrunk.trimmed_header()) {

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::buffer::{self, BufferBudget, CollectError, Reservation};
-use crate::config::{Config, OnOversize, OnTrimFailure, RouteConfig, TrimConfig};
+use crate::config::{Config, OnOversize, OnTrimFailure, Resign, RouteConfig, TrimConfig};
 use crate::deliver::{self, SpoolState};
 use crate::error::ProxyError;
 use crate::forward::{
@@ -468,6 +468,8 @@ struct Ctx<'a> {
     path_and_query: String,
     /// HTTP/1 (errors may close the connection).
     is_h1: bool,
+    /// What the sender's accepted signature said (id, timestamp), for `resign = "same"`.
+    verified: std::sync::OnceLock<crate::verify::Verified>,
 }
 
 impl Ctx<'_> {
@@ -597,6 +599,7 @@ async fn pipeline(
             |pq| pq.as_str().to_string(),
         ),
         is_h1: parts.version < Version::HTTP_2,
+        verified: std::sync::OnceLock::new(),
     };
     if ctx.limit != cfg.upstream_limit_bytes {
         tracing::debug!(route = %cfg.name, limit = ?ctx.limit, "using the receiver limit learned from its 413s");
