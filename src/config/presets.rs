@@ -24,6 +24,13 @@ pub struct Preset {
     pub id_path: Option<&'static str>,
     /// Trim rules, as `(path, action)` with the action written as in the README.
     pub rules: &'static [(&'static str, PresetAction)],
+    /// Where this sender's payloads grow with the length of a call (plain paths to strings and
+    /// arrays), for sample payloads of any size.
+    pub grows: &'static [&'static str],
+    /// A realistic payload of the documented shape (`tests/fixtures/`).
+    pub fixture: &'static [u8],
+    /// The fixture's content type.
+    pub content_type: &'static str,
 }
 
 /// A preset rule's action (the subset of [`ActionSpec`] the presets use, as constants).
@@ -47,6 +54,9 @@ pub const PRESETS: &[Preset] = &[
             ("analysis.*_feedback", PresetAction::Drop),
             ("call.transcript", PresetAction::Truncate),
         ],
+        grows: &["call.transcript"],
+        fixture: include_bytes!("../../tests/fixtures/synthflow-post-call.json"),
+        content_type: "application/json",
     },
     Preset {
         sender: "retell",
@@ -65,6 +75,13 @@ pub const PRESETS: &[Preset] = &[
             ("call.transcript_object", PresetAction::KeepItems(5, 50)),
             ("call.transcript", PresetAction::Truncate),
         ],
+        grows: &[
+            "call.transcript",
+            "call.transcript_object",
+            "call.transcript_with_tool_calls",
+        ],
+        fixture: include_bytes!("../../tests/fixtures/retell-call-analyzed.json"),
+        content_type: "application/json",
     },
     Preset {
         sender: "elevenlabs",
@@ -79,6 +96,9 @@ pub const PRESETS: &[Preset] = &[
             ("data.transcript[*].tool_results", PresetAction::Drop),
             ("data.transcript", PresetAction::KeepItems(5, 50)),
         ],
+        grows: &["data.transcript"],
+        fixture: include_bytes!("../../tests/fixtures/elevenlabs-post-call-transcription.json"),
+        content_type: "application/json",
     },
     Preset {
         sender: "vapi",
@@ -95,12 +115,24 @@ pub const PRESETS: &[Preset] = &[
             ("message.artifact.transcript", PresetAction::Truncate),
             ("message.transcript", PresetAction::Truncate),
         ],
+        grows: &[
+            "message.artifact.messages",
+            "message.artifact.messagesOpenAIFormatted",
+            "message.artifact.transcript",
+            "message.messages",
+            "message.transcript",
+        ],
+        fixture: include_bytes!("../../tests/fixtures/vapi-end-of-call-report.json"),
+        content_type: "application/json",
     },
     Preset {
         sender: "stripe",
         scheme: "stripe",
         id_path: Some("id"),
         rules: &[("data.object.lines.data", PresetAction::KeepItems(10, 10))],
+        grows: &["data.object.lines.data"],
+        fixture: include_bytes!("../../tests/fixtures/stripe-invoice-paid.json"),
+        content_type: "application/json",
     },
     Preset {
         sender: "github",
@@ -112,18 +144,27 @@ pub const PRESETS: &[Preset] = &[
             ("commits[*].removed", PresetAction::KeepItems(20, 0)),
             ("commits", PresetAction::KeepItems(2, 5)),
         ],
+        grows: &["commits"],
+        fixture: include_bytes!("../../tests/fixtures/github-push.json"),
+        content_type: "application/json",
     },
     Preset {
         sender: "standard-webhooks",
         scheme: "standard-webhooks",
         id_path: None,
         rules: &[],
+        grows: &["data.transcript"],
+        fixture: include_bytes!("../../tests/fixtures/standard-webhooks-call-ended.json"),
+        content_type: "application/json",
     },
     Preset {
         sender: "twilio",
         scheme: "twilio",
         id_path: None,
         rules: &[],
+        grows: &[],
+        fixture: include_bytes!("../../tests/fixtures/twilio-status-callback.form"),
+        content_type: "application/x-www-form-urlencoded",
     },
 ];
 
@@ -142,6 +183,32 @@ pub fn names() -> String {
 }
 
 impl Preset {
+    /// The fixture grown to at least `min_bytes` by doubling the strings and arrays at
+    /// [`Preset::grows`] (compact JSON, keys in sorted order); the fixture itself when the sender
+    /// has nothing to grow or the fixture is not JSON.
+    pub fn sample(&self, min_bytes: usize) -> Vec<u8> {
+        let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(self.fixture) else {
+            return self.fixture.to_vec();
+        };
+        if self.grows.is_empty() {
+            return self.fixture.to_vec();
+        }
+        loop {
+            let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+            if bytes.len() >= min_bytes {
+                return bytes;
+            }
+            for path in self.grows {
+                let target = path.split('.').try_fold(&mut doc, |v, key| v.get_mut(key));
+                match target {
+                    Some(serde_json::Value::String(s)) => *s = s.repeat(2),
+                    Some(serde_json::Value::Array(items)) => items.extend(items.clone()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// The preset's trim rules as specs.
     pub fn rule_specs(&self) -> Vec<RuleSpec> {
         self.rules
@@ -180,5 +247,31 @@ mod tests {
         assert_eq!(PRESETS.len(), SCHEME_NAMES.len() - 1);
         assert_eq!(find("retell").unwrap().id_path, Some("call.call_id"));
         assert!(find("Retell").is_none());
+    }
+
+    #[test]
+    fn fixtures_parse_and_samples_grow() {
+        for p in PRESETS {
+            assert!(p.fixture.len() < 200 * 1024, "{}", p.sender);
+            if p.content_type == "application/json" {
+                let doc: serde_json::Value = serde_json::from_slice(p.fixture).unwrap();
+                if let Some(id) = p.id_path {
+                    assert!(
+                        crate::trim::string_at(p.fixture, id).is_some(),
+                        "{}: {id}",
+                        p.sender
+                    );
+                }
+                for path in p.grows {
+                    let found = path.split('.').try_fold(&doc, |v, k| v.get(k));
+                    assert!(found.is_some(), "{}: {path}", p.sender);
+                }
+            }
+            if !p.grows.is_empty() {
+                let sample = p.sample(600 * 1024);
+                assert!(sample.len() >= 600 * 1024, "{}", p.sender);
+                assert!(sample.len() < 2 * 1024 * 1024, "{}", p.sender);
+            }
+        }
     }
 }
