@@ -12,6 +12,8 @@
 
 use std::sync::Arc;
 
+use crate::incident::Kind;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -34,13 +36,8 @@ const UPSTREAM_SECONDS_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// The incident kinds the proxy records; anything else is counted as `other`.
-const INCIDENT_KINDS: [&str; 4] = [
-    "over_max_body",
-    "over_upstream_limit",
-    "upstream_413",
-    "buffer_budget_exhausted",
-];
+/// The incident kinds: the same vocabulary as the incident log ([`Kind::ALL`]).
+const INCIDENT_KINDS: [Kind; Kind::ALL.len()] = Kind::ALL;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -246,15 +243,9 @@ impl Metrics {
             .inc_by(bytes_removed);
     }
 
-    /// Records one incident; `kind` is the incident kind's stable name (`over_max_body`,
-    /// `over_upstream_limit`, `upstream_413`, `buffer_budget_exhausted`); any other name is
-    /// counted as `other`.
-    pub fn incident(&self, route: &str, kind: &str) {
-        let kind = INCIDENT_KINDS
-            .iter()
-            .copied()
-            .find(|known| *known == kind)
-            .unwrap_or("other");
+    /// Records one incident of `kind` (every kind has a series from the start, at zero).
+    pub fn incident(&self, route: &str, kind: Kind) {
+        let kind = kind.as_str();
         self.inner
             .incidents
             .get_or_create(&IncidentLabels {
@@ -300,7 +291,7 @@ impl Metrics {
         for kind in INCIDENT_KINDS {
             let _ = inner.incidents.get_or_create(&IncidentLabels {
                 route: route.to_owned(),
-                kind,
+                kind: kind.as_str(),
             });
         }
     }
@@ -480,11 +471,11 @@ mod tests {
         m.request(UNMATCHED_ROUTE, 404, 0, None, None);
         m.trimmed("a", 2000);
         m.trimmed("a", 500);
-        m.incident("a", "over_max_body");
-        m.incident("a", "over_upstream_limit");
-        m.incident("a", "over_upstream_limit");
-        m.incident("b", "upstream_413");
-        m.incident("b", "something_new");
+        m.incident("a", Kind::OverMaxBody);
+        m.incident("a", Kind::OverUpstreamLimit);
+        m.incident("a", Kind::OverUpstreamLimit);
+        m.incident("b", Kind::Upstream413);
+        m.incident("b", Kind::DuplicateConflict);
         m.reload(true);
         m.reload(true);
         m.reload(false);
@@ -535,11 +526,8 @@ mod tests {
         assert_eq!(incidents("a", "over_max_body"), 1.0);
         assert_eq!(incidents("a", "over_upstream_limit"), 2.0);
         assert_eq!(incidents("b", "upstream_413"), 1.0);
-        assert_eq!(incidents("b", "other"), 1.0);
-        assert!(
-            !s.iter()
-                .any(|x| x.labels.values().any(|v| v == "something_new"))
-        );
+        assert_eq!(incidents("b", "duplicate_conflict"), 1.0);
+        assert!(!s.iter().any(|x| x.labels.values().any(|v| v == "other")));
     }
 
     #[test]
@@ -665,7 +653,7 @@ mod tests {
             assert_eq!(value(&s, "payload_guard_requests_total", &labels), 0.0);
         }
         for kind in INCIDENT_KINDS {
-            let labels = [("route", "synthflow"), ("kind", kind)];
+            let labels = [("route", "synthflow"), ("kind", kind.as_str())];
             assert_eq!(value(&s, "payload_guard_incidents_total", &labels), 0.0);
         }
         assert_eq!(

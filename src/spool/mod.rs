@@ -35,7 +35,7 @@
 //! progress); `min_free` is checked with `statvfs` before each write. Both refusals
 //! ([`SpoolError::is_refusal`]) leave nothing behind.
 
-mod backoff;
+pub mod backoff;
 mod claim;
 mod durable;
 mod error;
@@ -416,6 +416,27 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(SpoolError::io("rename", &from, e)),
         }
+    }
+
+    /// Whether the spool can take a new record right now (for `/readyz`): below
+    /// `max_bytes`, the disk above `min_free`, and a file can be created. Blocking I/O.
+    pub fn can_accept(&self) -> Result<(), SpoolError> {
+        let space = &self.inner.space;
+        if space.max_bytes > 0 && space.used() >= space.max_bytes {
+            return Err(SpoolError::Full {
+                used: space.used(),
+                max: space.max_bytes,
+            });
+        }
+        space.check_free(0)?;
+        let probe = self
+            .sub_dir("tmp")
+            .join(format!(".probe-{}", std::process::id()));
+        let created = File::create(&probe);
+        let _ = std::fs::remove_file(&probe);
+        created
+            .map(drop)
+            .map_err(|e| SpoolError::io("create", &probe, e))
     }
 
     /// Whether a file can be created in the spool right now (for `/readyz`).

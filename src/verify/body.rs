@@ -1,8 +1,8 @@
 //! Whole-body HMAC-SHA256 with no timestamp: the generic `hmac-sha256-body` (a configured
 //! header, hex or base64, an optional `sha256=` prefix) and GitHub's `X-Hub-Signature-256:
 //! sha256=<hex>` (GitHub, "Validating webhook deliveries"). The delivery id GitHub sends in
-//! `X-GitHub-Delivery` is kept as the id. Re-signing GitHub also rewrites the legacy
-//! `X-Hub-Signature: sha1=<hex>` when the sender sent one, so it never goes out stale.
+//! `X-GitHub-Delivery` is kept as the id. Re-signing GitHub also writes the legacy
+//! `X-Hub-Signature: sha1=<hex>` GitHub sends alongside, so it never goes out stale.
 
 use http::{HeaderMap, HeaderName};
 
@@ -55,10 +55,9 @@ pub(super) fn write(
     let value = match v.scheme {
         Scheme::HmacSha256Body { encoding } => encoding.encode(&tag),
         _ => {
-            if headers.contains_key(X_HUB_SIGNATURE) {
-                let sha1 = hex::encode(v.secret.hmac_sha1(&[body]));
-                headers.insert(X_HUB_SIGNATURE, header_value(format!("sha1={sha1}")));
-            }
+            // GitHub sends both; the legacy one must not go out stale.
+            let sha1 = hex::encode(v.secret.hmac_sha1(&[body]));
+            headers.insert(X_HUB_SIGNATURE, header_value(format!("sha1={sha1}")));
             format!("sha256={}", hex::encode(tag))
         }
     };

@@ -523,6 +523,27 @@ impl Verifier {
         }
     }
 
+    /// What the sender's signature headers say (the header, id and timestamp), read without
+    /// checking them: for re-signing a payload whose signature was verified when it arrived
+    /// (a resend after a 413, a redelivery from the spool). `None` when no header is there.
+    pub fn stamp(&self, headers: &HeaderMap) -> Option<Verified> {
+        let (header, text) = read_header(headers, &self.header_names).ok()?;
+        let (id, timestamp) = match self.scheme {
+            Scheme::Retell => (None, retell::timestamp_of(text)),
+            Scheme::ElevenLabs | Scheme::Stripe => (None, timestamped::timestamp_of(text)),
+            Scheme::StandardWebhooks => standard_webhooks::id_and_timestamp(&header, headers)?,
+            _ => (None, None),
+        };
+        if self.scheme.has_timestamp() && timestamp.is_none() {
+            return None;
+        }
+        Some(Verified {
+            header,
+            id,
+            timestamp,
+        })
+    }
+
     /// The headers the sender would send with `req.body` at `req.now` (the `sign` command;
     /// tests). `id` is the message id for schemes that sign one (a new one when `None`).
     pub fn sign_request(
@@ -721,6 +742,39 @@ mod tests {
         }
         let debug = format!("{:?}", Secret::new("s3cr3t-value"));
         assert_eq!(debug, "Secret(***)");
+    }
+
+    #[test]
+    fn stamps_read_what_resigning_keeps() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for scheme in [
+            Scheme::Stripe,
+            Scheme::Retell,
+            Scheme::StandardWebhooks,
+            Scheme::GitHub,
+        ] {
+            let secret = match scheme {
+                Scheme::StandardWebhooks => Secret::new("whsec_c2VjcmV0"),
+                _ => Secret::new("secret"),
+            };
+            let v = Verifier::new(scheme, None, secret).unwrap();
+            let req = Signed {
+                headers: &HeaderMap::new(),
+                body: b"{}",
+                call_id: None,
+                url: None,
+                now,
+            };
+            let headers = v.sign_request(&req, Some("msg_1".into())).unwrap();
+            let verified = v
+                .verify(&Signed {
+                    headers: &headers,
+                    ..req
+                })
+                .unwrap();
+            assert_eq!(v.stamp(&headers), Some(verified), "{scheme:?}");
+            assert_eq!(v.stamp(&HeaderMap::new()), None);
+        }
     }
 
     #[test]

@@ -30,6 +30,13 @@ pub(super) fn verify(v: &Verifier, req: &Signed<'_>) -> Result<Verified, VerifyE
     })
 }
 
+/// The `v=` timestamp of a header value.
+pub(super) fn timestamp_of(text: &str) -> Option<String> {
+    let (stamp, _) = text.strip_prefix("v=")?.split_once(",d=")?;
+    super::parse_timestamp(stamp).ok()?;
+    Some(stamp.to_owned())
+}
+
 pub(super) fn write(
     v: &Verifier,
     stamp: &Verified,

@@ -87,6 +87,18 @@ pub(super) fn verify(v: &Verifier, req: &Signed<'_>) -> Result<Verified, VerifyE
     })
 }
 
+/// The id and timestamp headers that go with `signature`.
+pub(super) fn id_and_timestamp(
+    signature: &HeaderName,
+    headers: &HeaderMap,
+) -> Option<(Option<String>, Option<String>)> {
+    let (id_name, ts_name) = companions(signature);
+    let (_, id) = read_header(headers, std::slice::from_ref(&id_name)).ok()?;
+    let (_, timestamp) = read_header(headers, std::slice::from_ref(&ts_name)).ok()?;
+    super::parse_timestamp(timestamp).ok()?;
+    Some((Some(id.to_owned()), Some(timestamp.to_owned())))
+}
+
 pub(super) fn write(
     v: &Verifier,
     stamp: &Verified,

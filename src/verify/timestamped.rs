@@ -65,6 +65,15 @@ pub(super) fn verify(v: &Verifier, req: &Signed<'_>) -> Result<Verified, VerifyE
     })
 }
 
+/// The `t=` timestamp of a header value.
+pub(super) fn timestamp_of(text: &str) -> Option<String> {
+    let stamp = text
+        .split(',')
+        .find_map(|item| item.trim().strip_prefix("t="))?;
+    super::parse_timestamp(stamp).ok()?;
+    Some(stamp.to_owned())
+}
+
 pub(super) fn write(
     v: &Verifier,
     stamp: &Verified,

@@ -95,10 +95,18 @@ fn senders_env() -> Vec<(String, String)> {
         .collect()
 }
 
-fn load(text: &str, upstream: std::net::SocketAddr) -> payload_guard::config::Config {
+/// The config with the senders' secrets, its incident log and state files in `state` (so no
+/// learned limit crosses from another test).
+fn load(
+    text: &str,
+    upstream: std::net::SocketAddr,
+    state: &tempfile::TempDir,
+) -> payload_guard::config::Config {
     let env = senders_env();
     let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    config_with_env(text, upstream, &pairs)
+    let mut config = config_with_env(text, upstream, &pairs);
+    config.incidents.path = state.path().join("incidents.jsonl");
+    config
 }
 
 async fn post(proxy: &ProxyHandle, preset: &Preset, body: &Bytes, headers: HeaderMap) -> Got {
@@ -118,7 +126,8 @@ async fn post(proxy: &ProxyHandle, preset: &Preset, body: &Bytes, headers: Heade
 #[tokio::test]
 async fn every_sender_good_is_forwarded_and_wrong_missing_stale_future_get_401() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
-    let proxy = start_proxy(load(&senders_config("", ""), receiver.addr)).await;
+    let state = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(load(&senders_config("", ""), receiver.addr, &state)).await;
     let now = SystemTime::now;
     for p in PRESETS {
         let body = Bytes::from_static(p.fixture);
@@ -196,7 +205,8 @@ async fn every_sender_good_is_forwarded_and_wrong_missing_stale_future_get_401()
 #[tokio::test]
 async fn one_valid_signature_among_rotated_ones_is_forwarded() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
-    let proxy = start_proxy(load(&senders_config("", ""), receiver.addr)).await;
+    let state = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(load(&senders_config("", ""), receiver.addr, &state)).await;
     let zeros = "0".repeat(64);
     let b64_zeros = format!("v1,{}=", "A".repeat(43));
     let cases = [
@@ -246,8 +256,9 @@ struct Trimmed {
 #[tokio::test]
 async fn trimmed_payloads_are_resigned_in_the_senders_scheme_and_verify_with_official_libraries() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
+    let state = tempfile::tempdir().unwrap();
     let text = senders_config("upstream_limit = \"100KiB\"\n", "resign = \"same\"\n");
-    let proxy = start_proxy(load(&text, receiver.addr)).await;
+    let proxy = start_proxy(load(&text, receiver.addr, &state)).await;
     let mut trimmed = Vec::new();
     for p in PRESETS.iter().filter(|p| !p.grows.is_empty()) {
         let large = Bytes::from(p.sample(400 * 1024));
@@ -321,7 +332,7 @@ async fn trimmed_payloads_are_resigned_in_the_senders_scheme_and_verify_with_off
             ""
         )
     );
-    let proxy = start_proxy(load(&text, receiver.addr)).await;
+    let proxy = start_proxy(load(&text, receiver.addr, &state)).await;
     let large = Bytes::from(sw.sample(400 * 1024));
     let mut req = Request::post(proxy.url("/hooks/test"))
         .header("content-type", "application/json")
@@ -700,11 +711,8 @@ async fn the_binary_never_logs_a_secret_while_refusing_and_resigning() {
     .await
     .unwrap();
     assert_eq!(status.code(), Some(0));
-    assert_eq!(log.matches("sender signature refused").count(), 3, "{log}");
-    assert!(
-        log.contains("reason=\"expired\"") || log.contains("reason=expired"),
-        "{log}"
-    );
+    assert_eq!(log.matches("status=401").count(), 3, "{log}");
+    assert!(log.contains("signature_expired"), "{log}");
     assert!(
         !log.contains(SECRET) && !log.contains(OTHER_SECRET),
         "{log}"
@@ -749,4 +757,57 @@ fn demo_runs_for_every_json_sender() {
     }
     let out = bin().args(["demo", "--sender", "nobody"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
+}
+
+#[tokio::test]
+async fn a_resend_after_the_receivers_413_is_resigned_with_the_senders_stamp() {
+    // No upstream_limit: the first send goes out whole, the receiver refuses it, and the
+    // trimmed resend must carry a valid signature with the sender's timestamp.
+    let mut receiver = Receiver::start(Behavior::LimitEarly(100 * 1024)).await;
+    let state = tempfile::tempdir().unwrap();
+    let text = one_route(
+        "sender = \"retell\"\nretry_on_413 = true\n[routes.verify]\nsecret_env = \"SECRET_RETELL\"\nresign = \"same\"",
+        "",
+    );
+    let proxy = start_proxy(load(&text, receiver.addr, &state)).await;
+    let retell = presets::find("retell").unwrap();
+    let large = Bytes::from(retell.sample(300 * 1024));
+    let sent = sign(retell, SECRET, &large, SystemTime::now());
+    let mut req = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/json")
+        .body(full(large.clone()))
+        .unwrap();
+    req.headers_mut().extend(sent.clone());
+    let got = send(proxy.addr, req).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let refused = receiver.next().await;
+    assert!(
+        refused.body.is_err(),
+        "the first send is refused unread: {:?} {:?}",
+        refused.headers,
+        refused.body.as_ref().map(Bytes::len)
+    );
+    assert_eq!(
+        refused.headers["x-retell-signature"],
+        sent["x-retell-signature"]
+    );
+    // The ladder may step down more than once; the accepted resend is the one to check.
+    let (resent, body) = loop {
+        let seen = receiver.next().await;
+        if let Ok(body) = seen.body.clone() {
+            break (seen, body);
+        }
+    };
+    assert!(body.len() <= 100 * 1024);
+    let verified = verifier(retell, SECRET)
+        .verify(&Signed {
+            headers: &resent.headers,
+            body: &body,
+            call_id: None,
+            url: None,
+            now: SystemTime::now(),
+        })
+        .unwrap();
+    let original = sent["x-retell-signature"].to_str().unwrap();
+    assert!(original.starts_with(&format!("v={},", verified.timestamp.unwrap())));
 }
