@@ -142,6 +142,12 @@ impl Scenario {
         })
     }
 
+    /// How long a detail line may be: senders' trims name hundreds of array elements, so their
+    /// report lines are cut; the default demo prints them whole.
+    fn detail_chars(&self) -> Option<usize> {
+        self.preset.map(|_| 240)
+    }
+
     /// The headers the sender sends with `body` now.
     fn sign(&self, body: &Bytes) -> Result<HeaderMap, String> {
         let Some(signer) = &self.signer else {
@@ -290,14 +296,14 @@ async fn run(sc: &Scenario) -> anyhow::Result<bool> {
     let sent = send(sc, straight, 1, small).await;
     let seen = receiver.seen(1, sent.is_ok()).await;
     check_small_straight(&mut step, sent, seen, small);
-    step.print(width);
+    step.print(width, sc.detail_chars());
     steps.push(step);
 
     let mut step = Step::new(label2);
     let sent = send(sc, straight, 2, large).await;
     let seen = receiver.seen(2, sent.is_ok()).await;
     check_large_straight(&mut step, sent, seen);
-    step.print(width);
+    step.print(width, sc.detail_chars());
     steps.push(step);
 
     let mut step = Step::new(label3);
@@ -306,7 +312,7 @@ async fn run(sc: &Scenario) -> anyhow::Result<bool> {
     let seen = receiver.seen(3, sent.is_ok()).await;
     check_signature(sc, &mut step, seen.as_ref(), signed.as_ref().ok(), false);
     check_small_through(&mut step, sent, seen, small);
-    step.print(width);
+    step.print(width, sc.detail_chars());
     steps.push(step);
 
     let mut step = Step::new(label4);
@@ -324,7 +330,7 @@ async fn run(sc: &Scenario) -> anyhow::Result<bool> {
     check_large_through(sc, &mut step, sent, seen, large);
     proxy.shared().incidents.flush().await;
     check_incident(&mut step, &incidents_path, request_id.as_deref()).await;
-    step.print(width);
+    step.print(width, sc.detail_chars());
     steps.push(step);
 
     // Shut down: the proxy drains its connections, then the receiver stops accepting.
@@ -478,13 +484,20 @@ impl Step {
         }
     }
 
-    /// Writes the step to stdout, the outcome column starting at `width`.
-    fn print(&self, width: usize) {
+    /// Writes the step to stdout, the outcome column starting at `width`, each detail cut to
+    /// `detail_chars` when given.
+    fn print(&self, width: usize, detail_chars: Option<usize>) {
         let mut out = format!("  {:<width$}  {}", self.label, self.outcome);
         out.truncate(out.trim_end().len());
         out.push('\n');
         for detail in &self.details {
-            out.push_str(&format!("     {detail}\n"));
+            match detail_chars {
+                Some(max) if detail.chars().count() > max => {
+                    let cut: String = detail.chars().take(max).collect();
+                    out.push_str(&format!("     {cut}…\n"));
+                }
+                _ => out.push_str(&format!("     {detail}\n")),
+            }
         }
         for problem in &self.problems {
             out.push_str(&format!("     NOT AS EXPECTED: {problem}\n"));
