@@ -811,3 +811,53 @@ async fn a_resend_after_the_receivers_413_is_resigned_with_the_senders_stamp() {
     let original = sent["x-retell-signature"].to_str().unwrap();
     assert!(original.starts_with(&format!("v={},", verified.timestamp.unwrap())));
 }
+
+#[tokio::test]
+async fn a_redelivery_from_the_spool_is_resigned_with_the_senders_stamp() {
+    let mut receiver = Receiver::start(Behavior::FailFirst(1, 503)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[spool]\ndir = \"spool\"\nmin_free = 0\nretry_initial = \"100ms\"\n[[routes]]\nname = \"stripe\"\npath_prefix = \"/hooks/stripe\"\nupstream = \"http://{}/webhook\"\nupstream_limit = \"100KiB\"\nspool = true\nsender = \"stripe\"\n[routes.verify]\nsecret_env = \"SECRET_STRIPE\"\nresign = \"same\"\n",
+        receiver.addr
+    );
+    let config = payload_guard::config::Config::from_str_with_env(
+        &text,
+        &dir.path().join("proxy.toml"),
+        &|name| (name == "SECRET_STRIPE").then(|| SECRET.to_owned()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let proxy = start_proxy(config).await;
+    let stripe = presets::find("stripe").unwrap();
+    let large = Bytes::from(stripe.sample(300 * 1024));
+    let sent = sign(stripe, SECRET, &large, SystemTime::now());
+    let mut req = Request::post(proxy.url("/hooks/stripe"))
+        .header("content-type", "application/json")
+        .body(full(large.clone()))
+        .unwrap();
+    req.headers_mut().extend(sent.clone());
+    let got = send(proxy.addr, req).await;
+    assert_eq!(got.status, 202, "{:?}", got.body);
+    let refused = receiver.next().await;
+    assert!(refused.body.is_ok());
+    // Redeliver now (as the background task would once the backoff is due).
+    payload_guard::deliver::redeliver_due(
+        proxy.proxy.current(),
+        proxy.proxy.shared_arc(),
+        SystemTime::now() + Duration::from_secs(60),
+    )
+    .await;
+    let redelivered = receiver.next().await;
+    let body = redelivered.body.unwrap();
+    assert!(body.len() <= 100 * 1024 && body.len() < large.len());
+    let verified = verifier(stripe, SECRET)
+        .verify(&Signed {
+            headers: &redelivered.headers,
+            body: &body,
+            call_id: None,
+            url: None,
+            now: SystemTime::now(),
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}", redelivered.headers));
+    let original = sent["stripe-signature"].to_str().unwrap();
+    assert!(original.starts_with(&format!("t={},", verified.timestamp.unwrap())));
+}
