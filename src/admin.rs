@@ -1,10 +1,12 @@
 //! The admin listener: `GET /healthz` (process up), `GET /readyz` (config loaded, listener
 //! bound), `GET /metrics` (Prometheus text), `POST /reload` (re-read `proxy.toml`). When
-//! `[server] admin_token_env` is set, every request must carry `Authorization: Bearer <token>`.
-//! Also home of [`reload`], shared by SIGHUP and `POST /reload`.
+//! `[server] admin_token_env` is set, every request must carry `Authorization: Bearer <token>`
+//! (the console also takes its session cookie). Every other path is the operator's console
+//! ([`crate::console`]). Also home of [`reload`], shared by SIGHUP and `POST /reload`.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +22,7 @@ use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::console::{self, Console};
 use crate::proxy::{Proxy, Runtime};
 
 /// What the admin endpoints serve.
@@ -42,8 +45,9 @@ pub async fn serve_admin(
     let builder = Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     tracing::info!(listen = %listener.local_addr()?, "admin listening");
+    let console = Arc::new(Console::new());
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -55,9 +59,11 @@ pub async fn serve_admin(
             () = &mut shutdown => return Ok(()),
         };
         let admin = admin.clone();
+        let console = console.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(handle(&admin, req).await) }
+            let console = console.clone();
+            async move { Ok::<_, Infallible>(handle(&admin, &console, req, peer).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -78,23 +84,50 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     response
 }
 
-/// Whether the request carries the admin token (always true when none is configured).
-fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
-    let runtime = admin.proxy.current();
-    let Some(token) = runtime.config.server.admin_token.as_ref() else {
-        return true;
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    token.matches(given.as_bytes())
+/// How an admin request was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// No token is configured (the admin listener is on loopback).
+    Open,
+    /// `Authorization: Bearer <token>`.
+    Bearer,
+    /// The console's session cookie holding the token.
+    Cookie,
 }
 
-async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(admin, &req) {
+/// Who is calling, or `None` when a token is configured and the request does not carry it.
+pub fn caller(admin: &Admin, headers: &http::HeaderMap) -> Option<Caller> {
+    let runtime = admin.proxy.current();
+    let Some(token) = runtime.config.server.admin_token.as_ref() else {
+        return Some(Caller::Open);
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(given) = bearer {
+        return token.matches(given.as_bytes()).then_some(Caller::Bearer);
+    }
+    console::cookie_token(headers)
+        .filter(|given| token.matches(given.as_bytes()))
+        .map(|_| Caller::Cookie)
+}
+
+async fn handle(
+    admin: &Admin,
+    console: &Console,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    if console::serves(req.uri().path()) {
+        return console::handle(admin, console, req, peer).await;
+    }
+    // The console's cookie is for the console: these endpoints keep to the bearer token
+    // (`POST /reload` has no CSRF token to check).
+    if !matches!(
+        caller(admin, req.headers()),
+        Some(Caller::Open | Caller::Bearer)
+    ) {
         let mut response = json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "unauthorized", "message": "admin requests need Authorization: Bearer <token>"}),

@@ -28,7 +28,9 @@
 //! - [`incident`]: the 413 incident log, fingerprints of who rejected, learned limits, diagnosis.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`error`]: the one mapping from an error to a status, a culprit and an incident kind.
+//! - [`sizes`]: recent request sizes per route (an in-memory ring), for the console.
 //! - [`admin`]: health, readiness, metrics and reload on the admin listener.
+//! - [`console`]: the operator's console and its JSON API on the admin listener.
 //! - [`cli`]: the `payload-guard` subcommands.
 
 #![deny(unsafe_code)]
@@ -38,6 +40,7 @@ pub mod admin;
 pub mod buffer;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod deliver;
 pub mod error;
 pub mod forward;
@@ -51,6 +54,7 @@ pub mod prepare;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod sizes;
 pub mod spool;
 pub mod state;
 pub mod trim;

@@ -22,6 +22,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::sizes::SizeRing;
+
 /// The `Content-Type` of [`Metrics::encode`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
@@ -84,6 +86,25 @@ pub struct Snapshot {
     pub spool_depth: Vec<(String, u64)>,
 }
 
+/// One route's counters, as [`Metrics::route_counts`] reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteCounts {
+    /// Requests answered 2xx.
+    pub requests_2xx: u64,
+    /// Requests answered 3xx.
+    pub requests_3xx: u64,
+    /// Requests answered 4xx (the proxy's own refusals included).
+    pub requests_4xx: u64,
+    /// Requests answered 5xx.
+    pub requests_5xx: u64,
+    /// Bodies trimmed.
+    pub trims: u64,
+    /// Bytes removed by trimming.
+    pub trimmed_bytes: u64,
+    /// Incidents by kind name, every counted kind listed.
+    pub incidents: std::collections::BTreeMap<&'static str, u64>,
+}
+
 /// The proxy's metrics. Cheap to clone: clones share the same series.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -101,6 +122,8 @@ struct Inner {
     trimmed_bytes: Family<RouteLabels, Counter>,
     incidents: Family<IncidentLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
+    /// Recent body sizes per route, for the console (not exported to Prometheus).
+    sizes: SizeRing,
 }
 
 impl Default for Metrics {
@@ -176,6 +199,7 @@ impl Metrics {
                 trimmed_bytes,
                 incidents,
                 config_reloads,
+                sizes: SizeRing::new(),
             }),
         };
         // Both results exist from the start, so a first failed reload is an increase from 0.
@@ -210,6 +234,11 @@ impl Metrics {
                 status_class: status_class(status),
             })
             .inc();
+        // The console's size histograms. A body never read (refused on its Content-Length, or
+        // a request without one) has no size to show.
+        if body_bytes > 0 && route != UNMATCHED_ROUTE {
+            inner.sizes.record(route, body_bytes);
+        }
         let labels = RouteLabels {
             route: route.to_owned(),
         };
@@ -253,6 +282,49 @@ impl Metrics {
                 kind,
             })
             .inc();
+    }
+
+    /// Recent request body sizes per route (see [`SizeRing`]).
+    pub fn sizes(&self) -> &SizeRing {
+        &self.inner.sizes
+    }
+
+    /// What has been counted for `route` since start-up.
+    pub fn route_counts(&self, route: &str) -> RouteCounts {
+        let inner = &*self.inner;
+        let requests = |status_class| {
+            inner
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: route.to_owned(),
+                    status_class,
+                })
+                .get()
+        };
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        RouteCounts {
+            requests_2xx: requests("2xx"),
+            requests_3xx: requests("3xx"),
+            requests_4xx: requests("4xx"),
+            requests_5xx: requests("5xx"),
+            trims: inner.trims.get_or_create(&labels).get(),
+            trimmed_bytes: inner.trimmed_bytes.get_or_create(&labels).get(),
+            incidents: INCIDENT_KINDS
+                .iter()
+                .map(|&kind| {
+                    let count = inner
+                        .incidents
+                        .get_or_create(&IncidentLabels {
+                            route: route.to_owned(),
+                            kind: kind.as_str(),
+                        })
+                        .get();
+                    (kind.as_str(), count)
+                })
+                .collect(),
+        }
     }
 
     /// Records one configuration reload attempt.

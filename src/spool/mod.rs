@@ -576,6 +576,30 @@ impl Spool {
         Ok(removed)
     }
 
+    /// Removes one record from `state` (for the console's purge button); `false` when it is not
+    /// there. A ready record is claimed first, so one being delivered right now is not removed.
+    pub fn remove(&self, state: State, id: &RecordId) -> Result<bool, SpoolError> {
+        if state == State::Ready {
+            return match self.claim(id)? {
+                Some(claim) => claim.complete().map(|()| true),
+                None => Ok(false),
+            };
+        }
+        let Some(entry) = self.entry_at(state, false, id)? else {
+            return Ok(false);
+        };
+        match durable::remove_if_exists(&entry.path) {
+            Ok(true) => {
+                self.inner.space.forget(entry.file_len);
+                self.uncount(state, 1);
+                durable::fsync_dir(&self.state_dir(state))?;
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => Err(SpoolError::io("remove", &entry.path, e)),
+        }
+    }
+
     /// Bytes held by records (ready, inflight, dead, archive) and writes in progress, as this
     /// handle counts them.
     pub fn usage(&self) -> u64 {
