@@ -861,3 +861,31 @@ async fn a_redelivery_from_the_spool_is_resigned_with_the_senders_stamp() {
     let original = sent["stripe-signature"].to_str().unwrap();
     assert!(original.starts_with(&format!("t={},", verified.timestamp.unwrap())));
 }
+
+#[test]
+fn the_url_twilio_signed_is_public_url_plus_the_rest_of_the_request_target() {
+    let text = one_route(
+        &format!(
+            "sender = \"twilio\"\n[routes.verify]\nsecret_env = \"S\"\npublic_url = \"{TWILIO_PUBLIC_URL}/\""
+        ),
+        "",
+    )
+    .replace("{upstream}", "127.0.0.1:1");
+    let config =
+        payload_guard::config::Config::from_str_with_env(&text, Path::new("t.toml"), &|_| {
+            Some(SECRET.to_owned())
+        })
+        .unwrap();
+    let route = config.route("test").unwrap();
+    let v = route.verify.as_ref().unwrap();
+    let url = |target: &str| v.sender_url(&route.path_prefix, target);
+    assert_eq!(url("/hooks/test").as_deref(), Some(TWILIO_PUBLIC_URL));
+    assert_eq!(
+        url("/hooks/test?a=1&b=2").as_deref(),
+        Some(format!("{TWILIO_PUBLIC_URL}?a=1&b=2").as_str())
+    );
+    assert_eq!(
+        url("/hooks/test/status?x=1").as_deref(),
+        Some(format!("{TWILIO_PUBLIC_URL}/status?x=1").as_str())
+    );
+}
