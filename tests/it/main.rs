@@ -15,6 +15,7 @@ mod nginx;
 mod ops;
 mod pg;
 mod replicas;
+mod senders;
 mod shared_state;
 mod spool;
 mod spool_store;
