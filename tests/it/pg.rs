@@ -25,6 +25,8 @@ pub struct PgServer {
     owned: bool,
     /// `fsync` on (benchmarks); tests turn it off: they crash the server, never the machine.
     durable: bool,
+    /// More `postgres` options (`-c ssl=on …`).
+    options: String,
 }
 
 /// Where the Debian `postgresql` package puts initdb and pg_ctl (newest version first).
@@ -106,7 +108,15 @@ impl PgServer {
         if !available() {
             return None;
         }
-        Some(PgServer::launch(true, false))
+        Some(PgServer::launch(true, false, None))
+    }
+
+    /// A server of its own that offers TLS with this certificate and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<PgServer> {
+        if !available() {
+            return None;
+        }
+        Some(PgServer::launch(true, false, Some((cert_pem, key_pem))))
     }
 
     /// Like [`PgServer::start`], with `fsync` on, as in production (for benchmarks).
@@ -114,10 +124,10 @@ impl PgServer {
         if !available() {
             return None;
         }
-        Some(PgServer::launch(true, true))
+        Some(PgServer::launch(true, true, None))
     }
 
-    fn launch(owned: bool, durable: bool) -> PgServer {
+    fn launch(owned: bool, durable: bool, tls: Option<(&str, &str)>) -> PgServer {
         let bin = pg_bin().expect("checked by available()");
         let top = tempfile::Builder::new()
             .prefix("payload-guard-pg-")
@@ -147,6 +157,26 @@ impl PgServer {
                 .arg(&data),
             "initdb",
         );
+        let mut options = String::new();
+        if let Some((cert, key)) = tls {
+            // The server reads its key only when the key is its own and private.
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).unwrap();
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+                if running_as_root() {
+                    run(
+                        Command::new("chown").arg("postgres:postgres").arg(&path),
+                        "chown",
+                    );
+                }
+            }
+            options.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let port = free_port();
         let server = PgServer {
             port,
@@ -155,6 +185,7 @@ impl PgServer {
             data,
             owned,
             durable,
+            options,
         };
         server.pg_ctl_start();
         // The watchdog: once this test process is gone, stop the server and remove its files.
@@ -190,10 +221,11 @@ rm -rf "$4""#,
                 .arg(self.top.join("server.log"))
                 .arg("-o")
                 .arg(format!(
-                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200",
+                    "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200{}",
                     self.port,
                     self.top.display(),
-                    if self.durable { "on" } else { "off" }
+                    if self.durable { "on" } else { "off" },
+                    self.options
                 ))
                 .args(["-w", "-t", "60", "start"]),
             "pg_ctl start",
@@ -263,7 +295,7 @@ impl Drop for PgServer {
 pub fn shared() -> Option<&'static PgServer> {
     static SHARED: OnceLock<Option<PgServer>> = OnceLock::new();
     SHARED
-        .get_or_init(|| available().then(|| PgServer::launch(false, false)))
+        .get_or_init(|| available().then(|| PgServer::launch(false, false, None)))
         .as_ref()
 }
 

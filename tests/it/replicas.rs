@@ -37,7 +37,16 @@ struct Replica {
 impl Replica {
     /// Starts the binary with `config` and waits for its "listening" lines.
     fn start(config: &Path, url: &str) -> Replica {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        Replica::start_with(
+            Command::new(env!("CARGO_BIN_EXE_payload-guard")),
+            config,
+            url,
+        )
+    }
+
+    /// Like [`Replica::start`], from a prepared command (extra environment).
+    fn start_with(mut command: Command, config: &Path, url: &str) -> Replica {
+        let mut child = command
             .arg("--config")
             .arg(config)
             .env("PAYLOAD_GUARD_DATABASE_URL", url)
@@ -726,4 +735,83 @@ spool = true
         text.contains("PAYLOAD_GUARD_DATABASE_URL is not set"),
         "{text}"
     );
+}
+
+/// A private CA and a server certificate for `localhost` signed by it, as PEM.
+fn private_ca() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "payload-guard test database CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_connection_is_tls_verified_against_the_system_roots() {
+    let (ca, cert, key) = private_ca();
+    let Some(server) = pg::PgServer::start_tls(&cert, &key) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let plain = server.database("tls");
+    let db = plain.rsplit('/').next().unwrap().split('?').next().unwrap();
+    let url = format!(
+        "postgres://postgres:{}@localhost:{}/{db}?sslmode=require",
+        pg::SECRET_PASSWORD,
+        server.port
+    );
+    let path = config(dir.path(), "r0", free_addr(), None);
+    // Trusted (the CA in SSL_CERT_FILE, as an operator adds a private CA to the system roots):
+    // the spool commits over TLS.
+    let replica = {
+        let (path, url, ca_file) = (path.clone(), url.clone(), ca_file.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"));
+            child.env("SSL_CERT_FILE", &ca_file);
+            Replica::start_with(child, &path, &url)
+        })
+        .await
+        .unwrap()
+    };
+    let got = post(replica.addr, "a", payload("a", 0, 1)).await;
+    assert_eq!(got.status, 202, "{:?}\n{}", got.body, replica.log_text());
+    let client = pg::client(&plain).await;
+    let tls: bool = client
+        .query_one(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'payload-guard'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(tls, "every payload-guard connection uses TLS");
+    drop(replica);
+
+    // Not trusted: no connection, so nothing is acknowledged.
+    let untrusted = {
+        let (path, url) = (path.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"));
+            child.env("SSL_CERT_FILE", "/nonexistent/ca.pem");
+            Replica::start_with(child, &path, &url)
+        })
+        .await
+        .unwrap()
+    };
+    let refused = post(untrusted.addr, "a", payload("a", 0, 2)).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(readyz(untrusted.admin).await, 503);
+    assert!(!untrusted.log_text().contains(pg::SECRET_PASSWORD));
 }
