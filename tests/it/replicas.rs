@@ -718,6 +718,47 @@ spool = true
         assert_eq!(got.headers["content-type"], "application/json");
     }
 
+    // `replay` from the first replica's config delivers the second replica's record, and
+    // `spool purge` tidies the table.
+    let mut elsewhere = Receiver::start(Behavior::Ok).await;
+    let out = tokio::task::spawn_blocking({
+        let (url, config) = (url.clone(), config.clone());
+        let to = format!("http://{}/elsewhere", elsewhere.addr);
+        move || cli(&url, &["replay", "--to", &to], &config)
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("replayed 1: 1 delivered, 0 failed"), "{text}");
+    assert_eq!(elsewhere.next().await.body.unwrap(), payload("a", 1, 7));
+    let out = tokio::task::spawn_blocking({
+        let (url, config) = (url.clone(), config.clone());
+        move || {
+            cli(
+                &url,
+                &["spool", "purge", "--state", "archive", "--older-than", "0s"],
+                &config,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("removed 1 archive record"), "{text}");
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM payload_guard_spool", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "replayed and purged");
+
     // Without the URL in the environment the CLI names the variable to set.
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_payload-guard"))
