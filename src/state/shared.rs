@@ -150,6 +150,15 @@ impl Sync {
         let mut client = self.db.client().await?;
         for (route, events) in by_route {
             let tx = client.transaction().await.map_err(|e| self.db.error(&e))?;
+            // The row exists before it is locked, so two replicas learning about a new route
+            // at once queue on its lock instead of each inserting its own version.
+            tx.execute(
+                "INSERT INTO payload_guard_learned_limits (route, state) VALUES ($1, '{}')
+                 ON CONFLICT (route) DO NOTHING",
+                &[&route],
+            )
+            .await
+            .map_err(|e| self.db.error(&e))?;
             let row = tx
                 .query_opt(
                     "SELECT state FROM payload_guard_learned_limits WHERE route = $1 FOR UPDATE",
@@ -173,8 +182,8 @@ impl Sync {
             }
             let json = serde_json::to_string(&state).unwrap_or_default();
             tx.execute(
-                "INSERT INTO payload_guard_learned_limits (route, state) VALUES ($1, $2)
-                 ON CONFLICT (route) DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
+                "UPDATE payload_guard_learned_limits SET state = $2, updated_at = now()
+                 WHERE route = $1",
                 &[&route, &json],
             )
             .await
