@@ -60,6 +60,17 @@ struct IncidentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    route: String,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -82,6 +93,8 @@ pub struct Snapshot {
     pub buffer_budget_bytes: u64,
     /// Client connections currently open.
     pub open_connections: u64,
+    /// The process's resident memory (RSS) in bytes, when the platform tells.
+    pub resident_bytes: Option<u64>,
     /// Spooled items per state (e.g. `("pending", 3)`); states are a fixed set chosen by the
     /// spool, not request data.
     pub spool_depth: Vec<(String, u64)>,
@@ -103,6 +116,8 @@ struct Inner {
     trims: Family<RouteLabels, Counter>,
     trimmed_bytes: Family<RouteLabels, Counter>,
     incidents: Family<IncidentLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    connections_shed: Family<ShedLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
 }
 
@@ -124,6 +139,8 @@ impl Metrics {
         let trimmed_bytes = Family::<RouteLabels, Counter>::default();
         let incidents = Family::<IncidentLabels, Counter>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let connections_shed = Family::<ShedLabels, Counter>::default();
 
         // Counters get their `_total` suffix from the encoder.
         let mut registry = Registry::default();
@@ -163,6 +180,17 @@ impl Metrics {
             incidents.clone(),
         );
         registry.register(
+            "payload_guard_errors",
+            "Requests the proxy answered itself or that were abandoned, by route and error code \
+             (the access log's `error`; route `-` for refusals before routing)",
+            errors.clone(),
+        );
+        registry.register(
+            "payload_guard_connections_shed",
+            "Connections refused or closed to keep room for senders, by reason",
+            connections_shed.clone(),
+        );
+        registry.register(
             "payload_guard_config_reloads",
             "Configuration reloads, by result",
             config_reloads.clone(),
@@ -178,13 +206,42 @@ impl Metrics {
                 trims,
                 trimmed_bytes,
                 incidents,
+                errors,
+                connections_shed,
                 config_reloads,
             }),
         };
         // Both results exist from the start, so a first failed reload is an increase from 0.
         metrics.reload_counter("ok");
         metrics.reload_counter("failed");
+        for reason in crate::shed::ShedReason::ALL {
+            let _ = metrics.inner.connections_shed.get_or_create(&ShedLabels {
+                reason: reason.as_str(),
+            });
+        }
         metrics
+    }
+
+    /// Records one request the proxy answered itself (or that was abandoned), by its stable
+    /// error code (`ProxyError::code`); `route` is [`UNMATCHED_ROUTE`] before routing.
+    pub fn error(&self, route: &str, code: &'static str) {
+        self.inner
+            .errors
+            .get_or_create(&ErrorLabels {
+                route: route.to_owned(),
+                error: code,
+            })
+            .inc();
+    }
+
+    /// Records one connection shed (refused or closed) by the admission logic.
+    pub fn shed(&self, reason: crate::shed::ShedReason) {
+        self.inner
+            .connections_shed
+            .get_or_create(&ShedLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     fn reload_counter(&self, result: &'static str) -> Counter {
@@ -330,6 +387,13 @@ fn snapshot_registry(snapshot: &Snapshot) -> Registry {
         "Client connections currently open",
         ConstGauge::new(gauge_value(snapshot.open_connections)),
     );
+    if let Some(rss) = snapshot.resident_bytes {
+        registry.register(
+            "payload_guard_process_resident_bytes",
+            "Resident memory of the proxy process (RSS), including what the allocator keeps",
+            ConstGauge::new(gauge_value(rss)),
+        );
+    }
     let spool = Family::<SpoolLabels, Gauge>::default();
     for (state, depth) in &snapshot.spool_depth {
         spool
@@ -478,6 +542,9 @@ mod tests {
         m.request("a", 413, 40 << 20, None, None);
         m.request("b", 502, 2048, Some(2048), Some(0.001));
         m.request(UNMATCHED_ROUTE, 404, 0, None, None);
+        m.error("a", "body_too_large");
+        m.error(UNMATCHED_ROUTE, "header_too_large");
+        m.shed(crate::shed::ShedReason::EvictSlowBody);
         m.trimmed("a", 2000);
         m.trimmed("a", 500);
         m.incident("a", "over_max_body");
@@ -607,6 +674,7 @@ mod tests {
             buffer_in_use_bytes: 3 << 20,
             buffer_budget_bytes: 256 << 20,
             open_connections: 12,
+            resident_bytes: Some(40 << 20),
             spool_depth: vec![("pending".into(), 4), ("failed".into(), 1)],
         };
         let s = parse(&m.encode(&snapshot));
@@ -620,6 +688,10 @@ mod tests {
             (256u64 << 20) as f64
         );
         assert_eq!(value(&s, "payload_guard_open_connections", &[]), 12.0);
+        assert_eq!(
+            value(&s, "payload_guard_process_resident_bytes", &[]),
+            (40u64 << 20) as f64
+        );
         let spool =
             |s: &[Sample], state| value(s, "payload_guard_spool_depth", &[("state", state)]);
         assert_eq!(spool(&s, "pending"), 4.0);
@@ -693,6 +765,8 @@ mod tests {
             "payload_guard_trims_total counter",
             "payload_guard_trimmed_bytes_total counter",
             "payload_guard_incidents_total counter",
+            "payload_guard_errors_total counter",
+            "payload_guard_connections_shed_total counter",
             "payload_guard_config_reloads_total counter",
             "payload_guard_incidents_dropped_total counter",
             "payload_guard_buffer_in_use_bytes gauge",

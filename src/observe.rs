@@ -98,6 +98,19 @@ impl Drop for Exchange {
                 self.upstream_secs,
             );
         }
+        if self.status.is_none() && self.error.is_none() {
+            // Abandoned: the sender went away before the response could be sent.
+            let err = ProxyError::ClientAbort;
+            self.error = Some((err.code(), err.culprit().as_str(), err.to_string()));
+        }
+        if let (Some(metrics), Some((code, _, _))) = (&self.metrics, &self.error) {
+            metrics.error(
+                self.route
+                    .as_deref()
+                    .unwrap_or(crate::metrics::UNMATCHED_ROUTE),
+                code,
+            );
+        }
         let outcome = if self.status.is_none() {
             "sender_disconnected"
         } else if !self.response_complete {
@@ -141,6 +154,48 @@ impl Drop for Exchange {
             ),
         }
     }
+}
+
+/// Writes the access-log line and counts the error of a connection refused before any request
+/// reached the pipeline: a head hyper refused (`header_too_large`, `bad_request`), timed out
+/// (`header_timeout`) or that the sender abandoned (`client_abort`), or a connection shed at
+/// accept (`over_capacity`, `per_ip_limit`). `responded`: whether an answer was written.
+pub fn connection_refused(
+    peer: SocketAddr,
+    err: &ProxyError,
+    responded: bool,
+    metrics: Option<&Metrics>,
+) {
+    if let Some(metrics) = metrics {
+        metrics.error(crate::metrics::UNMATCHED_ROUTE, err.code());
+    }
+    let status = if responded {
+        err.status().as_u16()
+    } else {
+        // No answer reached the sender: nginx's 499 when it left, else the status we meant.
+        match err {
+            ProxyError::ClientAbort => 499,
+            _ => err.status().as_u16(),
+        }
+    };
+    tracing::info!(
+        target: "access",
+        route = "-",
+        method = "-",
+        path = "-",
+        peer = %peer.ip(),
+        status,
+        bytes_in = 0u64,
+        bytes_out = 0u64,
+        upstream_status = 0u16,
+        duration_ms = 0.0f64,
+        request_id = "-",
+        outcome = if responded { "refused" } else { "closed" },
+        error = err.code(),
+        culprit = err.culprit().as_str(),
+        reason = %err,
+        "request"
+    );
 }
 
 /// A response body that counts the bytes sent and owns the [`Exchange`], so the access-log line

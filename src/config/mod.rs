@@ -28,6 +28,10 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Headers per request beyond which the request gets 431.
 pub const MAX_HEADERS: usize = 100;
+/// Default `[server] max_connections_per_ip`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
+/// Default `[server] body_min_rate`: 1 KiB/s.
+pub const DEFAULT_BODY_MIN_RATE_BYTES: u64 = 1024;
 /// Default `[server] buffer_budget`.
 pub const DEFAULT_BUFFER_BUDGET_BYTES: u64 = 256 * 1024 * 1024;
 
@@ -85,8 +89,14 @@ pub struct ServerConfig {
     pub body_idle_timeout: Duration,
     /// A body that is not complete within this gets 408.
     pub body_timeout: Duration,
-    /// Open connections beyond this wait in the accept queue.
+    /// Open connections at most; at the cap the worst open connection is evicted, or the new
+    /// one gets 503 (see [`crate::shed`]).
     pub max_connections: usize,
+    /// Open connections per client address (IPv6: per /64) at most; more get 503.
+    pub max_connections_per_ip: usize,
+    /// Bytes per second a request body must keep up after its first seconds when the proxy
+    /// is short of connections (see [`crate::shed`]).
+    pub body_min_rate_bytes: u64,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
     /// Request header section size beyond which the request gets 431.

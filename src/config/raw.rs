@@ -68,6 +68,8 @@ pub struct RawServer {
     pub body_idle_timeout: Option<Spanned<Dur>>,
     pub body_timeout: Option<Spanned<Dur>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub body_min_rate: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<Dur>>,
     pub max_header_bytes: Option<Spanned<ByteSize>>,
     pub max_concurrent_streams: Option<Spanned<i64>>,

@@ -16,9 +16,10 @@ use super::raw::{
 };
 use super::units::Dur;
 use super::{
-    Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure, RouteConfig,
-    ServerConfig, SpoolSettings, TlsConfig, TrimConfig, VerifyConfig,
+    Config, ConfigError, ConfigErrors, DEFAULT_BODY_MIN_RATE_BYTES, DEFAULT_BUFFER_BUDGET_BYTES,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_HEADER_BYTES,
+    IncidentsConfig, LimitCounts, OnTrimFailure, RouteConfig, ServerConfig, SpoolSettings,
+    TlsConfig, TrimConfig, VerifyConfig,
 };
 use crate::trim::{ActionSpec, DEFAULT_PROTECT, Keep, RuleOrigin, RuleSet, RuleSpec};
 use crate::verify::{Scheme, Secret, Verifier};
@@ -216,6 +217,33 @@ fn positive(
     }
 }
 
+/// A rate such as `"1KiB/s"`: a byte size per second, at least 1 byte.
+fn rate(rep: &mut Reporter<'_>, value: Option<&Spanned<String>>, key: &str) -> u64 {
+    let Some(v) = value else {
+        return DEFAULT_BODY_MIN_RATE_BYTES;
+    };
+    let parsed = v
+        .get_ref()
+        .trim()
+        .strip_suffix("/s")
+        .and_then(|size| super::units::parse_size(size).ok())
+        .filter(|bytes| *bytes >= 1);
+    match parsed {
+        Some(bytes) => bytes,
+        None => {
+            rep.at(
+                Some(v.span()),
+                key,
+                format!(
+                    "must be a size per second of at least 1 byte, like \"1KiB/s\", got {:?}",
+                    v.get_ref()
+                ),
+            );
+            DEFAULT_BODY_MIN_RATE_BYTES
+        }
+    }
+}
+
 fn nonzero_duration(
     rep: &mut Reporter<'_>,
     value: Option<&Spanned<super::units::Dur>>,
@@ -363,6 +391,14 @@ fn validate_server(raw: &RawConfig, base_dir: &Path, rep: &mut Reporter<'_>) -> 
             4096,
             1 << 20,
         ) as usize,
+        max_connections_per_ip: positive(
+            rep,
+            s.max_connections_per_ip.as_ref(),
+            "server.max_connections_per_ip",
+            DEFAULT_MAX_CONNECTIONS_PER_IP as i64,
+            1 << 20,
+        ) as usize,
+        body_min_rate_bytes: rate(rep, s.body_min_rate.as_ref(), "server.body_min_rate"),
         shutdown_grace: s
             .shutdown_grace
             .as_ref()

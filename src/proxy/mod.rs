@@ -169,6 +169,7 @@ impl Shared {
             buffer_in_use_bytes: self.budget.in_use(),
             buffer_budget_bytes: self.budget.limit(),
             open_connections: self.open_connections.load(Ordering::Relaxed),
+            resident_bytes: crate::server::resident_bytes(),
             spool_depth: self.spool.as_ref().map_or_else(Vec::new, |s| {
                 crate::spool::State::ALL
                     .iter()

@@ -9,6 +9,8 @@ mod incidents;
 mod limits;
 mod nginx;
 mod ops;
+mod overload;
+mod refusals;
 mod spool;
 mod support;
 mod trimming;
