@@ -40,7 +40,12 @@ pub(super) async fn process_buffered(
             .verifier
             .verify(&target.headers, call_id.as_deref(), &wire)
         {
-            tracing::warn!(route = %cfg.name, scheme = v.verifier.scheme().as_str(), reason = err.as_str(), "sender signature refused");
+            crate::warn_limited!(
+                cfg.name,
+                "sender signature refused",
+                scheme = v.verifier.scheme().as_str(),
+                reason = err.as_str()
+            );
             return Err(ProxyError::Unauthorized(err.as_str()));
         }
     }
@@ -50,7 +55,12 @@ pub(super) async fn process_buffered(
             && let Some(limit) = ctx.limit
             && original_len > limit
         {
-            tracing::warn!(route = %cfg.name, limit, size = original_len, "body over upstream_limit, rejected");
+            crate::warn_limited!(
+                cfg.name,
+                "body over upstream_limit, rejected",
+                limit,
+                size = original_len
+            );
             let mut inc = ctx.incident(Kind::OverUpstreamLimit);
             inc.action = Some(Action::Rejected);
             inc.body_bytes = Some(original_len);
@@ -169,7 +179,7 @@ pub(super) async fn process_buffered(
         "the rules could only reach {} bytes",
         shrunk.measured_after
     ));
-    tracing::warn!(route = %cfg.name, before = original_len, smallest = shrunk.body.len(), limit, on_trim_failure = ?tc.on_failure, "trim rules cannot bring the payload under the limit");
+    crate::warn_limited!(cfg.name, "trim rules cannot bring the payload under the limit", before = original_len, smallest = shrunk.body.len(), limit, on_trim_failure = ?tc.on_failure);
     ctx.record(inc);
     if tc.dry_run {
         return send_buffered(ctx, &target, wire, &stats, Some(&facts), None, exchange).await;
@@ -230,7 +240,11 @@ pub(super) async fn untrimmable(
     let cfg = ctx.cfg;
     let size = wire.len() as u64;
     if let ShrinkError::Bomb { limit: cap } = err {
-        tracing::warn!(route = %cfg.name, cap, "compressed body decodes past the cap: refused");
+        crate::warn_limited!(
+            cfg.name,
+            "compressed body decodes past the cap: refused",
+            cap
+        );
         let mut inc = ctx.incident(Kind::OverMaxBody);
         inc.body_bytes = Some(size);
         inc.reason = Some(err.to_string());
@@ -242,7 +256,7 @@ pub(super) async fn untrimmable(
         // Under the limit and not ours to judge: pass it on untouched.
         return send_buffered(ctx, &target, wire, stats, None, None, exchange).await;
     }
-    tracing::warn!(route = %cfg.name, reason = %err, on_trim_failure = ?tc.on_failure, "payload over upstream_limit cannot be trimmed");
+    crate::warn_limited!(cfg.name, "payload over upstream_limit cannot be trimmed", reason = %err, on_trim_failure = ?tc.on_failure);
     let mut inc = ctx.incident(Kind::OverUpstreamLimit);
     inc.action = Some(Action::TrimFailed);
     inc.body_bytes = Some(size);
@@ -283,7 +297,7 @@ pub(super) fn mark_trimmed(ctx: &Ctx<'_>, headers: &mut HeaderMap, shrunk: &Shru
                 headers.insert(name, value);
             }
             Err(err) => {
-                tracing::warn!(route = %ctx.cfg.name, error = %err, "cannot re-sign the trimmed body");
+                crate::warn_limited!(ctx.cfg.name, "cannot re-sign the trimmed body", error = %err);
             }
         }
     }

@@ -271,7 +271,8 @@ pub fn error_response(
     if err.culprit() == crate::error::Culprit::Sender {
         tracing::debug!(request_id, error = %err, "refused request");
     } else {
-        tracing::warn!(request_id, error = %err, "request failed");
+        let route = exchange.route.as_deref().unwrap_or("-");
+        crate::warn_limited!(route, "request failed", request_id, error = %err);
     }
     let mut response = Response::new(full_body(Bytes::from(err.json_body(request_id))));
     *response.status_mut() = err.status();
@@ -495,7 +496,12 @@ impl Ctx<'_> {
 
     /// Records a `buffer_budget_exhausted` incident and names the error (503).
     fn budget_exhausted(&self, bytes: u64) -> ProxyError {
-        tracing::warn!(route = %self.cfg.name, in_use = self.shared.budget.in_use(), budget = self.shared.budget.limit(), "buffer budget exhausted");
+        crate::warn_limited!(
+            self.cfg.name,
+            "buffer budget exhausted",
+            in_use = self.shared.budget.in_use(),
+            budget = self.shared.budget.limit()
+        );
         let mut inc = self.incident(Kind::BufferBudgetExhausted);
         inc.body_bytes = Some(bytes);
         self.record(inc);
@@ -607,7 +613,7 @@ async fn pipeline(
         Ok(declared) => declared,
         Err(err) => {
             if let ProxyError::BodyTooLarge { limit } = err {
-                tracing::warn!(route = %cfg.name, limit, declared = ?parts.headers.get(header::CONTENT_LENGTH), "body over max_body");
+                crate::warn_limited!(cfg.name, "body over max_body", limit, declared = ?parts.headers.get(header::CONTENT_LENGTH));
                 let mut inc = ctx.incident(Kind::OverMaxBody);
                 inc.content_length = parts
                     .headers
@@ -651,7 +657,7 @@ async fn pipeline(
             limit,
             untrimmable,
         } => {
-            tracing::warn!(route = %cfg.name, limit, size, reason = ?untrimmable, "body over upstream_limit, rejected");
+            crate::warn_limited!(cfg.name, "body over upstream_limit, rejected", limit, size, reason = ?untrimmable);
             let mut inc = ctx.incident(Kind::OverUpstreamLimit);
             inc.action = Some(if untrimmable.is_some() {
                 Action::TrimFailed
@@ -738,7 +744,7 @@ async fn send(
                 return Err(SendError::Body(failure));
             }
             let err = forward::classify(&err, ctx.cfg);
-            tracing::warn!(route = %ctx.cfg.name, error = %err, "upstream request failed");
+            crate::warn_limited!(ctx.cfg.name, "upstream request failed", error = %err);
             Err(SendError::Upstream(err))
         }
     }
@@ -779,7 +785,7 @@ async fn stream(
     let over_known = matches!((ctx.declared, ctx.limit), (Some(s), Some(l)) if s > l);
     if over_known {
         // Forwarded as is (forward mode, or a trim route that cannot trim this payload).
-        tracing::warn!(route = %cfg.name, limit = ?ctx.limit, size = ?ctx.declared, reason = ?untrimmable, "body over upstream_limit, forwarded as is");
+        crate::warn_limited!(cfg.name, "body over upstream_limit, forwarded as is", limit = ?ctx.limit, size = ?ctx.declared, reason = ?untrimmable);
         let mut inc = ctx.incident(Kind::OverUpstreamLimit);
         inc.action = Some(if untrimmable.is_some() {
             Action::TrimFailed
@@ -843,7 +849,12 @@ fn body_error(
     let cfg = ctx.cfg;
     match failure {
         BodyFailure::TooLarge if hard_limit < cfg.max_body_bytes => {
-            tracing::warn!(route = %cfg.name, limit = hard_limit, received = seen, "body over upstream_limit, rejected mid-stream");
+            crate::warn_limited!(
+                cfg.name,
+                "body over upstream_limit, rejected mid-stream",
+                limit = hard_limit,
+                received = seen
+            );
             let mut inc = ctx.incident(Kind::OverUpstreamLimit);
             inc.action = Some(if reason.is_some() {
                 Action::TrimFailed
@@ -859,7 +870,12 @@ fn body_error(
             }
         }
         BodyFailure::TooLarge => {
-            tracing::warn!(route = %cfg.name, limit = cfg.max_body_bytes, received = seen, "body over max_body mid-stream, upstream request aborted");
+            crate::warn_limited!(
+                cfg.name,
+                "body over max_body mid-stream, upstream request aborted",
+                limit = cfg.max_body_bytes,
+                received = seen
+            );
             let mut inc = ctx.incident(Kind::OverMaxBody);
             inc.body_bytes = Some(seen);
             ctx.record(inc);

@@ -276,7 +276,7 @@ pub(super) async fn spool_outcome(
     meta.last_error = Some(reason.clone());
     match kept.commit(state, crate::spool::State::Ready, meta).await {
         Ok(id) => {
-            tracing::warn!(route = %cfg.name, id = %id, reason = %reason, "payload spooled for redelivery");
+            crate::warn_limited!(cfg.name, "payload spooled for redelivery", id = %id, reason = %reason);
             let id_header = HeaderValue::from_str(id.as_str()).ok();
             let mut response = match (cfg.on_spool_response, result) {
                 (crate::config::OnSpoolResponse::Passthrough, Ok(response)) => response,
@@ -423,7 +423,7 @@ pub(super) async fn dead_letter(
         meta.last_error = Some(format!("receiver refused it: {status}"));
         match kept.commit(state, crate::spool::State::Dead, meta).await {
             Ok(id) => {
-                tracing::warn!(route = %ctx.cfg.name, id = %id, status, "refused payload kept as a dead letter")
+                crate::warn_limited!(ctx.cfg.name, "refused payload kept as a dead letter", id = %id, status)
             }
             Err(err) => {
                 tracing::error!(route = %ctx.cfg.name, error = %err, status, "cannot keep the dead letter")

@@ -218,3 +218,63 @@ async fn refusals_in_the_pipeline_are_logged_and_counted() {
     assert_refusal(&logs, &proxy, "test", "client_abort", 499).await;
     assert_eq!(errors(&proxy, "test", "body_read_failed"), 0.0);
 }
+
+#[tokio::test]
+async fn a_flood_of_bad_signatures_is_one_warn_line_and_one_access_line_each() {
+    let (logs, _guard) = Logs::capture();
+    let receiver = Receiver::start(Behavior::Ok).await;
+    // A route name of its own: the WARN limiter is process-wide, shared with other tests.
+    let text = one_route(
+        "[routes.verify]\nscheme = \"hmac-sha256-body\"\nheader = \"X-Signature\"\nencoding = \"hex\"\nsecret_env = \"SENDER_SECRET\"\n",
+        "",
+    )
+    .replace("name = \"test\"", "name = \"warn-flood\"");
+    let proxy = start_proxy(config_with_env(
+        &text,
+        receiver.addr,
+        &[("SENDER_SECRET", "k")],
+    ))
+    .await;
+    let mut sender = http1_sender(proxy.addr).await;
+    for _ in 0..200 {
+        let req = http::Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .header("x-signature", "00")
+            .body(full("{}"))
+            .unwrap();
+        let got = read(sender.send_request(req).await.unwrap()).await;
+        assert_eq!(got.status, 401);
+    }
+    let access = logs.access_with_error("signature_refused");
+    assert_eq!(access.len(), 200, "one access line per request");
+    assert!(access.iter().all(|l| l["level"] == "INFO"));
+    let warns: Vec<_> = logs
+        .lines()
+        .into_iter()
+        .filter(|l| l["level"] == "WARN")
+        .collect();
+    assert_eq!(
+        warns
+            .iter()
+            .filter(|l| l["fields"]["message"] == "sender signature refused")
+            .count(),
+        1,
+        "{warns:#?}"
+    );
+    // The other 199 are summarised once the interval ends.
+    let limiter = payload_guard::warn_limit::warnings();
+    let due = limiter.due_at(tokio::time::Instant::now() + limiter.interval());
+    let summary = due
+        .iter()
+        .find(|s| s.kind == "sender signature refused" && s.route == "warn-flood")
+        .unwrap_or_else(|| panic!("no summary in {due:?}"));
+    assert_eq!(summary.count, 199);
+    assert_eq!(
+        metric(
+            &proxy,
+            "payload_guard_errors_total",
+            &[("route", "warn-flood"), ("error", "signature_refused")]
+        ),
+        200.0
+    );
+}
