@@ -209,6 +209,15 @@ async fn at_the_cap_a_busy_healthy_connection_means_503_at_once() {
         started.elapsed() < Duration::from_secs(5),
         "answered at once"
     );
+    // An HTTP/2 (prior knowledge) sender gets the server preface and a GOAWAY instead.
+    let mut h2 = TcpStream::connect(proxy.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut frames = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), h2.read_to_end(&mut frames)).await;
+    assert_eq!(frames.get(3), Some(&0x4), "SETTINGS first: {frames:?}");
+    assert_eq!(frames.get(9 + 3), Some(&0x7), "then GOAWAY: {frames:?}");
     tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"1}"))))
         .await
         .unwrap();
