@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::config::units::human_bytes;
-use crate::incident;
 use crate::trim::payload::{self, Encoding};
 
 use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
@@ -44,8 +43,9 @@ fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result
     let Some(tc) = route.trim.as_ref() else {
         bail!("route {route_name:?} has no trim rules: add [[routes.trim]] tables to it");
     };
-    let learned = incident::learn::rebuild_from_log(&config.incidents.path).bracket(route_name);
-    let Some(limit) = incident::effective_limit(route.upstream_limit_bytes, &learned) else {
+    let units = tc.limit_counts.units();
+    let learned = crate::state::LearnedLimits::open(crate::state::limits_path(config));
+    let Some(limit) = learned.limit(route_name, units, route.upstream_limit_bytes) else {
         bail!(
             "route {route_name:?} has no upstream_limit (and none was learned yet): nothing to trim to"
         );
@@ -62,15 +62,27 @@ fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result
                 .context("cannot read stdin")?;
         }
     }
+    let body = bytes::Bytes::from(body);
+    let policy = crate::prepare::Policy {
+        rules: &tc.rules,
+        units,
+        dry_run: false,
+        resign: None,
+    };
     let shrunk = crate::trim::Document::parse(&body)
         .map_err(payload::ShrinkError::from)
-        .and_then(|doc| payload::shrink(&body, &doc, Encoding::Identity, tc, limit))
+        .and_then(|doc| {
+            crate::prepare::prepare(&policy, &body, &doc, Encoding::Identity, limit, units)
+        })
         .with_context(|| {
             format!(
                 "cannot trim {}",
                 file.map_or("stdin".into(), |p| p.display().to_string())
             )
         })?;
+    let Some(shrunk) = shrunk.shrunk else {
+        bail!("the trim rules did not run on the payload");
+    };
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(&shrunk.body)

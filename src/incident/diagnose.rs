@@ -259,6 +259,8 @@ pub struct KindCounts {
     pub buffer_budget_exhausted: u64,
     /// `spool_refused`.
     pub spool_refused: u64,
+    /// `duplicate_conflict`.
+    pub duplicate_conflict: u64,
 }
 
 impl KindCounts {
@@ -270,6 +272,7 @@ impl KindCounts {
             Kind::Upstream413 => self.upstream_413,
             Kind::BufferBudgetExhausted => self.buffer_budget_exhausted,
             Kind::SpoolRefused => self.spool_refused,
+            Kind::DuplicateConflict => self.duplicate_conflict,
         }
     }
 
@@ -280,6 +283,7 @@ impl KindCounts {
             Kind::Upstream413 => self.upstream_413 += 1,
             Kind::BufferBudgetExhausted => self.buffer_budget_exhausted += 1,
             Kind::SpoolRefused => self.spool_refused += 1,
+            Kind::DuplicateConflict => self.duplicate_conflict += 1,
         }
     }
 }
@@ -841,6 +845,7 @@ pub fn render_text(report: &Report) -> String {
             "UPSTREAM_413",
             "BUDGET_503",
             "SPOOL_503",
+            "DUP_CONFLICT",
             "P50",
             "P95",
             "MAX",
@@ -1101,7 +1106,8 @@ mod tests {
                 over_upstream_limit: 5,
                 upstream_413: 3,
                 buffer_budget_exhausted: 1,
-                spool_refused: 0
+                spool_refused: 0,
+                duplicate_conflict: 0
             }
         );
         assert_eq!(

@@ -29,6 +29,11 @@ impl Drop for Nginx {
     }
 }
 
+/// Whether nginx is installed.
+pub fn installed() -> bool {
+    nginx_binary().is_some()
+}
+
 fn nginx_binary() -> Option<String> {
     ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
         .iter()

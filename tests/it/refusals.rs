@@ -220,32 +220,22 @@ async fn refusals_in_the_pipeline_are_logged_and_counted() {
 }
 
 #[tokio::test]
-async fn a_flood_of_bad_signatures_is_one_warn_line_and_one_access_line_each() {
+async fn a_receiver_outage_is_one_warn_line_and_one_access_line_per_request() {
     let (logs, _guard) = Logs::capture();
-    let receiver = Receiver::start(Behavior::Ok).await;
-    // A route name of its own: the WARN limiter is process-wide, shared with other tests.
-    let text = one_route(
-        "[routes.verify]\nscheme = \"hmac-sha256-body\"\nheader = \"X-Signature\"\nencoding = \"hex\"\nsecret_env = \"SENDER_SECRET\"\n",
-        "",
-    )
-    .replace("name = \"test\"", "name = \"warn-flood\"");
-    let proxy = start_proxy(config_with_env(
-        &text,
-        receiver.addr,
-        &[("SENDER_SECRET", "k")],
-    ))
-    .await;
+    // Nothing listens there: every request fails with 502. A route name of its own: the WARN
+    // limiter is process-wide, shared with other tests.
+    let text = one_route("", "").replace("name = \"test\"", "name = \"warn-flood\"");
+    let proxy = start_proxy(config(&text, free_addr())).await;
     let mut sender = http1_sender(proxy.addr).await;
     for _ in 0..200 {
         let req = http::Request::post(proxy.url("/hooks/test"))
             .header("content-type", "application/json")
-            .header("x-signature", "00")
             .body(full("{}"))
             .unwrap();
         let got = read(sender.send_request(req).await.unwrap()).await;
-        assert_eq!(got.status, 401);
+        assert_eq!(got.status, 502);
     }
-    let access = logs.access_with_error("signature_refused");
+    let access = logs.access_with_error("upstream_connect_failed");
     assert_eq!(access.len(), 200, "one access line per request");
     assert!(access.iter().all(|l| l["level"] == "INFO"));
     let warns: Vec<_> = logs
@@ -256,7 +246,7 @@ async fn a_flood_of_bad_signatures_is_one_warn_line_and_one_access_line_each() {
     assert_eq!(
         warns
             .iter()
-            .filter(|l| l["fields"]["message"] == "sender signature refused")
+            .filter(|l| l["fields"]["message"] == "request failed")
             .count(),
         1,
         "{warns:#?}"
@@ -266,14 +256,17 @@ async fn a_flood_of_bad_signatures_is_one_warn_line_and_one_access_line_each() {
     let due = limiter.due_at(tokio::time::Instant::now() + limiter.interval());
     let summary = due
         .iter()
-        .find(|s| s.kind == "sender signature refused" && s.route == "warn-flood")
+        .find(|s| s.kind == "request failed" && s.route == "warn-flood")
         .unwrap_or_else(|| panic!("no summary in {due:?}"));
     assert_eq!(summary.count, 199);
     assert_eq!(
         metric(
             &proxy,
             "payload_guard_errors_total",
-            &[("route", "warn-flood"), ("error", "signature_refused")]
+            &[
+                ("route", "warn-flood"),
+                ("error", "upstream_connect_failed")
+            ]
         ),
         200.0
     );
