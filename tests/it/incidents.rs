@@ -90,7 +90,11 @@ async fn every_kind_is_recorded() {
 async fn hundred_parallel_oversize_requests_make_exactly_hundred_lines() {
     let receiver = Receiver::start(Behavior::Ok).await;
     let proxy = start_proxy(config(
-        &one_route("upstream_limit = 1000\non_oversize = \"reject\"", ""),
+        // 100 connections at once from one address: over the default per-address cap.
+        &one_route(
+            "upstream_limit = 1000\non_oversize = \"reject\"",
+            "max_connections_per_ip = 128",
+        ),
         receiver.addr,
     ))
     .await;
