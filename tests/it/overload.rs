@@ -227,3 +227,39 @@ async fn at_the_cap_a_busy_healthy_connection_means_503_at_once() {
     let line = logs.wait_for_access("over_capacity").await;
     assert_eq!(line["fields"]["status"], 503, "{line}");
 }
+
+#[tokio::test]
+async fn under_pressure_idle_connections_go_at_a_fifth_of_the_header_timeout() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    // 4 open connections are over 80% of 4: pressure. header_read_timeout 10s shrinks to 2s.
+    let proxy = start_proxy(config(
+        &one_route("", "max_connections = 4\nheader_read_timeout = \"10s\""),
+        receiver.addr,
+    ))
+    .await;
+    let request = b"POST /hooks/test HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}";
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        receiver.next().await;
+        idle.push(stream);
+    }
+    // The keep-alive connections idle longest are closed by the pressure rule (well before
+    // hyper's own 10 s header timeout), until the proxy is out of pressure.
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(8), idle[0].read(&mut buf))
+        .await
+        .expect("an idle connection under pressure was not closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        metric(
+            &proxy,
+            "payload_guard_connections_shed_total",
+            &[("reason", "pressure_timeout")]
+        ) >= 1.0
+    );
+}
