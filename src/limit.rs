@@ -421,14 +421,15 @@ pub fn read_failure(err: &(dyn std::error::Error + 'static)) -> BodyFailure {
         {
             return BodyFailure::Aborted;
         }
+        // An HTTP/2 sender that resets its stream (RST_STREAM) or the connection mid-body
+        // (h2's error, which hyper wraps, says so only in its text).
+        let text = e.to_string();
+        if text.contains("stream error received") || text.contains("connection error received") {
+            return BodyFailure::Aborted;
+        }
         current = e.source();
     }
-    let text = err.to_string();
-    // An HTTP/2 sender that resets its stream (RST_STREAM) or the connection mid-body.
-    if text.contains("stream error received") || text.contains("connection error received") {
-        return BodyFailure::Aborted;
-    }
-    BodyFailure::Read(text)
+    BodyFailure::Read(err.to_string())
 }
 
 /// Converts a failure of the body into the error the sender gets.

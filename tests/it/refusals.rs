@@ -271,3 +271,37 @@ async fn a_receiver_outage_is_one_warn_line_and_one_access_line_per_request() {
         200.0
     );
 }
+
+#[tokio::test]
+async fn an_http2_sender_that_resets_its_stream_mid_body_is_a_client_abort() {
+    let (logs, _guard) = Logs::capture();
+    let receiver = Receiver::start(Behavior::Ok).await;
+    let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, body) = channel_body();
+    let req = http::Request::post(proxy.url("/hooks/test"))
+        .body(body)
+        .unwrap();
+    let pending = tokio::spawn(async move { sender.send_request(req).await.map(|_| ()) });
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"{\"a\":",
+    ))))
+    .await
+    .unwrap();
+    while receiver.started.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Dropping the request resets the stream (RST_STREAM CANCEL).
+    pending.abort();
+    drop(tx);
+    let line = logs.wait_for_access("client_abort").await;
+    assert_eq!(line["fields"]["status"], 499, "{line}");
+    assert_eq!(errors(&proxy, "test", "client_abort"), 1.0);
+}
