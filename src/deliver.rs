@@ -126,15 +126,23 @@ pub async fn commit(
     body: Bytes,
 ) -> Result<RecordId, SpoolError> {
     let spool = spool.clone();
-    tokio::task::spawn_blocking(move || spool.commit(state, &meta, &body))
-        .await
-        .unwrap_or_else(|join| {
-            Err(SpoolError::Io {
-                op: "commit",
-                path: std::path::PathBuf::new(),
-                source: std::io::Error::other(join.to_string()),
-            })
+    on_blocking_thread("commit", move || spool.commit(state, &meta, &body)).await
+}
+
+/// Runs a spool operation (blocking file I/O with fsyncs) on a blocking thread; a failed
+/// thread is an I/O error of `op`.
+pub async fn on_blocking_thread<T, F>(op: &'static str, f: F) -> Result<T, SpoolError>
+where
+    F: FnOnce() -> Result<T, SpoolError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|join| {
+        Err(SpoolError::Io {
+            op,
+            path: std::path::PathBuf::new(),
+            source: std::io::Error::other(join.to_string()),
         })
+    })
 }
 
 /// Headers stored with a record: the request as forwarded, minus its framing.

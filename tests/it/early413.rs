@@ -29,6 +29,12 @@ const REFUSAL: &str = r#"{"error":"request entity too large","limit":"1mb"}"#;
 async fn resetting_receiver(read_first: usize) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    serve_resetting(listener, read_first);
+    addr
+}
+
+/// Serves [`resetting_receiver`]'s answers on `listener`.
+fn serve_resetting(listener: TcpListener, read_first: usize) {
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -59,7 +65,6 @@ async fn resetting_receiver(read_first: usize) -> SocketAddr {
             });
         }
     });
-    addr
 }
 
 fn body(chunked: bool) -> TestBody {
@@ -154,4 +159,68 @@ async fn require_nginx() -> Option<Receiver> {
         return None;
     }
     Some(Receiver::start(Behavior::Ok).await)
+}
+
+/// Redelivery to a receiver that answers 413 early and resets: the spooled payload is judged
+/// "too large" from the receiver's own answer (here it is not JSON, so it cannot be trimmed,
+/// and it moves to dead/ with that 413), not retried as "no answer" until `retry_for`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_reads_the_413_of_a_resetting_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = free_addr();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+[incidents]
+path = "incidents.jsonl"
+[spool]
+dir = "spool"
+min_free = 0
+[[routes]]
+name = "test"
+path_prefix = "/hooks/test"
+upstream = "http://{down}/webhook"
+max_body = "64MiB"
+spool = true
+dead_letter = true
+"#
+        ),
+    )
+    .unwrap();
+    let proxy = start_proxy(payload_guard::config::Config::load(&path).unwrap()).await;
+    let req = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/octet-stream")
+        .body(full(vec![b'x'; BODY_BYTES]))
+        .unwrap();
+    assert_eq!(
+        send(proxy.addr, req).await.status,
+        202,
+        "spooled: receiver down"
+    );
+    // The receiver comes up at that address: it answers 413 from the Content-Length and resets.
+    let listener = TcpListener::bind(down).await.unwrap();
+    serve_resetting(listener, 0);
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    let report = payload_guard::deliver::redeliver_due(
+        proxy.proxy.current(),
+        proxy.proxy.shared_arc(),
+        later,
+    )
+    .await;
+    assert_eq!(report.buried, 1, "{report:?}");
+    let spool = &proxy.proxy.shared().spool.as_ref().unwrap().spool;
+    let dead = spool.list(payload_guard::spool::State::Dead, None).unwrap();
+    assert_eq!(dead[0].meta.status, Some(413));
+    assert!(
+        dead[0]
+            .meta
+            .snippet
+            .as_deref()
+            .unwrap()
+            .contains("too large")
+    );
 }
