@@ -5,7 +5,10 @@ Memory (the release binary, one process per load, buffer_budget = 32MiB, a trim 
 of a receiver that takes 1 MiB):
 
   chunked   40 concurrent chunked 3.5 MB Synthflow-shaped JSON bodies
-  h2        the same bodies over HTTP/2 (h2c): 4 connections x 10 streams (curl --parallel)
+  h2        the same bodies over HTTP/2 (h2c): 4 curl processes x 10 parallel uploads. curl
+            opens a connection per upload (--parallel-immediate): multiplexed on one
+            connection, curl 7.88's h2c uploads failed with "Error in the HTTP2 framing layer"
+            (with the code before these benchmarks too), so this is not 4 x 10 streams.
   length    40 concurrent 3.5 MB bodies with Content-Length
 
   For each: the idle RSS before the load, the peak (VmHWM, reset after start-up), the RSS 10 s
