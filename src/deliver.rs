@@ -368,7 +368,14 @@ pub async fn deliver_whole(
 ) -> Delivered {
     let cfg = &dest.route.config;
     let learned = dest.services.learned;
-    let policy = Policy::of(cfg).filter(|p| !p.dry_run && cfg.retry_on_413);
+    // A resend re-signs with the sender's stamp, as the first send did (`resign = "same"`).
+    let stamp = cfg
+        .verify
+        .as_ref()
+        .and_then(|v| v.verifier.stamp(&dest.target.headers));
+    let policy = Policy::of(cfg)
+        .filter(|p| !p.dry_run && cfg.retry_on_413)
+        .map(|p| p.stamped(stamp.as_ref()));
     let route_units = policy.map_or(Units::Wire, |p| p.units);
     let mut current = first;
     let mut incidents: Vec<Incident> = Vec::new();
@@ -688,7 +695,12 @@ pub async fn attempt(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     );
-    let policy = Policy::of(cfg);
+    // The stored headers are the sender's, verified when the payload arrived.
+    let stamp = cfg
+        .verify
+        .as_ref()
+        .and_then(|v| v.verifier.stamp(&target.headers));
+    let policy = Policy::of(cfg).map(|p| p.stamped(stamp.as_ref()));
     let decoded = match (policy.as_ref(), encoding) {
         (Some(_), Some(enc)) if is_json => prepare::decode(&body, enc, cfg.max_body_bytes).ok(),
         _ => None,

@@ -68,6 +68,7 @@ fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result
         units,
         dry_run: false,
         resign: None,
+        stamp: None,
     };
     let shrunk = crate::trim::Document::parse(&body)
         .map_err(payload::ShrinkError::from)

@@ -15,6 +15,7 @@ mod nginx;
 mod ops;
 mod overload;
 mod refusals;
+mod senders;
 mod spool;
 mod support;
 mod trimming;
