@@ -2,23 +2,24 @@
 
 use std::path::Path;
 
-use crate::config::units::human_bytes;
+use crate::config::units::both_forms;
 use crate::config::{Config, OnOversize, OnTrimFailure};
 use crate::trim::{ActionSpec, Keep};
 
-use super::{EXIT_OK, EXIT_PROBLEMS};
+use super::EXIT_OK;
 
-/// Validates `path`; prints the routes (exit 0) or every error (exit 1).
+/// Validates `path`; prints the routes and any warnings (exit 0) or every mistake (exit 65;
+/// 66 when the file cannot be read).
 pub(super) fn check(path: &Path) -> u8 {
     match Config::load(path) {
         Ok(config) => {
+            if !config.warnings.is_empty() {
+                eprint!("{}", config.warnings.render());
+            }
             super::emit(&describe(&config));
             EXIT_OK
         }
-        Err(err) => {
-            eprintln!("{err}");
-            EXIT_PROBLEMS
-        }
+        Err(err) => super::config_failed(&err),
     }
 }
 
@@ -43,9 +44,9 @@ pub(super) fn describe(config: &Config) -> String {
             r.name.clone(),
             r.path_prefix.clone(),
             r.upstream.to_string(),
-            human_bytes(r.max_body_bytes),
+            both_forms(r.max_body_bytes),
             r.upstream_limit_bytes
-                .map_or_else(|| "unknown".to_string(), human_bytes),
+                .map_or_else(|| "unknown (learned)".to_string(), both_forms),
             match r.on_oversize {
                 OnOversize::Forward => "forward",
                 OnOversize::Reject => "reject",
@@ -92,7 +93,8 @@ pub(super) fn describe(config: &Config) -> String {
     out
 }
 
-fn describe_action(action: &ActionSpec) -> String {
+/// A rule's action in words (`truncate (keep head_tail, as much as fits)`).
+pub(super) fn describe_action(action: &ActionSpec) -> String {
     match action {
         ActionSpec::Truncate {
             keep, max_bytes, ..
@@ -103,7 +105,7 @@ fn describe_action(action: &ActionSpec) -> String {
                 Keep::HeadTail => "head_tail",
             };
             match max_bytes {
-                Some(max) => format!("truncate (keep {keep}, at most {})", human_bytes(*max)),
+                Some(max) => format!("truncate (keep {keep}, at most {})", both_forms(*max)),
                 None => format!("truncate (keep {keep}, as much as fits)"),
             }
         }

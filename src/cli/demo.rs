@@ -35,7 +35,7 @@ use crate::proxy::Proxy;
 use crate::server;
 use crate::trim::testdata::synthflow_payload;
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, emit};
+use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_SOFTWARE, EXIT_UNAVAILABLE, emit};
 
 /// What the sample receiver accepts: body-parser's default `limit: "100kb"`, which counts
 /// 1024-byte kilobytes.
@@ -67,7 +67,7 @@ const QUOTE_BYTES: usize = 200;
 /// The body Express sends for body-parser's `PayloadTooLargeError` (finalhandler's HTML page).
 const EXPRESS_413_BODY: &str = "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>Error</title>\n</head>\n<body>\n<pre>PayloadTooLargeError: request entity too large</pre>\n</body>\n</html>\n";
 
-/// Runs the demo and returns the exit code; `--config` plays no part.
+/// Runs the demo and returns the exit code (`--config` is refused before this).
 pub(super) fn demo() -> u8 {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -77,7 +77,7 @@ pub(super) fn demo() -> u8 {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("payload-guard demo: cannot start the async runtime: {err}");
-            return EXIT_ERROR;
+            return EXIT_SOFTWARE;
         }
     };
     match runtime.block_on(run()) {
@@ -85,7 +85,7 @@ pub(super) fn demo() -> u8 {
         Ok(false) => EXIT_PROBLEMS,
         Err(err) => {
             eprintln!("payload-guard demo: {err:#}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }

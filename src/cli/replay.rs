@@ -15,7 +15,7 @@ use crate::incident;
 use crate::proxy::Runtime;
 use crate::spool::{RecordId, Spool, State};
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
+use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, emit};
 
 /// What to replay.
 pub(super) struct Selection<'a> {
@@ -30,10 +30,7 @@ pub(super) struct Selection<'a> {
 pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
     let config = match Config::load(config) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return EXIT_USAGE;
-        }
+        Err(err) => return super::config_failed(&err),
     };
     if sel.state == State::Archive {
         eprintln!(
@@ -55,7 +52,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
         Ok(spool) => spool,
         Err(err) => {
             eprintln!("payload-guard replay: {err}");
-            return EXIT_ERROR;
+            return EXIT_UNAVAILABLE;
         }
     };
     let mut ids: Vec<RecordId> = match sel.id {
@@ -70,7 +67,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
             Ok(entries) => entries.into_iter().map(|e| e.id).collect(),
             Err(err) => {
                 eprintln!("payload-guard replay: {err}");
-                return EXIT_ERROR;
+                return EXIT_UNAVAILABLE;
             }
         },
     };
@@ -104,7 +101,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("payload-guard replay: cannot start the async runtime: {err}");
-            return EXIT_ERROR;
+            return EXIT_SOFTWARE;
         }
     };
     let learner = Arc::new(incident::learn::rebuild_from_log(&config.incidents.path));
@@ -113,7 +110,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("payload-guard replay: {err}");
-            return EXIT_ERROR;
+            return EXIT_UNAVAILABLE;
         }
     };
     let total = ids.len();

@@ -4,12 +4,14 @@
 //! units and spans, [`validate`] turns it into the runtime [`Config`] and reports every mistake at
 //! once, each with the file, line, column and key at fault.
 
+mod diagnostics;
 pub mod raw;
 pub mod units;
 mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,8 @@ pub struct Config {
     pub incidents: IncidentsConfig,
     /// `[spool]` (used by routes with `spool`, `dead_letter` or `archive_originals`).
     pub spool: SpoolSettings,
+    /// What `check` warns about in a valid file (e.g. decimal size units).
+    pub warnings: ConfigErrors,
 }
 
 /// `[spool]`: where undeliverable payloads, dead letters and archived originals are kept, and
@@ -209,6 +213,10 @@ pub struct ConfigError {
     pub key: String,
     /// What is wrong and how to fix it.
     pub message: String,
+    /// The bytes at fault, to put a caret under.
+    pub span: Option<Range<usize>>,
+    /// A warning: the file is valid but probably not what was meant.
+    pub warning: bool,
 }
 
 impl fmt::Display for ConfigError {
@@ -218,6 +226,9 @@ impl fmt::Display for ConfigError {
         } else {
             write!(f, "{}: ", self.file)?;
         }
+        if self.warning {
+            write!(f, "warning: ")?;
+        }
         if self.key.is_empty() {
             write!(f, "{}", self.message)
         } else {
@@ -226,13 +237,33 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Every mistake found in one configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+/// Every mistake found in one configuration file, in file order, with the file's text (to show
+/// the offending lines).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigErrors {
+    /// The mistakes (and, in [`Config::warnings`], the warnings).
+    pub errors: Vec<ConfigError>,
+    /// The file's text.
+    pub text: Arc<str>,
+}
+
+impl ConfigErrors {
+    /// Each mistake as `file:line:col: key: message`, then the offending line with a caret
+    /// under the value or key at fault (what `check` prints). `Display` gives the first lines
+    /// only, for logs and the `POST /reload` answer.
+    pub fn render(&self) -> String {
+        diagnostics::render(&self.text, &self.errors)
+    }
+
+    /// Whether there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, err) in self.0.iter().enumerate() {
+        for (i, err) in self.errors.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
@@ -248,7 +279,7 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {}: {}", path.display(), crate::config::io_words(source))]
     Read {
         /// The path given.
         path: PathBuf,
@@ -259,6 +290,41 @@ pub enum LoadError {
     /// The file was read but is not a valid configuration.
     #[error("{0}")]
     Invalid(#[from] ConfigErrors),
+}
+
+/// An I/O error in plain words, without Rust's `(os error 2)`.
+pub(crate) fn io_words(err: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::NotFound => {
+            "no such file (pass --config PATH, or run where proxy.toml is)".into()
+        }
+        ErrorKind::PermissionDenied => "permission denied".into(),
+        ErrorKind::IsADirectory => "it is a directory, not a file".into(),
+        ErrorKind::InvalidData => "not UTF-8 text".into(),
+        _ => {
+            let text = err.to_string();
+            match text.split_once(" (os error") {
+                Some((words, _)) => words.to_lowercase(),
+                None => text,
+            }
+        }
+    }
+}
+
+impl LoadError {
+    /// What `check`, `run` and the other commands print: every mistake with its line and caret.
+    pub fn render(&self) -> String {
+        match self {
+            LoadError::Read { .. } => format!("{self}\n"),
+            LoadError::Invalid(errors) => errors.render(),
+        }
+    }
+
+    /// Whether the file was missing or unreadable (exit 66) rather than invalid (exit 65).
+    pub fn is_unreadable(&self) -> bool {
+        matches!(self, LoadError::Read { .. })
+    }
 }
 
 impl Config {

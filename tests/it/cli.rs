@@ -44,12 +44,12 @@ fn check_reports_every_error_with_file_line_and_key() {
     )
     .unwrap();
     let out = run(&["check", "--config"], &[&path]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(65));
     let err = String::from_utf8_lossy(&out.stderr);
     let file = path.display().to_string();
     assert!(
         err.contains(&format!(
-            "{file}:6:18: routes[0].upstream_limit: 2 KiB is larger than max_body"
+            "{file}:6:18: routes[0].upstream_limit: 2 KiB (2,048 bytes) is larger than max_body"
         )),
         "{err}"
     );
@@ -63,19 +63,80 @@ fn check_reports_every_error_with_file_line_and_key() {
     );
 }
 
+/// The exit-code table of README.md ("Exit codes"), one row at a time.
 #[test]
-fn run_with_a_bad_config_exits_64_and_version_works() {
-    let out = bin()
-        .args(["--config", "/nonexistent/proxy.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("cannot read config file /nonexistent/proxy.toml")
-    );
+fn exit_codes_follow_one_table() {
+    let code = |args: &[&str]| {
+        let out = bin().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    // 0: help and version.
+    assert_eq!(code(&["--help"]).0, Some(0));
     let out = bin().arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("payload-guard "));
+    // 64: bad command line (clap's own default would be 2), and demo with --config.
+    for args in [
+        &["--no-such-flag"][..],
+        &["check", "extra"],
+        &["diagnose", "--since", "soon"],
+        &["spool", "purge", "--state", "dead"],
+        &["demo", "--config", "proxy.toml"],
+    ] {
+        let (got, stderr) = code(args);
+        assert_eq!(got, Some(64), "{args:?}: {stderr}");
+    }
+    // 66: no config file, for every command that reads one.
+    let missing = "/nonexistent/proxy.toml";
+    for args in [
+        &["--config", missing][..],
+        &["check", "--config", missing],
+        &["diagnose", "--config", missing],
+        &["trim", "--route", "a", "--config", missing],
+        &["spool", "list", "--config", missing],
+        &["replay", "--config", missing],
+    ] {
+        let (got, stderr) = code(args);
+        assert_eq!(got, Some(66), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot read config file /nonexistent/proxy.toml: no such file")
+                && !stderr.contains("os error"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // 65: a config with mistakes, for every command that reads one.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nmax_connections = \"many\"\n").unwrap();
+    let bad = bad.to_str().unwrap();
+    for args in [
+        &["--config", bad][..],
+        &["check", "--config", bad],
+        &["diagnose", "--config", bad],
+        &["spool", "list", "--config", bad],
+    ] {
+        let (got, stderr) = code(args);
+        assert_eq!(got, Some(65), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("server.max_connections: expected a whole number"),
+            "{stderr}"
+        );
+    }
+    // 69: the listener's address is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{}\"\n[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9/\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let (got, stderr) = code(&["--config", config.to_str().unwrap()]);
+    assert_eq!(got, Some(69), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
 }
 
 /// A config with a trim route whose receiver limit is 100 KiB.
@@ -159,20 +220,25 @@ fn trim_exit_codes_for_unfit_and_bad_input() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fits: no"));
-    // Invalid JSON and unknown routes -> exit 2 with a message.
+    // Invalid JSON -> 65, a missing payload file -> 66, an unknown route -> 64.
     std::fs::write(&file, "{\"call\": ").unwrap();
     let out = run(
         &["trim", "--route", "synthflow", "--config"],
         &[&config, &file],
     );
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(65));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("invalid JSON"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let out = run(
+        &["trim", "--route", "synthflow", "--config"],
+        &[&config, &dir.path().join("absent.json")],
+    );
+    assert_eq!(out.status.code(), Some(66));
     let out = run(&["trim", "--route", "nope", "--config"], &[&config, &file]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no route named \"nope\""));
 }
 
@@ -280,4 +346,83 @@ async fn run_with_one_worker_thread_serves_and_stops_on_sigterm() {
     .await
     .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// Compares `got` with the golden file `tests/it/golden/<name>` (`UPDATE_GOLDEN=1` rewrites it).
+fn golden(name: &str, got: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/it/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    if want != got {
+        let first = want
+            .lines()
+            .zip(got.lines())
+            .position(|(w, g)| w != g)
+            .unwrap_or(want.lines().count().min(got.lines().count()));
+        panic!(
+            "{name} differs from line {}:\n--- want\n{want}\n--- got\n{got}\n(UPDATE_GOLDEN=1 rewrites the file)",
+            first + 1
+        );
+    }
+}
+
+/// `check` run in the golden folder on one of its files: (exit code, stdout, stderr).
+fn check_golden(file: &str) -> (Option<i32>, String, String) {
+    let out = bin()
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/golden"))
+        .args(["check", "--config", file])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_reports_one_mistake_of_each_class_in_file_order() {
+    let (code, stdout, stderr) = check_golden("check_every_class.toml");
+    assert_eq!(code, Some(65), "{stderr}");
+    assert_eq!(stdout, "");
+    golden("check_every_class.txt", &stderr);
+    // Each mistake is one `file:line:col: key: message` line followed by its caret.
+    let heads: Vec<(usize, usize)> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("check_every_class.toml:"))
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+        .collect();
+    assert!(heads.len() >= 12, "{stderr}");
+    assert!(heads.is_sorted(), "not in file order: {heads:?}");
+    for needle in [
+        "did you mean \"upstream_limit\"?",
+        "did you mean \"truncate\"?",
+        "expected a whole number",
+        "expected true or false",
+        "expected a size like \"32MiB\"",
+        "invalid TOML",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?}:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("i64") && !stderr.contains("invalid type"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_shows_sizes_in_both_forms_and_warns_on_decimal_units() {
+    let (code, stdout, stderr) = check_golden("check_warning.toml");
+    assert_eq!(code, Some(0), "{stderr}");
+    golden("check_warning.stdout.txt", &stdout);
+    golden("check_warning.stderr.txt", &stderr);
 }
