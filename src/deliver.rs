@@ -16,6 +16,7 @@ use crate::config::{OnOversize, SpoolSettings};
 use crate::forward;
 use crate::incident::{self, LimitLearner};
 use crate::limit::BodyError;
+use crate::metrics::{AttemptOutcome, DeadLetterReason, Metrics};
 use crate::proxy::Runtime;
 use crate::spool::{Claim, Meta, RecordId, RetryPolicy, Spool, SpoolConfig, SpoolError, State};
 use crate::trim::payload::{self, Encoding};
@@ -279,6 +280,7 @@ pub async fn redeliver_due(
     learner: Arc<LimitLearner>,
     state: &SpoolState,
     now: SystemTime,
+    metrics: &Metrics,
 ) -> RoundReport {
     let spool = state.spool.clone();
     let entries = match tokio::task::spawn_blocking(move || spool.list(State::Ready, None)).await {
@@ -304,17 +306,18 @@ pub async fn redeliver_due(
     ));
     let mut tasks = tokio::task::JoinSet::new();
     for (route, ids) in by_route {
-        let (runtime, learner, state, limit) = (
+        let (runtime, learner, state, limit, metrics) = (
             runtime.clone(),
             learner.clone(),
             state.clone(),
             limit.clone(),
+            metrics.clone(),
         );
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
             let mut report = RoundReport::default();
             for id in ids {
-                match redeliver_one(&runtime, &learner, &state, &id, now).await {
+                match redeliver_one(&runtime, &learner, &state, &id, now, &metrics).await {
                     Some(Disposition::Delivered) => report.delivered += 1,
                     Some(Disposition::Final(_)) => report.buried += 1,
                     Some(Disposition::Retry(_)) => {
@@ -346,6 +349,7 @@ async fn redeliver_one(
     state: &SpoolState,
     id: &RecordId,
     now: SystemTime,
+    metrics: &Metrics,
 ) -> Option<Disposition> {
     let spool = state.spool.clone();
     let claim_id = id.clone();
@@ -374,11 +378,21 @@ async fn redeliver_one(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(meta.attempts);
-    settle(claim, &disposition, &result, &state.policy, now, seed).await;
+    settle(
+        claim,
+        &disposition,
+        &result,
+        &state.policy,
+        now,
+        seed,
+        Some(metrics),
+    )
+    .await;
     Some(disposition)
 }
 
-/// Applies an attempt's outcome to its claim: delete, back to ready, or dead.
+/// Applies an attempt's outcome to its claim: delete, back to ready, or dead; counts it in
+/// `metrics` (the live redelivery's; `replay` passes none).
 pub async fn settle(
     claim: Claim,
     disposition: &Disposition,
@@ -386,22 +400,30 @@ pub async fn settle(
     policy: &RetryPolicy,
     now: SystemTime,
     seed: u64,
+    metrics: Option<&Metrics>,
 ) {
     let id = claim.id().clone();
     let route = claim.meta().route.clone();
     let next = policy.next_attempt_at(claim.meta(), now, seed);
     let (disposition, result) = (disposition.clone(), result.clone());
     let outcome = tokio::task::spawn_blocking(move || match disposition {
-        Disposition::Delivered => claim.complete().map(|()| "delivered"),
+        Disposition::Delivered => claim
+            .complete()
+            .map(|()| ("delivered", AttemptOutcome::Delivered, None)),
         Disposition::Retry(err) => match next {
-            Some(at) => claim.release(&err, at).map(|()| "retry later"),
+            Some(at) => claim
+                .release(&err, at)
+                .map(|()| ("retry later", AttemptOutcome::Failed, None)),
             None => claim
                 .bury(
                     result.status,
                     &result.snippet,
                     &format!("gave up after retry_for: {err}"),
                 )
-                .map(|()| "dead (retry_for exceeded)"),
+                .map(|()| {
+                    let dead = Some(DeadLetterReason::Expired);
+                    ("dead (retry_for exceeded)", AttemptOutcome::Failed, dead)
+                }),
         },
         Disposition::Final(status) => claim
             .bury(
@@ -409,12 +431,25 @@ pub async fn settle(
                 &result.snippet,
                 &format!("receiver refused it: {status}"),
             )
-            .map(|()| "dead (final answer)"),
+            .map(|()| {
+                let dead = Some(DeadLetterReason::Refused);
+                ("dead (final answer)", AttemptOutcome::Refused, dead)
+            }),
     })
     .await;
     match outcome {
-        Ok(Ok(what)) => {
-            tracing::info!(route = %route, id = %id, status = ?result.status, error = ?result.error, outcome = what, "redelivery attempt")
+        Ok(Ok((what, attempt, dead))) => {
+            if let Some(metrics) = metrics {
+                metrics.redelivery_attempt(&route, attempt);
+                if let Some(reason) = dead {
+                    metrics.dead_lettered(&route, reason);
+                }
+            }
+            let status = result
+                .status
+                .map_or_else(|| "none".to_string(), |s| s.to_string());
+            let error = result.error.as_deref().unwrap_or("none");
+            tracing::info!(route = %route, id = %id, status = %status, error = %error, outcome = what, "redelivery attempt")
         }
         Ok(Err(err)) => {
             tracing::error!(route = %route, id = %id, error = %err, "cannot update spooled payload")
@@ -439,6 +474,7 @@ pub fn spawn_redelivery(proxy: crate::proxy::Proxy, state: SpoolState) {
                 proxy.shared().learner.clone(),
                 &state,
                 SystemTime::now(),
+                &proxy.shared().metrics,
             )
             .await;
             if report != RoundReport::default() {

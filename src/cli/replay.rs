@@ -161,7 +161,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
                 }
             };
             let now = SystemTime::now();
-            deliver::settle(claim, &disposition, &attempt, &policy, now, i as u64).await;
+            deliver::settle(claim, &disposition, &attempt, &policy, now, i as u64, None).await;
             if total > 5 {
                 eprint!(
                     "\r[{}/{total}] {delivered} delivered, {failed} failed",

@@ -58,6 +58,7 @@ async fn round(proxy: &ProxyHandle, now: SystemTime) -> RoundReport {
         shared.learner.clone(),
         shared.spool.as_ref().unwrap(),
         now,
+        &shared.metrics,
     )
     .await
 }
@@ -158,6 +159,14 @@ async fn a_500_then_200_is_delivered_on_retry_with_backoff() {
         "backoff {wait:?}"
     );
     assert_eq!(entries[0].meta.attempts, 1);
+    let shared = proxy.proxy.shared();
+    let waiting = shared.metrics.encode(&shared.snapshot());
+    assert!(
+        waiting
+            .lines()
+            .any(|l| l == "payload_guard_spool_route_depth{route=\"test\"} 1"),
+        "{waiting}"
+    );
     // Not due yet: nothing is sent.
     assert_eq!(
         round(&proxy, now + Duration::from_secs(1)).await,
@@ -166,6 +175,21 @@ async fn a_500_then_200_is_delivered_on_retry_with_backoff() {
     assert!(receiver.try_next().is_none());
     assert_eq!(round(&proxy, next).await.delivered, 1);
     assert_eq!(receiver.next().await.body.unwrap(), "{\"a\":1}");
+    // The redelivery counters and the per-route spool gauges saw it.
+    let shared = proxy.proxy.shared();
+    let text = shared.metrics.encode(&shared.snapshot());
+    for line in [
+        "payload_guard_redelivery_attempts_total{route=\"test\",outcome=\"failed\"} 1",
+        "payload_guard_redelivery_attempts_total{route=\"test\",outcome=\"delivered\"} 1",
+        "payload_guard_redelivered_total{route=\"test\"} 1",
+        "payload_guard_dead_lettered_total{route=\"test\",reason=\"expired\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    assert!(!text.contains("payload_guard_spool_route_depth{"), "{text}");
 }
 
 #[tokio::test]
