@@ -482,6 +482,7 @@ impl Ctx<'_> {
         inc.peer = Some(self.peer.ip());
         inc.user_agent = self.facts.user_agent.clone();
         inc.content_type = self.facts.content_type.clone();
+        inc.content_encoding = self.facts.content_encoding.clone();
         inc.content_length = self.declared;
         inc.max_body = Some(self.cfg.max_body_bytes);
         inc.upstream_limit = self.limit;
