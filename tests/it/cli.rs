@@ -426,3 +426,167 @@ fn check_shows_sizes_in_both_forms_and_warns_on_decimal_units() {
     golden("check_warning.stdout.txt", &stdout);
     golden("check_warning.stderr.txt", &stderr);
 }
+
+/// The ```toml blocks of a Markdown file.
+fn toml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// Every configuration the documentation shows passes `check`, run as a user would: the
+/// shipped proxy.toml, the ```toml blocks of README.md and deploy/README.md (fragments such
+/// as one `[[routes.trim]]` table go into a minimal route), and deploy/*.toml.
+#[test]
+fn every_config_in_the_docs_passes_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut configs: Vec<(String, String)> = vec![(
+        "proxy.toml".into(),
+        std::fs::read_to_string(root.join("proxy.toml")).unwrap(),
+    )];
+    for doc in ["README.md", "deploy/README.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        let blocks = toml_blocks(&text);
+        assert!(!blocks.is_empty(), "{doc} shows no ```toml block");
+        for (i, block) in blocks.into_iter().enumerate() {
+            let whole = block.contains("[[routes]]") || block.contains("[server]");
+            let config = if whole {
+                block
+            } else {
+                format!(
+                    "[[routes]]\nname = \"doc\"\npath_prefix = \"/doc\"\nupstream = \"http://127.0.0.1:3000/\"\nupstream_limit = \"1MiB\"\n{block}"
+                )
+            };
+            configs.push((format!("{doc} block {}", i + 1), config));
+        }
+    }
+    for entry in std::fs::read_dir(root.join("deploy")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            configs.push((
+                path.display().to_string(),
+                std::fs::read_to_string(&path).unwrap(),
+            ));
+        }
+    }
+    for (name, config) in configs {
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, &config).unwrap();
+        let out = bin()
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("SYNTHFLOW_WEBHOOK_SECRET", "a-webhook-secret")
+            .env("GUARD_RESIGN_SECRET", "a-resign-secret")
+            .env(
+                "PAYLOAD_GUARD_ADMIN_TOKEN",
+                "0123456789abcdef0123456789abcdef",
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{name}:\n{config}\n{stderr}");
+        assert!(!stderr.contains("warning"), "{name}: {stderr}");
+    }
+}
+
+/// README.md's set-up promises: the install command, and what the shipped proxy.toml does
+/// without a receiver on its upstream (502 with `upstream_connect_failed`).
+#[tokio::test]
+async fn the_readme_set_up_holds_without_a_receiver() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let set_up = &readme[readme.find("## Set up").unwrap()..readme.find("## Quickstart").unwrap()];
+    for command in [
+        "cargo install --locked --path .",
+        "cargo test",
+        "payload-guard --config proxy.toml",
+        "skipped: nginx not installed; apt-get install -y nginx-light",
+    ] {
+        assert!(set_up.contains(command), "Set up lacks {command:?}");
+    }
+    // The shipped file, on ephemeral ports, with nothing listening where its receiver would be.
+    let nobody = crate::support::free_addr();
+    let shipped = std::fs::read_to_string(root.join("proxy.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
+        .replace("127.0.0.1:3000", &nobody.to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, shipped).unwrap();
+    let mut child = bin()
+        .args(["--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().expect("proxy exited").unwrap();
+            if let Some(pos) = line.find("payload-guard listening listen=") {
+                let rest = &line[pos + "payload-guard listening listen=".len()..];
+                let addr: std::net::SocketAddr = rest[..rest.find(' ').unwrap_or(rest.len())]
+                    .parse()
+                    .unwrap();
+                // Keep draining so the proxy never blocks on a full pipe.
+                std::thread::spawn(move || for _ in lines {});
+                return addr;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let got = crate::support::send(
+        addr,
+        http::Request::post(format!("http://{addr}/hooks/synthflow"))
+            .header("content-type", "application/json")
+            .body(crate::support::full("{\"call\":{\"call_id\":\"c1\"}}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["error"], "upstream_connect_failed");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The `check` output README.md shows ("Configuration") is what `check` prints for such a file.
+#[test]
+fn the_readme_check_example_is_real_output() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let from = readme
+        .find("each as `file:line:col: key: message`")
+        .unwrap();
+    let block = &readme[from..];
+    let block = &block[block.find("```\n").unwrap() + 4..];
+    let shown = &block[..block.find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        "[server]\nlisten = \"127.0.0.1:8080\"\nheader_read_timeout = \"10s\"\nbody_timeout = \"5m\"\nmax_connections = \"many\"\n\n[[routes]]\nname = \"synthflow\"\npath_prefix = \"/hooks/synthflow\"\nupstream = \"http://127.0.0.1:3000/webhook\"\nmax_body = \"32MiB\"\nconnect_timeout = \"5s\"\nresponse_timeout = \"60s\"\npreserve_host = false\nupstream_limt = \"1MiB\"\non_oversize = \"shrink\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .current_dir(dir.path())
+        .args(["check", "--config", "proxy.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), shown);
+}
