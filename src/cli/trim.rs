@@ -9,7 +9,6 @@ use anyhow::{Context, bail};
 use crate::config::Config;
 use crate::config::units::human_bytes;
 use crate::incident;
-use crate::trim::ActionSpec;
 use crate::trim::payload::{self, Encoding};
 
 use super::{EXIT_DATAERR, EXIT_NOINPUT, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
@@ -119,18 +118,20 @@ fn report(
     }
     for a in &shrunk.applied {
         let rule = &tc.specs[a.rule];
+        let what = match a.marked {
+            // The marker's number is what was cut; the body shrank by that less the marker.
+            Some(cut) => format!(
+                "{cut} bytes removed (as its marker says), the body {} bytes smaller",
+                a.removed
+            ),
+            None => format!("{} bytes removed", a.removed),
+        };
         report.push_str(&format!(
-            "  rule {} ({} {}): {} {} bytes smaller{}\n",
+            "  rule {} ({} {}): {}: {what}\n",
             a.rule,
             rule.path,
             super::check::describe_action(&rule.action),
             a.path,
-            a.removed,
-            match &rule.action {
-                ActionSpec::Truncate { .. } | ActionSpec::KeepLines { .. } =>
-                    " (net of the marker, which counts the bytes cut)",
-                _ => "",
-            }
         ));
     }
     report.push_str(if shrunk.fits {

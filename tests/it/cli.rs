@@ -183,8 +183,28 @@ fn trim_writes_the_forwarded_bytes_and_a_report() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["call"]["call_id"], "1732630000000x222222222222222222");
     let report = String::from_utf8_lossy(&out.stderr);
-    assert!(report.contains("rule 1 (call.transcript"), "{report}");
+    assert!(
+        report.contains("rule 1 (call.transcript truncate (keep head_tail"),
+        "{report}"
+    );
     assert!(report.contains("fits: yes"), "{report}");
+    // The report's count is the marker's number.
+    let body = String::from_utf8_lossy(&out.stdout);
+    let marked = body
+        .split("[... ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("a marker in the trimmed transcript");
+    assert!(
+        report.contains(&format!(
+            "call.transcript: {marked} bytes removed (as its marker says)"
+        )),
+        "{report}"
+    );
+    assert!(
+        !report.contains("Truncate {") && !report.contains("Some("),
+        "{report}"
+    );
 
     // Same through stdin; small payloads come back byte-identical.
     let small = payload_guard::trim::testdata::synthflow_payload(20_000, 8);
