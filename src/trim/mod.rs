@@ -55,7 +55,7 @@ mod proptests;
 
 use std::fmt;
 
-pub use self::fields::{FieldSize, string_at, top_fields};
+pub use self::fields::{FieldSize, HEAD_SAMPLE_BYTES, string_at, top_fields, top_fields_of_head};
 pub use self::rewrite::trim;
 pub use self::scan::MAX_DEPTH;
 
