@@ -169,7 +169,7 @@ pub(super) async fn process_buffered(
         "the rules could only reach {} bytes",
         shrunk.measured_after
     ));
-    tracing::warn!(route = %cfg.name, before = original_len, smallest = shrunk.body.len(), limit, on_trim_failure = ?tc.on_failure, "trim rules cannot bring the payload under the limit");
+    tracing::warn!(route = %cfg.name, before = original_len, smallest = shrunk.body.len(), limit, on_trim_failure = tc.on_failure.as_str(), "trim rules cannot bring the payload under the limit");
     ctx.record(inc);
     if tc.dry_run {
         return send_buffered(ctx, &target, wire, &stats, Some(&facts), None, exchange).await;
@@ -242,7 +242,7 @@ pub(super) async fn untrimmable(
         // Under the limit and not ours to judge: pass it on untouched.
         return send_buffered(ctx, &target, wire, stats, None, None, exchange).await;
     }
-    tracing::warn!(route = %cfg.name, reason = %err, on_trim_failure = ?tc.on_failure, "payload over upstream_limit cannot be trimmed");
+    tracing::warn!(route = %cfg.name, reason = %err, on_trim_failure = tc.on_failure.as_str(), "payload over upstream_limit cannot be trimmed");
     let mut inc = ctx.incident(Kind::OverUpstreamLimit);
     inc.action = Some(Action::TrimFailed);
     inc.body_bytes = Some(size);

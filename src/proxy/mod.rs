@@ -603,14 +603,14 @@ async fn pipeline(
         is_h1: parts.version < Version::HTTP_2,
     };
     if ctx.limit != cfg.upstream_limit_bytes {
-        tracing::debug!(route = %cfg.name, limit = ?ctx.limit, "using the receiver limit learned from its 413s");
+        tracing::debug!(route = %cfg.name, limit = ctx.limit, "using the receiver limit learned from its 413s");
     }
 
     let declared = match limit::precheck(&parts.headers, cfg.max_body_bytes) {
         Ok(declared) => declared,
         Err(err) => {
             if let ProxyError::BodyTooLarge { limit } = err {
-                tracing::warn!(route = %cfg.name, limit, declared = ?parts.headers.get(header::CONTENT_LENGTH), "body over max_body");
+                tracing::warn!(route = %cfg.name, limit, declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()), "body over max_body");
                 let mut inc = ctx.incident(Kind::OverMaxBody);
                 inc.content_length = parts
                     .headers
@@ -654,7 +654,7 @@ async fn pipeline(
             limit,
             untrimmable,
         } => {
-            tracing::warn!(route = %cfg.name, limit, size, reason = ?untrimmable, "body over upstream_limit, rejected");
+            tracing::warn!(route = %cfg.name, limit, size, reason = untrimmable.as_deref(), "body over upstream_limit, rejected");
             let mut inc = ctx.incident(Kind::OverUpstreamLimit);
             inc.action = Some(if untrimmable.is_some() {
                 Action::TrimFailed
@@ -782,7 +782,7 @@ async fn stream(
     let over_known = matches!((ctx.declared, ctx.limit), (Some(s), Some(l)) if s > l);
     if over_known {
         // Forwarded as is (forward mode, or a trim route that cannot trim this payload).
-        tracing::warn!(route = %cfg.name, limit = ?ctx.limit, size = ?ctx.declared, reason = ?untrimmable, "body over upstream_limit, forwarded as is");
+        tracing::warn!(route = %cfg.name, limit = ctx.limit, size = ctx.declared, reason = untrimmable.as_deref(), "body over upstream_limit, forwarded as is");
         let mut inc = ctx.incident(Kind::OverUpstreamLimit);
         inc.action = Some(if untrimmable.is_some() {
             Action::TrimFailed

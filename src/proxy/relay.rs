@@ -61,7 +61,7 @@ async fn refused(
         Some(size) => ctx.shared.learner.record_rejected(&cfg.name, size),
         None => ctx.shared.learner.bracket(&cfg.name),
     };
-    tracing::warn!(route = %cfg.name, rejector = rejector.as_str(), bytes = ?size, "receiver answered 413");
+    tracing::warn!(route = %cfg.name, rejector = rejector.as_str(), bytes = size, "receiver answered 413");
     let mut inc = ctx.incident(Kind::Upstream413);
     inc.body_bytes = size;
     inc.upstream_status = Some(status);

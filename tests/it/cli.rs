@@ -610,3 +610,111 @@ fn the_readme_check_example_is_real_output() {
     assert_eq!(out.status.code(), Some(65));
     assert_eq!(String::from_utf8_lossy(&out.stderr), shown);
 }
+
+/// What a user reads (logs of a refused, a forwarded-and-refused, a trimmed and a failed
+/// request, and the shutdown) shows values, never Rust's `Some(..)`, `None` or enum names.
+#[tokio::test]
+async fn logs_show_values_not_rust_debug_forms() {
+    use crate::support::{Behavior, Receiver, free_addr, full, send};
+    use std::io::BufRead;
+    let receiver = Receiver::start(Behavior::LimitEarly(2000)).await;
+    let nobody = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+[[routes]]
+name = "a"
+path_prefix = "/a"
+upstream = "http://{r}/"
+max_body = "4KiB"
+upstream_limit = "3KiB"
+[[routes]]
+name = "b"
+path_prefix = "/b"
+upstream = "http://{r}/"
+upstream_limit = "1KiB"
+[[routes.trim]]
+path = "x"
+action = "truncate"
+[[routes]]
+name = "c"
+path_prefix = "/c"
+upstream = "http://{nobody}/"
+"#,
+            r = receiver.addr
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = rx.recv().await.expect("proxy exited");
+        let found = line
+            .split("payload-guard listening listen=")
+            .nth(1)
+            .map(|rest| rest.split(' ').next().unwrap().parse().unwrap());
+        lines.push(line);
+        if let Some(addr) = found {
+            break addr;
+        }
+    };
+    let post = |path: &str, body: Vec<u8>| {
+        http::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap()
+    };
+    let json = |n: usize| format!("{{\"x\":\"{}\"}}", "a".repeat(n)).into_bytes();
+    assert_eq!(send(addr, post("/a", json(5000))).await.status, 413);
+    assert_eq!(send(addr, post("/a", json(3500))).await.status, 413);
+    assert_eq!(send(addr, post("/b", json(3000))).await.status, 200);
+    assert_eq!(send(addr, post("/c", json(10))).await.status, 502);
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    while let Some(line) = rx.recv().await {
+        lines.push(line);
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = lines.join("\n");
+    for needle in [
+        "body over max_body",
+        "receiver answered 413",
+        "payload trimmed",
+        "status=502",
+        "grace=30s",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+    }
+    for debug in [
+        "Some(",
+        "None",
+        "=Reject",
+        "=Forward",
+        "{ keep",
+        "Truncate {",
+    ] {
+        assert!(!text.contains(debug), "{debug:?} in:\n{text}");
+    }
+}
