@@ -31,6 +31,19 @@ pub(super) fn describe(config: &Config) -> String {
         out.push_str(&format!(", admin {admin}"));
     }
     out.push('\n');
+    out.push_str(&format!(
+        "buffer_budget {}, max_header_bytes {}",
+        both_forms(config.server.buffer_budget_bytes),
+        both_forms(config.server.max_header_bytes as u64)
+    ));
+    if config.spool.used {
+        out.push_str(&format!(
+            ", spool max_bytes {}, min_free {}",
+            both_forms(config.spool.max_bytes),
+            both_forms(config.spool.min_free)
+        ));
+    }
+    out.push('\n');
     let mut rows = vec![[
         "route".to_string(),
         "path_prefix".to_string(),

@@ -2,7 +2,24 @@
 //!
 //! Loading is two steps, as in the style guide: [`raw`] is a serde mirror of the file with typed
 //! units and spans, [`validate`] turns it into the runtime [`Config`] and reports every mistake at
-//! once, each with the file, line, column and key at fault.
+//! once, each with the file, line, column and key at fault. `diagnostics` gets every syntax and
+//! type mistake out of serde (which stops at the first) and renders them all with a caret.
+//!
+//! # Adding a key
+//!
+//! 1. Add the field to its struct in [`raw`] as `Option<Spanned<T>>`, with `T` one of `bool`,
+//!    `i64`, `String`, `PathBuf`, `SocketAddr`, [`units::ByteSize`], [`units::Dur`] or a
+//!    `#[serde(rename_all = "snake_case")]` enum. Nothing else is needed for its parse errors:
+//!    unknown keys (with "did you mean" among the struct's fields), wrong types in plain words
+//!    ("expected a whole number"), unknown enum values (with "did you mean" among the
+//!    variants), the dotted key and the caret all come from serde's own error and the span. A
+//!    new unit type's `Visitor::expecting` text becomes its "expected ..." wording.
+//! 2. Read it in `validate` (route keys through `pick(&route.x, &defaults.x)`), and report
+//!    each wrong relation with `rep.at(Some(value.span()), key("x"), "what is wrong: the fix")`
+//!    where the key is the dotted path as in the file (`routes[0].x`); `rep.warn` for a valid
+//!    but doubtful value. Every mistake is collected; none stops the others.
+//! 3. Document it in README.md's tables; `tests/it/cli.rs` runs `check` on every TOML block
+//!    of README.md and deploy/.
 
 mod diagnostics;
 pub mod raw;

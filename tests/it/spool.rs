@@ -214,6 +214,34 @@ async fn a_final_400_is_passed_through_and_kept_as_a_dead_letter() {
             .contains("received")
     );
     assert!(files(&dir.path().join("spool/ready")).is_empty());
+
+    // `spool purge --dry-run` lists what it would remove and removes nothing.
+    let purge = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+            .args(["spool", "purge", "--state", "dead", "--older-than", "0s"])
+            .args(extra)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = purge(&["--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&dead[0].id.to_string()), "{stdout}");
+    assert!(
+        stdout.contains("would remove 1 dead record older than 0s (dry run: nothing removed)"),
+        "{stdout}"
+    );
+    assert_eq!(listed(&proxy, payload_guard::spool::State::Dead).len(), 1);
+    let out = purge(&[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 1 dead record"));
+    assert!(listed(&proxy, payload_guard::spool::State::Dead).is_empty());
 }
 
 #[tokio::test]
