@@ -718,3 +718,49 @@ upstream = "http://{nobody}/"
         assert!(!text.contains(debug), "{debug:?} in:\n{text}");
     }
 }
+
+/// deploy/payload-guard.service: its `check` commands are valid command lines for this binary,
+/// and it keeps the configuration exit codes from restart-looping.
+#[test]
+fn the_systemd_unit_checks_with_valid_commands() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/payload-guard.service"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:3000/\"\n",
+    )
+    .unwrap();
+    let checks: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.split_once('=').filter(|(k, _)| k.starts_with("Exec")))
+        .map(|(_, command)| command)
+        .filter(|c| c.ends_with(" check"))
+        .collect();
+    assert_eq!(checks.len(), 2, "{unit}");
+    for command in checks {
+        let args: Vec<String> = command
+            .split_whitespace()
+            .skip(1)
+            .map(|a| a.replace("/etc/payload-guard/proxy.toml", config.to_str().unwrap()))
+            .collect();
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let prevent = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("RestartPreventExitStatus="))
+        .unwrap();
+    for code in ["64", "65", "66"] {
+        assert!(prevent.split_whitespace().any(|c| c == code), "{prevent}");
+    }
+}
