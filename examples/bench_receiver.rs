@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! bench_receiver --listen 127.0.0.1:PORT [--limit BYTES] [--early-close] [--linger-ms MS]
-//!                [--threads N]
+//!                [--mode MODE] [--threads N]
 //! ```
 //!
 //! - `--listen ADDR`: the address to bind (default `127.0.0.1:0`). `listening ADDR` is printed on
@@ -18,6 +18,16 @@
 //!   is shut down and whatever the sender still sends is discarded for up to `--linger-ms`
 //!   without data (nginx's `lingering_timeout`, default 5000; `0` closes at once, which makes
 //!   the kernel answer the unread bytes with a reset). Implies nothing without `--limit`.
+//! - `--mode reset-413`: a receiver that refuses from the request head alone and resets (the
+//!   "receiver (a)" of issue #17; many frameworks behave like this). The request head is read
+//!   on the raw socket; a body that is chunked or whose `Content-Length` is over `--limit`
+//!   (every body without `--limit`) is answered at once with `HTTP/1.1 413`, a small JSON body
+//!   (`{"error":"payload_too_large","limit":N,"receiver":"reset-413"}`) and
+//!   `Connection: close`, and the socket is closed right after the write: no body byte is read
+//!   on purpose (at most what arrived with the head), no shutdown, no lingering, so the kernel
+//!   answers the unread bytes with a reset. Bodies within the limit are read and answered `200`
+//!   as usual. `--early-close` and `--linger-ms` do not apply. The default mode is `normal`
+//!   (hyper, as described above).
 //! - `--threads N`: worker threads (default: a single-threaded runtime).
 //!
 //! Response bodies are a few bytes of JSON; `200` answers report the bytes read.
@@ -45,11 +55,20 @@ struct Opts {
     limit: Option<u64>,
     early_close: bool,
     linger: Duration,
+    mode: Mode,
     threads: usize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// hyper's HTTP/1 server: `--limit`, `--early-close`, `--linger-ms` as documented.
+    Normal,
+    /// Refuse from the request head with 413 and close at once, body unread (a reset).
+    Reset413,
+}
+
 const USAGE: &str = "usage: bench_receiver [--listen 127.0.0.1:PORT] [--limit BYTES] \
-                     [--early-close] [--linger-ms MS] [--threads N]";
+                     [--early-close] [--linger-ms MS] [--mode normal|reset-413] [--threads N]";
 
 fn parse_args() -> Result<Opts, String> {
     let mut opts = Opts {
@@ -57,6 +76,7 @@ fn parse_args() -> Result<Opts, String> {
         limit: None,
         early_close: false,
         linger: Duration::from_millis(5000),
+        mode: Mode::Normal,
         threads: 1,
     };
     let mut args = std::env::args().skip(1);
@@ -77,6 +97,14 @@ fn parse_args() -> Result<Opts, String> {
                 let v = value("--linger-ms")?;
                 let ms: u64 = v.parse().map_err(|e| format!("--linger-ms {v}: {e}"))?;
                 opts.linger = Duration::from_millis(ms);
+            }
+            "--mode" => {
+                let v = value("--mode")?;
+                opts.mode = match v.as_str() {
+                    "normal" => Mode::Normal,
+                    "reset-413" => Mode::Reset413,
+                    _ => return Err(format!("--mode {v}: expected normal or reset-413")),
+                };
             }
             "--threads" => {
                 let v = value("--threads")?;
@@ -161,7 +189,10 @@ async fn serve(opts: Opts) -> std::io::Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, opts.clone()));
+        match opts.mode {
+            Mode::Normal => tokio::spawn(connection(stream, opts.clone())),
+            Mode::Reset413 => tokio::spawn(reset_413(stream, opts.clone())),
+        };
     }
 }
 
@@ -277,4 +308,74 @@ async fn handle(
         format!("{{\"ok\":true,\"bytes\":{read}}}\n"),
         false,
     ))
+}
+
+/// The largest request head `--mode reset-413` accepts.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// `--mode reset-413`: one connection on the raw socket. Requests whose body fits are read and
+/// answered `200` (keep-alive); the first one that does not is answered `413` from its head and
+/// the socket is dropped with the body unread, so the kernel resets the connection.
+async fn reset_413(mut stream: TcpStream, opts: Arc<Opts>) {
+    let limit = opts.limit.unwrap_or(0);
+    // Small reads: besides the head, at most this much body is taken off the socket.
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen: Vec<u8> = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if seen.len() > MAX_HEAD {
+                return;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&seen[..head_end]).to_ascii_lowercase();
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        for line in head.split("\r\n").skip(1) {
+            if let Some((name, value)) = line.split_once(':') {
+                match name.trim() {
+                    "content-length" => length = value.trim().parse().ok(),
+                    "transfer-encoding" => chunked |= value.contains("chunked"),
+                    _ => {}
+                }
+            }
+        }
+        let length = length.unwrap_or(0);
+        if chunked || length > limit {
+            let text = format!(
+                "{{\"error\":\"payload_too_large\",\"limit\":{limit},\"receiver\":\"reset-413\"}}\n"
+            );
+            let answer = format!(
+                "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{text}",
+                text.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+            // Dropped at once with the body unread: the kernel answers with a reset.
+            return;
+        }
+        // A body within the limit: read it all, answer 200, keep the connection.
+        let want = head_end as u64 + length;
+        while (seen.len() as u64) < want {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        seen.drain(..want as usize);
+        let text = format!("{{\"ok\":true,\"bytes\":{length}}}\n");
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if stream.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
 }

@@ -1,10 +1,12 @@
 //! The admin listener: `GET /healthz` (process up), `GET /readyz` (config loaded, listener
 //! bound), `GET /metrics` (Prometheus text), `POST /reload` (re-read `proxy.toml`). When
-//! `[server] admin_token_env` is set, every request must carry `Authorization: Bearer <token>`.
-//! Also home of [`reload`], shared by SIGHUP and `POST /reload`.
+//! `[server] admin_token_env` is set, every request must carry `Authorization: Bearer <token>`
+//! (the console also takes its session cookie). Every other path is the operator's console
+//! ([`crate::console`]). Also home of [`reload`], shared by SIGHUP and `POST /reload`.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +22,7 @@ use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::console::{self, Console};
 use crate::proxy::{Proxy, Runtime};
 
 /// What the admin endpoints serve.
@@ -42,8 +45,9 @@ pub async fn serve_admin(
     let builder = Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     tracing::info!(listen = %listener.local_addr()?, "admin listening");
+    let console = Arc::new(Console::new());
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -55,9 +59,11 @@ pub async fn serve_admin(
             () = &mut shutdown => return Ok(()),
         };
         let admin = admin.clone();
+        let console = console.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(handle(&admin, req)) }
+            let console = console.clone();
+            async move { Ok::<_, Infallible>(handle(&admin, &console, req, peer).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -78,23 +84,50 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     response
 }
 
-/// Whether the request carries the admin token (always true when none is configured).
-fn authorized(admin: &Admin, req: &Request<Incoming>) -> bool {
-    let runtime = admin.proxy.current();
-    let Some(token) = runtime.config.server.admin_token.as_ref() else {
-        return true;
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    token.matches(given.as_bytes())
+/// How an admin request was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// No token is configured (the admin listener is on loopback).
+    Open,
+    /// `Authorization: Bearer <token>`.
+    Bearer,
+    /// The console's session cookie holding the token.
+    Cookie,
 }
 
-fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(admin, &req) {
+/// Who is calling, or `None` when a token is configured and the request does not carry it.
+pub fn caller(admin: &Admin, headers: &http::HeaderMap) -> Option<Caller> {
+    let runtime = admin.proxy.current();
+    let Some(token) = runtime.config.server.admin_token.as_ref() else {
+        return Some(Caller::Open);
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(given) = bearer {
+        return token.matches(given.as_bytes()).then_some(Caller::Bearer);
+    }
+    console::cookie_token(headers)
+        .filter(|given| token.matches(given.as_bytes()))
+        .map(|_| Caller::Cookie)
+}
+
+async fn handle(
+    admin: &Admin,
+    console: &Console,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    if console::serves(req.uri().path()) {
+        return console::handle(admin, console, req, peer).await;
+    }
+    // The console's cookie is for the console: these endpoints keep to the bearer token
+    // (`POST /reload` has no CSRF token to check).
+    if !matches!(
+        caller(admin, req.headers()),
+        Some(Caller::Open | Caller::Bearer)
+    ) {
         let mut response = json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "unauthorized", "message": "admin requests need Authorization: Bearer <token>"}),
@@ -107,22 +140,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => {
-            let spool_ok = admin
-                .proxy
-                .shared()
-                .spool
-                .as_ref()
-                .is_none_or(|s| s.spool.writable());
-            if admin.ready.load(Ordering::Acquire) && spool_ok {
-                json(StatusCode::OK, serde_json::json!({"status": "ready"}))
-            } else {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({"status": "starting"}),
-                )
-            }
-        }
+        (&Method::GET, "/readyz") => readyz(admin).await,
         (&Method::GET, "/metrics") => {
             let shared = admin.proxy.shared();
             let text = shared.metrics.encode(&shared.snapshot());
@@ -133,6 +151,8 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             response
         }
+        (&Method::GET, "/limits") => limits(admin),
+        (&Method::POST, "/limits/reset") => reset_limits(admin, req.uri().query()),
         (&Method::POST, "/reload") => match reload(&admin.proxy, &admin.config_path) {
             Ok(()) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
             Err(message) => json(
@@ -141,9 +161,18 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         (&Method::GET, path) if path.starts_with("/originals/") => {
-            original(admin, &path["/originals/".len()..])
+            let (admin, id) = (admin.clone(), path["/originals/".len()..].to_string());
+            // Reading a record is blocking file I/O: off the async threads.
+            tokio::task::spawn_blocking(move || original(&admin, &id))
+                .await
+                .unwrap_or_else(|_| {
+                    json(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        serde_json::json!({"error": "read_failed"}),
+                    )
+                })
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/reload") => json(
+        (_, "/healthz" | "/readyz" | "/metrics" | "/reload" | "/limits" | "/limits/reset") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({"error": "method_not_allowed"}),
         ),
@@ -152,6 +181,113 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             serde_json::json!({"error": "not_found"}),
         ),
     }
+}
+
+/// `GET /readyz`: 200 once the listener is bound and, when a route spools, while the spool can
+/// take new records (below `max_bytes`, disk above `min_free`, writable); else 503 with why.
+async fn readyz(admin: &Admin) -> Response<Full<Bytes>> {
+    if !admin.ready.load(Ordering::Acquire) {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "starting"}),
+        );
+    }
+    if let Some(state) = admin.proxy.shared().spool.clone() {
+        let probe = tokio::task::spawn_blocking(move || state.spool.can_accept()).await;
+        let problem = match probe {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(err.to_string()),
+            Err(err) => Some(err.to_string()),
+        };
+        if let Some(reason) = problem {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "spool_unavailable", "reason": reason}),
+            );
+        }
+    }
+    json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+}
+
+/// `GET /limits`: what each route has learned about its receiver's limit, with the evidence.
+fn limits(admin: &Admin) -> Response<Full<Bytes>> {
+    let runtime = admin.proxy.current();
+    let learned = &admin.proxy.shared().learned;
+    let routes: Vec<serde_json::Value> = runtime
+        .config
+        .routes
+        .iter()
+        .map(|route| {
+            let units = crate::prepare::Policy::of(route)
+                .map_or(crate::trim::payload::Units::Wire, |p| p.units);
+            let state = learned.route(&route.name).unwrap_or_default();
+            serde_json::json!({
+                "route": route.name,
+                "configured": route.upstream_limit_bytes,
+                "units": units.as_str(),
+                "in_force": learned.limit(&route.name, units, route.upstream_limit_bytes),
+                "wire": state.wire,
+                "decoded": state.decoded,
+                "evidence": state.evidence,
+            })
+        })
+        .collect();
+    json(StatusCode::OK, serde_json::json!({ "routes": routes }))
+}
+
+/// `POST /limits/reset?route=NAME`: forgets what was learned for a route.
+fn reset_limits(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
+    let route = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("route="))
+        .map(percent_decode);
+    let Some(route) = route.as_deref().filter(|r| !r.is_empty()) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "bad_request", "message": "name the route: POST /limits/reset?route=NAME"}),
+        );
+    };
+    if admin.proxy.current().route_by_name(route).is_none() {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no_route", "message": format!("no route named {route:?}")}),
+        );
+    }
+    let had = admin.proxy.shared().learned.reset(route);
+    tracing::info!(route, "learned limit reset through the admin listener");
+    json(
+        StatusCode::OK,
+        serde_json::json!({"status": "reset", "route": route, "had_evidence": had}),
+    )
+}
+
+/// Decodes `%XX` escapes of a query value (invalid escapes stay as they are).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `GET /originals/<id>`: the exact untrimmed bytes of an archived original.
@@ -203,6 +339,46 @@ fn original(admin: &Admin, id: &str) -> Response<Full<Bytes>> {
     }
 }
 
+/// A reload cannot open, close or move the spool while payloads may be in it: a `[spool]`
+/// change, or a route that starts spooling when no spool is open, is refused with the reason.
+fn spool_change(old: &Config, new: &Config, spool_open: bool) -> Result<(), String> {
+    let needs_spool = new.spool.used;
+    if needs_spool && !spool_open {
+        let route = new
+            .routes
+            .iter()
+            .find(|r| r.spool || r.dead_letter || r.archive_originals)
+            .map_or("a route", |r| r.name.as_str());
+        return Err(format!(
+            "route {route:?} now uses the spool (spool, dead_letter or archive_originals), but no spool is open: restart payload-guard to open it"
+        ));
+    }
+    let (o, n) = (&old.spool, &new.spool);
+    let changed = [
+        ("dir", o.dir != n.dir),
+        ("max_bytes", o.max_bytes != n.max_bytes),
+        ("min_free", o.min_free != n.min_free),
+        ("retry_initial", o.retry_initial != n.retry_initial),
+        ("retry_max", o.retry_max != n.retry_max),
+        ("retry_for", o.retry_for != n.retry_for),
+        (
+            "redeliver_concurrency",
+            o.redeliver_concurrency != n.redeliver_concurrency,
+        ),
+        (
+            "redeliver_interval",
+            o.redeliver_interval != n.redeliver_interval,
+        ),
+        ("archive_for", o.archive_for != n.archive_for),
+    ];
+    if spool_open && let Some((key, _)) = changed.iter().find(|(_, c)| *c) {
+        return Err(format!(
+            "[spool] {key} changed: the spool's settings take effect only at start-up; restart payload-guard (or put the old value back to reload the rest)"
+        ));
+    }
+    Ok(())
+}
+
 /// Re-reads the configuration. A valid one replaces the running one for new requests
 /// (in-flight requests finish with theirs); an invalid one is refused with the same message
 /// `check` prints, and the old one stays in force. Settings bound at start-up (listeners,
@@ -247,9 +423,26 @@ pub fn reload(proxy: &Proxy, path: &Path) -> Result<(), String> {
             );
         }
     }
+    if let Err(why) = spool_change(&old.config, &config, proxy.shared().spool.is_some()) {
+        metrics.reload(false);
+        tracing::error!(config = %path.display(), reason = %why, "reload refused: the old configuration stays in force");
+        return Err(why);
+    }
     for route in &config.routes {
         metrics.init_route(&route.name);
     }
+    let learned = &proxy.shared().learned;
+    // `payload-guard limits --reset` edits the file; a changed upstream_limit forgets a route.
+    learned.reread();
+    learned.reconcile(
+        config
+            .routes
+            .iter()
+            .map(|r| crate::state::limits::Configured {
+                route: &r.name,
+                upstream_limit: r.upstream_limit_bytes,
+            }),
+    );
     match Runtime::new(config) {
         Ok(runtime) => {
             proxy.replace(runtime);

@@ -1,45 +1,45 @@
-//! Stage 8, for spool routes: nothing lost. Decides whether a receiver's answer means
-//! delivered, retry later, or refused for good ([`disposition`], pure); commits undeliverable
-//! payloads to the spool durably before the sender is acknowledged; and redelivers spooled
-//! payloads with backoff ([`redeliver_due`]), the same way `payload-guard replay` does.
+//! Delivering a whole payload, the one way every caller does it: the live buffered path, each
+//! resend after a receiver's 413, redelivery of spooled payloads and `payload-guard replay`.
+//!
+//! [`deliver_whole`] sends a prepared payload, reads the receiver's answer (bounded), asks
+//! [`judge`] what it means, and on a 413 walks down the ladder of common receiver limits
+//! ([`crate::prepare::ladder_step`]), trimming the original lower and resending, up to the
+//! route's `max_413_retries`; every refusal is learned ([`LearnedLimits`]) and becomes an
+//! `upstream_413` incident. For spool routes it also commits undeliverable payloads durably
+//! ([`commit`]) and redelivers them per route in arrival order with backoff
+//! ([`redeliver_due`]).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Uri, Version};
+use http::{HeaderMap, Method, Response, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 
-use crate::config::{OnOversize, SpoolSettings};
-use crate::forward;
-use crate::incident::{self, LimitLearner};
+use crate::config::SpoolSettings;
+use crate::error::ProxyError;
+use crate::forward::{self, ConnUpstream, Target, UpstreamBody};
+use crate::incident::IncidentLog;
+use crate::incident::{self, Incident, Kind, Retry};
+use crate::judge::{self, Answer, Verdict};
 use crate::limit::BodyError;
 use crate::metrics::{AttemptOutcome, DeadLetterReason, Metrics};
-use crate::proxy::Runtime;
+use crate::prepare::{self, Policy, Prepared};
+use crate::proxy::{RouteRuntime, Runtime, Shared};
 use crate::spool::{Claim, Meta, RecordId, RetryPolicy, Spool, SpoolConfig, SpoolError, State};
-use crate::trim::payload::{self, Encoding};
+use crate::state::LearnedLimits;
+use crate::trim::Document;
+use crate::trim::payload::{self, Encoding, Units};
 
-/// What a receiver's status means for a spooled or spool-route payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
-    /// 2xx: done.
-    Delivered,
-    /// Refused, overloaded or failing (408, 413 after the trim retry, 429, 5xx): try again.
-    Retry(String),
-    /// Any other answer (3xx, 4xx): final, passed on to the sender.
-    Final(u16),
-}
+/// How much of a receiver's answer is read before it is judged and relayed (answers to
+/// webhooks are small; a larger one is relayed as it streams, judged on its status).
+pub const ANSWER_BYTES: usize = 1024 * 1024;
 
-/// Classifies a receiver's status (pure).
-pub fn disposition(status: u16) -> Disposition {
-    match status {
-        200..=299 => Disposition::Delivered,
-        408 | 413 | 429 | 500..=599 => Disposition::Retry(format!("receiver answered {status}")),
-        other => Disposition::Final(other),
-    }
-}
+/// `Idempotency-Key`, the same on every attempt of a payload.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// The spool and how it is drained, shared by the proxy's routes.
 #[derive(Clone)]
@@ -50,6 +50,9 @@ pub struct SpoolState {
     pub policy: RetryPolicy,
     /// The `[spool]` settings.
     pub settings: SpoolSettings,
+    /// Routes whose redelivery is held until a time (after any failure: the receiver, the
+    /// disk, a metadata update), so nothing is retried faster than the backoff allows.
+    held: Arc<Mutex<HashMap<String, SystemTime>>>,
 }
 
 impl SpoolState {
@@ -61,7 +64,39 @@ impl SpoolState {
             spool,
             policy: policy(settings),
             settings: settings.clone(),
+            held: Arc::default(),
         })
+    }
+
+    /// A spool another process owns (for `payload-guard replay` while the proxy runs).
+    pub fn attached(spool: Spool, settings: &SpoolSettings) -> SpoolState {
+        SpoolState {
+            spool,
+            policy: policy(settings),
+            settings: settings.clone(),
+            held: Arc::default(),
+        }
+    }
+
+    fn held_until(&self, route: &str) -> Option<SystemTime> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+            .copied()
+    }
+
+    fn hold(&self, route: &str, until: SystemTime) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = held.entry(route.to_string()).or_insert(until);
+        *at = (*at).max(until);
+    }
+
+    fn release_hold(&self, route: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(route);
     }
 }
 
@@ -113,7 +148,448 @@ pub fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The outcome of one delivery attempt of a stored payload.
+/// Sets `Idempotency-Key` to `key` unless the sender set one (theirs is kept: it is what their
+/// receiver already deduplicates on).
+pub fn set_idempotency_key(headers: &mut HeaderMap, key: &str) {
+    if headers.contains_key(IDEMPOTENCY_KEY) {
+        return;
+    }
+    if let Ok(v) = HeaderValue::from_str(key) {
+        headers.insert(IDEMPOTENCY_KEY, v);
+    }
+}
+
+/// The receiver's answer, read up to [`ANSWER_BYTES`].
+pub struct Answered {
+    /// Status and headers.
+    pub parts: http::response::Parts,
+    /// The start of the body (all of it when `rest` is `None`).
+    pub prefix: Bytes,
+    /// The rest of a large body, still streaming.
+    pub rest: Option<UpstreamBody>,
+    /// What the judge looks at.
+    pub answer: Answer,
+}
+
+impl Answered {
+    /// Reads `response`'s answer (bounded) for judging. An answer larger than
+    /// [`ANSWER_BYTES`] counts as complete: it is relayed as it streams.
+    pub async fn read(response: Response<Incoming>, sent: Option<u64>) -> Answered {
+        let (parts, body) = response.into_parts();
+        let body = body.map_err(BodyError::new).boxed_unsync();
+        let (prefix, rest, complete, error) = match judge::read_body(body, ANSWER_BYTES).await {
+            Ok((prefix, rest)) => (prefix, rest, true, None),
+            Err((prefix, why)) => (prefix, None, false, Some(why)),
+        };
+        Answered {
+            answer: Answer {
+                status: Some(parts.status.as_u16()),
+                complete,
+                retry_after: parts.headers.contains_key(header::RETRY_AFTER),
+                error,
+                sent,
+            },
+            parts,
+            prefix,
+            rest,
+        }
+    }
+
+    /// The answer for the sender: relayed (hop-by-hop headers removed) when it came whole;
+    /// a 502 when it broke off before its end (nothing of it was sent on yet, so the sender
+    /// gets a clear error instead of a truncated body).
+    pub fn relay(self) -> Result<Response<UpstreamBody>, ProxyError> {
+        if !self.answer.complete {
+            return Err(ProxyError::UpstreamBroken(format!(
+                "the receiver's answer ({}) broke off after {} bytes: {}",
+                self.parts.status.as_u16(),
+                self.prefix.len(),
+                self.answer.error.as_deref().unwrap_or("connection closed")
+            )));
+        }
+        Ok(self.into_response())
+    }
+
+    /// The answer as a response for the sender (hop-by-hop headers removed).
+    pub fn into_response(self) -> Response<UpstreamBody> {
+        let mut parts = self.parts;
+        forward::strip_hop_by_hop(&mut parts.headers);
+        parts.version = http::Version::HTTP_11;
+        Response::from_parts(parts, crate::proxy::prefixed_body(self.prefix, self.rest))
+    }
+
+    /// Fills an `upstream_413` incident from the answer: who refused, the snippet.
+    pub fn describe_refusal(&self, inc: &mut Incident) {
+        let status = self.parts.status.as_u16();
+        let headers: Vec<(String, String)> = self
+            .parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let head = &self.prefix[..self.prefix.len().min(4096)];
+        inc.upstream_status = Some(status);
+        inc.rejector = Some(incident::fingerprint(status, &headers, head));
+        inc.upstream_snippet = Some(incident::snippet(head));
+    }
+}
+
+/// Sends a whole body with its exact `Content-Length`, over `upstream` (a sender connection's
+/// own) when given, else the route's pooled client, within `response_timeout`.
+pub async fn send_whole(
+    route: &RouteRuntime,
+    upstream: Option<&ConnUpstream>,
+    target: Target,
+    body: Bytes,
+) -> Result<Response<Incoming>, ProxyError> {
+    let cfg = &route.config;
+    let len = body.len() as u64;
+    let req = target.with_content_length(len).into_request(
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    let sent = forward::send(route.client(), upstream, req, cfg.connect_timeout);
+    match tokio::time::timeout(cfg.response_timeout, sent).await {
+        Err(_) => Err(ProxyError::UpstreamResponseTimeout(cfg.response_timeout)),
+        Ok(Err(err)) => Err(forward::classify(&err, cfg)),
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+/// A whole payload on its way to the receiver.
+pub struct Whole<'a> {
+    /// The bytes as received.
+    pub wire: &'a Bytes,
+    /// Its `Content-Encoding`, when the proxy can decode it.
+    pub encoding: Option<Encoding>,
+    /// Its decoded size.
+    pub decoded_len: u64,
+    /// Its decoded JSON, parsed (on trim routes, when it is JSON and parsed).
+    pub doc: Option<&'a Document<'a>>,
+}
+
+impl Whole<'_> {
+    fn compressed(&self) -> bool {
+        self.encoding.is_some_and(|e| e != Encoding::Identity)
+    }
+}
+
+/// What a delivery uses besides the route: what was learned, where incidents and metrics go,
+/// and the spool (for archived originals). The proxy's [`Shared`] state lends it; the CLI
+/// builds its own.
+#[derive(Clone, Copy)]
+pub struct Services<'a> {
+    /// Learned receiver limits.
+    pub learned: &'a LearnedLimits,
+    /// Where trims and incidents are counted.
+    pub metrics: &'a Metrics,
+    /// The incident log (`None`: incidents are only logged).
+    pub incidents: Option<&'a IncidentLog>,
+    /// The spool, for archived originals.
+    pub spool: Option<&'a SpoolState>,
+}
+
+impl Services<'_> {
+    /// Records an incident: counted, written to the log, and said once in the proxy's log.
+    pub fn record(&self, incident: Incident) {
+        crate::proxy::log_incident(&incident);
+        self.metrics.incident(&incident.route, incident.kind);
+        if let Some(log) = self.incidents {
+            log.record(incident);
+        }
+    }
+}
+
+impl Shared {
+    /// The services a delivery uses, lent from the proxy's shared state.
+    pub fn services(&self) -> Services<'_> {
+        Services {
+            learned: &self.learned,
+            metrics: &self.metrics,
+            incidents: Some(&self.incidents),
+            spool: self.spool.as_ref(),
+        }
+    }
+}
+
+/// Where a payload goes and what the attempt may use.
+pub struct Destination<'a> {
+    /// The route.
+    pub route: &'a RouteRuntime,
+    /// The sender connection's own upstream connection (live HTTP/1 requests).
+    pub upstream: Option<&'a ConnUpstream>,
+    /// Learned limits, metrics, incidents, spool.
+    pub services: Services<'a>,
+    /// The request (method, URI, headers) without its framing.
+    pub target: &'a Target,
+    /// An incident with the request's facts filled in, to copy for each incident.
+    pub base: &'a Incident,
+}
+
+/// How a whole delivery ended.
+pub struct Delivered {
+    /// What the last answer meant.
+    pub verdict: Verdict,
+    /// The last answer, when the receiver answered.
+    pub answered: Option<Answered>,
+    /// Why there was no answer.
+    pub error: Option<ProxyError>,
+    /// Incidents to record (the receiver's 413s).
+    pub incidents: Vec<Incident>,
+    /// Bytes of the last body sent.
+    pub sent_bytes: u64,
+    /// The last body sent was trimmed.
+    pub trimmed: bool,
+    /// After a 413: trimming could still go lower (the retries ran out), so trying again
+    /// later may succeed; `false` means the rules can go no lower.
+    pub can_go_lower: bool,
+}
+
+/// Sends `first` (the payload as prepared for the limit in force), and answers each 413 by
+/// trimming the original lower and resending, up to `max_413_retries` times.
+pub async fn deliver_whole(
+    dest: &Destination<'_>,
+    whole: &Whole<'_>,
+    first: Prepared,
+) -> Delivered {
+    let cfg = &dest.route.config;
+    let learned = dest.services.learned;
+    let policy = Policy::of(cfg).filter(|p| !p.dry_run && cfg.retry_on_413);
+    let route_units = policy.map_or(Units::Wire, |p| p.units);
+    let mut current = first;
+    let mut incidents: Vec<Incident> = Vec::new();
+    let mut archived: Option<Vec<(HeaderName, HeaderValue)>> = None;
+    let mut retries = 0;
+    let mut counted_trim = false;
+    loop {
+        if current.trimmed() && archived.is_none() {
+            match archive_original(dest, whole).await {
+                Ok(headers) => archived = Some(headers),
+                Err(err) => {
+                    return Delivered {
+                        verdict: Verdict::Retryable(err.to_string()),
+                        answered: None,
+                        error: Some(err),
+                        incidents,
+                        sent_bytes: 0,
+                        trimmed: false,
+                        can_go_lower: false,
+                    };
+                }
+            }
+        }
+        if current.trimmed() && !counted_trim {
+            counted_trim = true;
+            dest.services
+                .metrics
+                .trimmed(&cfg.name, current.removed_bytes());
+        }
+        let mut target = dest.target.clone();
+        for (name, value) in current
+            .headers
+            .iter()
+            .chain(archived.iter().flatten().filter(|_| current.trimmed()))
+        {
+            target.headers.insert(name.clone(), value.clone());
+        }
+        let sent_bytes = current.body.len() as u64;
+        let response = send_whole(dest.route, dest.upstream, target, current.body.clone()).await;
+        let answered = match response {
+            Ok(response) => Answered::read(response, Some(sent_bytes)).await,
+            Err(err) => {
+                if let Some(last) = incidents.last_mut()
+                    && let Some(retry) = last.retry.as_mut()
+                {
+                    retry.status = None;
+                }
+                return Delivered {
+                    verdict: Verdict::Retryable(err.to_string()),
+                    answered: None,
+                    error: Some(err),
+                    incidents,
+                    sent_bytes,
+                    trimmed: current.trimmed(),
+                    can_go_lower: false,
+                };
+            }
+        };
+        let verdict = judge::judge(&answered.answer);
+        if let Some(last) = incidents.last_mut()
+            && let Some(retry) = last.retry.as_mut()
+        {
+            retry.status = answered.answer.status;
+        }
+        let decoded = whole.compressed().then_some(current.decoded_len);
+        if verdict
+            != (Verdict::TooLarge {
+                bytes: Some(sent_bytes),
+            })
+        {
+            if verdict == Verdict::Delivered {
+                learned.accepted(&cfg.name, sent_bytes, decoded, &dest.base.request_id);
+            }
+            return Delivered {
+                verdict,
+                answered: Some(answered),
+                error: None,
+                incidents,
+                sent_bytes,
+                trimmed: current.trimmed(),
+                can_go_lower: false,
+            };
+        }
+        // The receiver refused it as too large: learn, record, and go lower if possible.
+        let bracket = learned.refused(&cfg.name, sent_bytes, decoded, &dest.base.request_id);
+        let mut inc = dest.base.clone();
+        inc.kind = Kind::Upstream413;
+        inc.ts = incident::format_ts(SystemTime::now());
+        inc.body_bytes = Some(sent_bytes);
+        inc.learned = Some(bracket);
+        inc.trimmed = current.removed();
+        if current.trimmed() {
+            inc.bytes_after = Some(sent_bytes);
+        }
+        answered.describe_refusal(&mut inc);
+        // A refused compressed body says something about its decoded size.
+        let units = if whole.compressed() {
+            Units::Decoded
+        } else {
+            route_units
+        };
+        if whole.compressed() && route_units == Units::Wire && policy.is_some() {
+            inc.reason = Some(format!(
+                "this receiver refused a {sent_bytes}-byte {} body ({} bytes decoded): it counts decoded bytes; set limit_counts = \"decoded\" on route {:?}",
+                encoding_name(whole.encoding),
+                current.decoded_len,
+                cfg.name
+            ));
+        }
+        let refused = current.size(units);
+        let exhausted = retries >= cfg.max_413_retries;
+        let lower = match (policy.as_ref(), whole.doc, whole.encoding) {
+            (Some(p), Some(doc), Some(encoding)) => {
+                let floor = if units == Units::Decoded {
+                    bracket.largest_accepted
+                } else {
+                    learned.bracket(&cfg.name, Units::Wire).largest_accepted
+                };
+                prepare::ladder_step(refused, floor)
+                    .and_then(|step| {
+                        prepare::prepare(p, whole.wire, doc, encoding, step, units).ok()
+                    })
+                    .filter(|next| next.trimmed() && next.size(units) < refused)
+            }
+            _ => None,
+        };
+        let can_go_lower = lower.is_some();
+        match lower {
+            Some(next) if !exhausted => {
+                inc.retry = Some(Retry {
+                    attempted: true,
+                    status: None,
+                    bytes: Some(next.body.len() as u64),
+                });
+                tracing::info!(route = %cfg.name, refused = sent_bytes, next = next.body.len(), "receiver answered 413: resending the payload trimmed lower");
+                incidents.push(inc);
+                retries += 1;
+                current = next;
+            }
+            _ => {
+                inc.retry = Some(Retry {
+                    attempted: false,
+                    status: None,
+                    bytes: None,
+                });
+                if inc.reason.is_none() {
+                    inc.reason = Some(if policy.is_none() {
+                        "the route does not trim: nothing to resend".to_string()
+                    } else if whole.doc.is_none() {
+                        "the payload cannot be trimmed (not JSON, or not decodable)".to_string()
+                    } else if can_go_lower {
+                        format!("max_413_retries ({}) reached", cfg.max_413_retries)
+                    } else {
+                        "the trim rules can go no lower".to_string()
+                    });
+                }
+                incidents.push(inc);
+                return Delivered {
+                    verdict,
+                    answered: Some(answered),
+                    error: None,
+                    incidents,
+                    sent_bytes,
+                    trimmed: current.trimmed(),
+                    can_go_lower,
+                };
+            }
+        }
+    }
+}
+
+fn encoding_name(encoding: Option<Encoding>) -> &'static str {
+    match encoding {
+        Some(Encoding::Gzip) => "gzip",
+        Some(Encoding::Deflate) => "deflate",
+        _ => "identity",
+    }
+}
+
+/// Keeps the untrimmed original in `spool/archive/` (`archive_originals = true`) and names the
+/// headers that point the receiver at it: `Payload-Guard-Original: <id>`, plus
+/// `Payload-Guard-Original-Url` with `claim_check_url`. Trimming never destroys data: when the
+/// archive cannot store it, the payload is not trimmed and the sender gets 503.
+pub async fn archive_original(
+    dest: &Destination<'_>,
+    whole: &Whole<'_>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, ProxyError> {
+    let cfg = &dest.route.config;
+    if !cfg.archive_originals {
+        return Ok(Vec::new());
+    }
+    let Some(state) = dest.services.spool else {
+        return Ok(Vec::new());
+    };
+    let base = dest.base;
+    let mut meta = Meta::new(
+        cfg.name.clone(),
+        SystemTime::now(),
+        base.request_id.clone(),
+        base.method.clone().unwrap_or_else(|| "POST".into()),
+        dest.target
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string()),
+        whole.wire.len() as u64,
+    );
+    meta.call_id.clone_from(&base.call_id);
+    meta.headers = stored_headers(&dest.target.headers);
+    meta.trimmed = true;
+    match commit(&state.spool, State::Archive, meta, whole.wire.clone()).await {
+        Ok(id) => {
+            let mut headers = Vec::new();
+            if let Ok(v) = HeaderValue::from_str(id.as_str()) {
+                headers.push((HeaderName::from_static("payload-guard-original"), v));
+            }
+            if let Some(url) = &cfg.claim_check_url
+                && let Ok(v) = HeaderValue::from_str(&format!("{url}/{id}"))
+            {
+                headers.push((HeaderName::from_static("payload-guard-original-url"), v));
+            }
+            Ok(headers)
+        }
+        Err(err) => Err(ProxyError::SpoolUnavailable(format!(
+            "cannot archive the original, so it is not trimmed: {err}"
+        ))),
+    }
+}
+
+/// The outcome of one redelivery attempt of a stored payload.
 #[derive(Debug, Clone)]
 pub struct Attempt {
     /// The receiver's status, when it answered.
@@ -122,53 +598,53 @@ pub struct Attempt {
     pub error: Option<String>,
     /// The start of the receiver's answer.
     pub snippet: String,
-    /// Bytes sent.
+    /// Bytes sent (last attempt).
     pub bytes: u64,
+    /// What it means.
+    pub verdict: Verdict,
+    /// After a 413: the rules could still go lower.
+    pub can_go_lower: bool,
 }
 
 impl Attempt {
-    /// What the attempt means.
-    pub fn disposition(&self) -> Disposition {
-        match (self.status, &self.error) {
-            (Some(status), _) => disposition(status),
-            (None, Some(err)) => Disposition::Retry(err.clone()),
-            (None, None) => Disposition::Retry("no answer".to_string()),
+    fn failed(error: String) -> Attempt {
+        Attempt {
+            status: None,
+            snippet: String::new(),
+            bytes: 0,
+            verdict: Verdict::Retryable(error.clone()),
+            error: Some(error),
+            can_go_lower: false,
         }
     }
 }
 
-/// Sends a stored payload once: to its route's receiver (or `to`), with the route's trim rules
-/// applied as for a live request and `Idempotency-Key: <call_id or request_id>`.
+/// Delivers a stored payload once, as the live path would: to its route's receiver (or `to`),
+/// prepared for the limit in force, with the 413 ladder, the same `Idempotency-Key` as every
+/// other attempt, and the receiver's answer judged by [`judge`]. Incidents are recorded.
 pub async fn attempt(
     runtime: &Runtime,
-    learner: &LimitLearner,
+    services: Services<'_>,
     meta: &Meta,
     body: Bytes,
     to: Option<&Uri>,
 ) -> Attempt {
-    let failed = |error: String| Attempt {
-        status: None,
-        error: Some(error),
-        snippet: String::new(),
-        bytes: 0,
-    };
     let Some(route) = runtime.route_by_name(&meta.route) else {
-        return failed(format!("route {:?} is no longer configured", meta.route));
+        return Attempt::failed(format!("route {:?} is no longer configured", meta.route));
     };
     let cfg = &route.config;
     let (path, query) = match meta.path_and_query.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (meta.path_and_query.as_str(), None),
     };
-    let rest = path.strip_prefix(cfg.path_prefix.as_str()).unwrap_or("");
-    let rest = if cfg.path_prefix == "/" { path } else { rest };
-    let uri = match to {
-        Some(to) => forward::upstream_uri(to, rest, query),
-        None => forward::upstream_uri(&cfg.upstream, rest, query),
+    let rest = if cfg.path_prefix == "/" {
+        path
+    } else {
+        path.strip_prefix(cfg.path_prefix.as_str()).unwrap_or("")
     };
-    let uri = match uri {
+    let uri = match forward::upstream_uri(to.unwrap_or(&cfg.upstream), rest, query) {
         Ok(uri) => uri,
-        Err(err) => return failed(err.to_string()),
+        Err(err) => return Attempt::failed(err.to_string()),
     };
     let mut headers = HeaderMap::new();
     for (name, value) in &meta.headers {
@@ -179,85 +655,107 @@ pub async fn attempt(
             headers.append(name, value);
         }
     }
-    // Trim again: the receiver's limit may have changed since the payload was stored.
-    let mut body = body;
-    let limit = incident::effective_limit(cfg.upstream_limit_bytes, &learner.bracket(&cfg.name));
-    if let (Some(tc), Some(limit), OnOversize::Trim) = (cfg.trim.as_ref(), limit, cfg.on_oversize)
-        && body.len() as u64 > limit
-        && !tc.dry_run
-    {
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok());
-        let encoding = payload::encoding(
-            headers
-                .get(header::CONTENT_ENCODING)
-                .and_then(|v| v.to_str().ok()),
-        );
-        if payload::is_json(content_type)
-            && let Ok(encoding) = encoding
-        {
-            let decoded = match encoding {
-                Encoding::Identity => Ok(body.to_vec()),
-                enc => payload::decode(&body, enc, cfg.max_body_bytes),
-            };
-            if let Ok(decoded) = decoded
-                && let Ok(doc) = crate::trim::Document::parse(&decoded)
-                && let Ok(shrunk) = payload::shrink(&body, &doc, encoding, tc, limit)
-                && shrunk.changed()
-            {
-                if let Ok(v) = HeaderValue::from_str(&shrunk.trimmed_header()) {
-                    headers.insert(HeaderName::from_static("payload-guard-trimmed"), v);
-                }
-                headers.insert(
-                    HeaderName::from_static("payload-guard-original-length"),
-                    HeaderValue::from(body.len() as u64),
-                );
-                body = Bytes::from(shrunk.body);
-            }
-        }
-    }
-    let key = meta.call_id.as_deref().unwrap_or(&meta.request_id);
-    if let Ok(key) = HeaderValue::from_str(key) {
-        headers.insert(HeaderName::from_static("idempotency-key"), key);
-    }
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len() as u64));
-    let bytes = body.len() as u64;
-    let mut req = Request::new(
-        Full::new(body)
-            .map_err(|never| match never {})
-            .boxed_unsync(),
+    // Marks of an earlier trim are recomputed from the original.
+    headers.remove(prepare::TRIMMED_HEADER);
+    headers.remove(prepare::ORIGINAL_LENGTH_HEADER);
+    set_idempotency_key(
+        &mut headers,
+        meta.call_id.as_deref().unwrap_or(&meta.request_id),
     );
-    *req.method_mut() = meta.method.parse().unwrap_or(Method::POST);
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    *req.version_mut() = Version::HTTP_11;
-    let response =
-        match tokio::time::timeout(cfg.response_timeout, route.client().request(req)).await {
-            Err(_) => return failed(format!("no response within {:?}", cfg.response_timeout)),
-            Ok(Err(err)) => return failed(forward::classify_error(&err, cfg).to_string()),
-            Ok(Ok(response)) => response,
-        };
-    let status = response.status().as_u16();
-    let mut snippet = Vec::new();
-    let mut body = response.into_body().map_err(BodyError::new);
-    while snippet.len() < incident::SNIPPET_BYTES {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    snippet.extend_from_slice(&data);
-                }
+    let target = Target {
+        method: meta.method.parse().unwrap_or(Method::POST),
+        uri,
+        headers,
+    };
+    let encoding = payload::encoding(
+        target
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .ok();
+    let is_json = payload::is_json(
+        target
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let policy = Policy::of(cfg);
+    let decoded = match (policy.as_ref(), encoding) {
+        (Some(_), Some(enc)) if is_json => prepare::decode(&body, enc, cfg.max_body_bytes).ok(),
+        _ => None,
+    };
+    let doc = decoded.as_ref().and_then(|d| Document::parse(d).ok());
+    let whole = Whole {
+        wire: &body,
+        encoding,
+        decoded_len: decoded.as_ref().map_or(body.len(), Bytes::len) as u64,
+        doc: doc.as_ref(),
+    };
+    let mut base = Incident::new(Kind::Upstream413, cfg.name.clone(), meta.request_id.clone());
+    base.call_id.clone_from(&meta.call_id);
+    base.method = Some(meta.method.clone());
+    base.path = Some(path.to_string());
+    base.content_length = Some(body.len() as u64);
+    base.max_body = Some(cfg.max_body_bytes);
+    base.reason = None;
+    // Prepare for the limit in force now (it may have changed since the payload was stored).
+    let first = match (policy.as_ref(), whole.doc, encoding) {
+        (Some(p), Some(doc), Some(enc)) if !p.dry_run => {
+            let limit = services
+                .learned
+                .limit(&cfg.name, p.units, cfg.upstream_limit_bytes);
+            let size = if p.units == Units::Decoded {
+                whole.decoded_len
+            } else {
+                body.len() as u64
+            };
+            match limit {
+                Some(limit) if size > limit => prepare::prepare(p, &body, doc, enc, limit, p.units)
+                    .unwrap_or_else(|_| Prepared::original(&body, whole.decoded_len)),
+                _ => Prepared::original(&body, whole.decoded_len),
             }
-            _ => break,
         }
+        _ => Prepared::original(&body, whole.decoded_len),
+    };
+    base.upstream_limit = services.learned.limit(
+        &cfg.name,
+        policy.map_or(Units::Wire, |p| p.units),
+        cfg.upstream_limit_bytes,
+    );
+    let dest = Destination {
+        route,
+        upstream: None,
+        services,
+        target: &target,
+        base: &base,
+    };
+    let delivered = deliver_whole(&dest, &whole, first).await;
+    for inc in delivered.incidents {
+        services.record(inc);
     }
-    // Drain (bounded) so the connection can be reused.
-    let _ = tokio::time::timeout(Duration::from_secs(5), body.collect()).await;
+    let answered = delivered.answered;
+    let status = answered.as_ref().map(|a| a.parts.status.as_u16());
+    let snippet = answered
+        .as_ref()
+        .map(|a| incident::snippet(&a.prefix[..a.prefix.len().min(incident::SNIPPET_BYTES)]))
+        .unwrap_or_default();
+    let error = delivered
+        .error
+        .as_ref()
+        .map(ToString::to_string)
+        .or_else(|| answered.as_ref().and_then(|a| a.answer.error.clone()));
+    // Drain a large answer (bounded) so the connection can be reused.
+    if let Some(rest) = answered.and_then(|a| a.rest) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), rest.collect()).await;
+    }
     Attempt {
-        status: Some(status),
-        error: None,
-        snippet: incident::snippet(&snippet),
-        bytes,
+        status,
+        error,
+        snippet,
+        bytes: delivered.sent_bytes,
+        verdict: delivered.verdict,
+        can_go_lower: delivered.can_go_lower,
     }
 }
 
@@ -268,20 +766,22 @@ pub struct RoundReport {
     pub delivered: usize,
     /// Records that failed again and wait for their next attempt.
     pub retried: usize,
-    /// Records moved to `dead/` (final answer, or past `retry_for`).
+    /// Records moved to `dead/` (final answer, too large for good, or past `retry_for`).
     pub buried: usize,
 }
 
-/// Redelivers every ready record due at `now`: per route in order of arrival (a route stops at
-/// its first failure, so later payloads never overtake an earlier one), routes in parallel up
-/// to `redeliver_concurrency`. A record is deleted only after a 2xx.
+/// Redelivers the ready records due at `now`, per route in order of arrival: a route stops at
+/// its first record that is not due, held by another delivery, or fails again, so a later
+/// payload never overtakes an earlier one. Routes run in parallel up to
+/// `redeliver_concurrency`. A record is deleted only after a 2xx read to its end.
 pub async fn redeliver_due(
     runtime: Arc<Runtime>,
-    learner: Arc<LimitLearner>,
-    state: &SpoolState,
+    shared: Arc<Shared>,
     now: SystemTime,
-    metrics: &Metrics,
 ) -> RoundReport {
+    let Some(state) = shared.spool.clone() else {
+        return RoundReport::default();
+    };
     let spool = state.spool.clone();
     let entries = match tokio::task::spawn_blocking(move || spool.list(State::Ready, None)).await {
         Ok(Ok(entries)) => entries,
@@ -291,42 +791,48 @@ pub async fn redeliver_due(
         }
         Err(_) => return RoundReport::default(),
     };
-    let mut by_route: BTreeMap<String, Vec<RecordId>> = BTreeMap::new();
+    let mut by_route: BTreeMap<String, Vec<(RecordId, Option<SystemTime>)>> = BTreeMap::new();
     for entry in entries {
-        if entry.claimed || entry.meta.next_attempt_at.is_some_and(|at| at > now) {
-            continue;
-        }
         by_route
             .entry(entry.meta.route.clone())
             .or_default()
-            .push(entry.id);
+            .push((entry.id, entry.meta.next_attempt_at));
     }
     let limit = Arc::new(tokio::sync::Semaphore::new(
-        state.settings.redeliver_concurrency,
+        state.settings.redeliver_concurrency.max(1),
     ));
     let mut tasks = tokio::task::JoinSet::new();
-    for (route, ids) in by_route {
-        let (runtime, learner, state, limit, metrics) = (
+    for (route, records) in by_route {
+        if state.held_until(&route).is_some_and(|until| until > now) {
+            continue;
+        }
+        let (runtime, shared, state, limit) = (
             runtime.clone(),
-            learner.clone(),
+            shared.clone(),
             state.clone(),
             limit.clone(),
-            metrics.clone(),
         );
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
             let mut report = RoundReport::default();
-            for id in ids {
-                match redeliver_one(&runtime, &learner, &state, &id, now, &metrics).await {
-                    Some(Disposition::Delivered) => report.delivered += 1,
-                    Some(Disposition::Final(_)) => report.buried += 1,
-                    Some(Disposition::Retry(_)) => {
+            for (id, next_attempt_at) in records {
+                if next_attempt_at.is_some_and(|at| at > now) {
+                    // The oldest is not due yet: the later ones wait behind it.
+                    break;
+                }
+                match redeliver_one(&runtime, &shared, &state, &id, now).await {
+                    Some(Settled::Delivered) => report.delivered += 1,
+                    Some(Settled::Buried) => report.buried += 1,
+                    Some(Settled::Retry) => {
                         report.retried += 1;
                         tracing::debug!(route = %route, "redelivery paused for this route until its oldest payload goes through");
                         break;
                     }
-                    None => {}
+                    None => break,
                 }
+            }
+            if report.retried == 0 {
+                state.release_hold(&route);
             }
             report
         });
@@ -342,15 +848,25 @@ pub async fn redeliver_due(
     total
 }
 
+/// What became of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Delivered and deleted.
+    Delivered,
+    /// Back to ready, for a later attempt (or its update failed: held all the same).
+    Retry,
+    /// Moved to `dead/`.
+    Buried,
+}
+
 /// Claims and delivers one record; `None` if someone else holds it or it is unreadable.
 async fn redeliver_one(
     runtime: &Runtime,
-    learner: &LimitLearner,
+    shared: &Shared,
     state: &SpoolState,
     id: &RecordId,
     now: SystemTime,
-    metrics: &Metrics,
-) -> Option<Disposition> {
+) -> Option<Settled> {
     let spool = state.spool.clone();
     let claim_id = id.clone();
     let claimed = tokio::task::spawn_blocking(move || {
@@ -372,90 +888,114 @@ async fn redeliver_one(
         }
     };
     let meta = claim.meta().clone();
-    let result = attempt(runtime, learner, &meta, Bytes::from(body), None).await;
-    let disposition = result.disposition();
+    let result = attempt(runtime, shared.services(), &meta, Bytes::from(body), None).await;
     let seed = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(meta.attempts);
-    settle(
-        claim,
-        &disposition,
-        &result,
-        &state.policy,
-        now,
-        seed,
-        Some(metrics),
-    )
-    .await;
-    Some(disposition)
+    let settled = settle(claim, &result, state, now, seed).await;
+    count_redelivery(&shared.metrics, &meta.route, &result.verdict, settled);
+    Some(settled)
 }
 
-/// Applies an attempt's outcome to its claim: delete, back to ready, or dead; counts it in
-/// `metrics` (the live redelivery's; `replay` passes none).
+/// Counts one settled redelivery attempt in the metrics: its outcome, and whether it went to
+/// `dead/`.
+fn count_redelivery(metrics: &Metrics, route: &str, verdict: &Verdict, settled: Settled) {
+    let outcome = match (verdict, settled) {
+        (Verdict::Delivered, Settled::Delivered) => AttemptOutcome::Delivered,
+        (Verdict::Final(_), _) => AttemptOutcome::Refused,
+        (Verdict::TooLarge { .. }, Settled::Buried) => AttemptOutcome::Refused,
+        _ => AttemptOutcome::Failed,
+    };
+    metrics.redelivery_attempt(route, outcome);
+    if settled == Settled::Buried {
+        let reason = match outcome {
+            AttemptOutcome::Refused => DeadLetterReason::Refused,
+            _ => DeadLetterReason::Expired,
+        };
+        metrics.dead_lettered(route, reason);
+    }
+}
+
+/// Applies an attempt's outcome to its claim: delete, back to ready, or dead. Whatever fails
+/// (the receiver, or the update of the record itself, e.g. a full disk) holds the route's
+/// redelivery for the backoff delay, so nothing is retried faster than the policy allows.
 pub async fn settle(
     claim: Claim,
-    disposition: &Disposition,
     result: &Attempt,
-    policy: &RetryPolicy,
+    state: &SpoolState,
     now: SystemTime,
     seed: u64,
-    metrics: Option<&Metrics>,
-) {
+) -> Settled {
     let id = claim.id().clone();
     let route = claim.meta().route.clone();
+    let policy = state.policy;
     let next = policy.next_attempt_at(claim.meta(), now, seed);
-    let (disposition, result) = (disposition.clone(), result.clone());
-    let outcome = tokio::task::spawn_blocking(move || match disposition {
-        Disposition::Delivered => claim
-            .complete()
-            .map(|()| ("delivered", AttemptOutcome::Delivered, None)),
-        Disposition::Retry(err) => match next {
-            Some(at) => claim
-                .release(&err, at)
-                .map(|()| ("retry later", AttemptOutcome::Failed, None)),
-            None => claim
-                .bury(
-                    result.status,
-                    &result.snippet,
-                    &format!("gave up after retry_for: {err}"),
-                )
-                .map(|()| {
-                    let dead = Some(DeadLetterReason::Expired);
-                    ("dead (retry_for exceeded)", AttemptOutcome::Failed, dead)
-                }),
-        },
-        Disposition::Final(status) => claim
+    let backoff = now
+        + crate::spool::backoff::next_delay(
+            claim.meta().attempts,
+            policy.retry_initial,
+            policy.retry_max,
+            seed,
+        );
+    let result = result.clone();
+    let status = result.status;
+    let settled = match &result.verdict {
+        Verdict::Delivered => Settled::Delivered,
+        Verdict::Final(_) => Settled::Buried,
+        Verdict::TooLarge { .. } if !result.can_go_lower => Settled::Buried,
+        _ if next.is_none() => Settled::Buried,
+        _ => Settled::Retry,
+    };
+    let outcome = tokio::task::spawn_blocking(move || match &result.verdict {
+        Verdict::Delivered => claim.complete().map(|()| "delivered"),
+        Verdict::Final(status) => claim
             .bury(
-                Some(status),
+                Some(*status),
                 &result.snippet,
                 &format!("receiver refused it: {status}"),
             )
-            .map(|()| {
-                let dead = Some(DeadLetterReason::Refused);
-                ("dead (final answer)", AttemptOutcome::Refused, dead)
-            }),
+            .map(|()| "dead (final answer)"),
+        Verdict::TooLarge { .. } if !result.can_go_lower => claim
+            .bury(
+                result.status,
+                &result.snippet,
+                "receiver answered 413 and the trim rules can go no lower",
+            )
+            .map(|()| "dead (too large for the receiver)"),
+        other => {
+            let err = match other {
+                Verdict::Retryable(why) => why.clone(),
+                _ => format!("receiver answered {}", result.status.unwrap_or(0)),
+            };
+            match next {
+                Some(at) => claim.release(&err, at).map(|()| "retry later"),
+                None => claim
+                    .bury(
+                        result.status,
+                        &result.snippet,
+                        &format!("gave up after retry_for: {err}"),
+                    )
+                    .map(|()| "dead (retry_for exceeded)"),
+            }
+        }
     })
     .await;
     match outcome {
-        Ok(Ok((what, attempt, dead))) => {
-            if let Some(metrics) = metrics {
-                metrics.redelivery_attempt(&route, attempt);
-                if let Some(reason) = dead {
-                    metrics.dead_lettered(&route, reason);
-                }
-            }
-            let status = result
-                .status
-                .map_or_else(|| "none".to_string(), |s| s.to_string());
-            let error = result.error.as_deref().unwrap_or("none");
-            tracing::info!(route = %route, id = %id, status = %status, error = %error, outcome = what, "redelivery attempt")
+        Ok(Ok(what)) => {
+            // A record back in ready/ carries its next attempt time: it holds the route.
+            tracing::info!(route = %route, id = %id, status = status.unwrap_or(0), outcome = what, "redelivery attempt");
+            settled
         }
         Ok(Err(err)) => {
-            tracing::error!(route = %route, id = %id, error = %err, "cannot update spooled payload")
+            tracing::error!(route = %route, id = %id, error = %err, "cannot update spooled payload: holding this route's redelivery for the backoff delay");
+            state.hold(&route, backoff);
+            Settled::Retry
         }
         Err(err) => {
-            tracing::error!(route = %route, id = %id, error = %err, "redelivery task failed")
+            tracing::error!(route = %route, id = %id, error = %err, "redelivery task failed");
+            state.hold(&route, backoff);
+            Settled::Retry
         }
     }
 }
@@ -469,14 +1009,8 @@ pub fn spawn_redelivery(proxy: crate::proxy::Proxy, state: SpoolState) {
         let mut last_purge = tokio::time::Instant::now();
         loop {
             tick.tick().await;
-            let report = redeliver_due(
-                proxy.current(),
-                proxy.shared().learner.clone(),
-                &state,
-                SystemTime::now(),
-                &proxy.shared().metrics,
-            )
-            .await;
+            let report =
+                redeliver_due(proxy.current(), proxy.shared_arc(), SystemTime::now()).await;
             if report != RoundReport::default() {
                 tracing::info!(
                     delivered = report.delivered,
@@ -493,24 +1027,4 @@ pub fn spawn_redelivery(proxy: crate::proxy::Proxy, state: SpoolState) {
             }
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dispositions() {
-        assert_eq!(disposition(200), Disposition::Delivered);
-        assert_eq!(disposition(204), Disposition::Delivered);
-        assert!(matches!(disposition(500), Disposition::Retry(_)));
-        assert!(matches!(disposition(503), Disposition::Retry(_)));
-        assert!(matches!(disposition(408), Disposition::Retry(_)));
-        assert!(matches!(disposition(429), Disposition::Retry(_)));
-        assert!(matches!(disposition(413), Disposition::Retry(_)));
-        assert_eq!(disposition(400), Disposition::Final(400));
-        assert_eq!(disposition(401), Disposition::Final(401));
-        assert_eq!(disposition(422), Disposition::Final(422));
-        assert_eq!(disposition(301), Disposition::Final(301));
-    }
 }

@@ -97,6 +97,9 @@ pub enum ProxyError {
     /// The upstream connection broke before a complete response.
     #[error("upstream failed: {0}")]
     UpstreamBroken(String),
+    /// The receiver reset the connection and no answer could be read from it.
+    #[error("the receiver reset the connection without an answer: {0}")]
+    UpstreamReset(String),
     /// No upstream connection within `connect_timeout`.
     #[error("upstream connect timed out after {0:?}")]
     UpstreamConnectTimeout(Duration),
@@ -133,9 +136,9 @@ impl ProxyError {
             ProxyError::BodyIdleTimeout(_) | ProxyError::BodyTimeout(_) => {
                 StatusCode::REQUEST_TIMEOUT
             }
-            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamBroken(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamBroken(_)
+            | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -165,6 +168,7 @@ impl ProxyError {
             ProxyError::BodyRead(_) => "body_read_failed",
             ProxyError::UpstreamConnect(_) => "upstream_connect_failed",
             ProxyError::UpstreamBroken(_) => "upstream_failed",
+            ProxyError::UpstreamReset(_) => "upstream_reset",
             ProxyError::UpstreamConnectTimeout(_) => "upstream_connect_timeout",
             ProxyError::UpstreamResponseTimeout(_) => "upstream_response_timeout",
             ProxyError::BufferBudgetExhausted => "buffer_budget_exhausted",
@@ -178,6 +182,7 @@ impl ProxyError {
         match self {
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamBroken(_)
+            | ProxyError::UpstreamReset(_)
             | ProxyError::UpstreamConnectTimeout(_)
             | ProxyError::UpstreamResponseTimeout(_) => Culprit::Upstream,
             ProxyError::BufferBudgetExhausted

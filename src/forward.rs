@@ -6,6 +6,7 @@
 use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 
@@ -30,7 +31,7 @@ use crate::limit::BodyError;
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BodyError>;
 
 /// A route's pooled upstream client.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+pub type UpstreamClient = Client<HttpsConnector<TolerantConnector>, UpstreamBody>;
 
 /// How long an idle pooled upstream connection is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -67,6 +68,7 @@ pub fn build_client(route: &RouteConfig) -> Result<UpstreamClient, ProxyError> {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(route.connect_timeout));
+    let http = TolerantConnector(http);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -81,6 +83,52 @@ pub fn build_client(route: &RouteConfig) -> Result<UpstreamClient, ProxyError> {
         .retry_canceled_requests(true)
         .set_host(true)
         .build(https))
+}
+
+/// Where a request goes: method, upstream URI and the headers as rewritten for the receiver.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The request method.
+    pub method: http::Method,
+    /// The receiver's URI (absolute).
+    pub uri: Uri,
+    /// The headers for the receiver (hop-by-hop removed, `X-Forwarded-*` set).
+    pub headers: HeaderMap,
+}
+
+impl Target {
+    /// The same request with a body of exactly `len` bytes: `Content-Length` set, no
+    /// `Transfer-Encoding` (some receivers silently truncate chunked bodies over their limit).
+    pub fn with_content_length(mut self, len: u64) -> Target {
+        self.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        self.headers.remove(header::TRANSFER_ENCODING);
+        self
+    }
+
+    /// The HTTP/1.1 request with `body`.
+    pub fn into_request(self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        *req.version_mut() = http::Version::HTTP_11;
+        req
+    }
+}
+
+/// Sends `req` over `upstream` (a sender connection's own upstream connection) when given,
+/// else through the route's pooled client.
+pub async fn send(
+    pooled: &UpstreamClient,
+    upstream: Option<&ConnUpstream>,
+    req: Request<UpstreamBody>,
+    connect_timeout: Duration,
+) -> Result<Response<Incoming>, UpstreamError> {
+    match upstream {
+        Some(upstream) => upstream.request(pooled, req, connect_timeout).await,
+        None => pooled.request(req).await.map_err(UpstreamError::Pooled),
+    }
 }
 
 /// Why an upstream exchange failed, from either the pooled client or a [`ConnUpstream`].
@@ -119,6 +167,8 @@ struct Slot {
 struct Dedicated {
     authority: Authority,
     sender: http1::SendRequest<UpstreamBody>,
+    /// Set when a write to the receiver failed: the connection is never reused.
+    write_failed: Arc<AtomicBool>,
 }
 
 /// Holds the connection for one request; hands it back (or frees the slot) when dropped,
@@ -132,7 +182,10 @@ impl Drop for Lease<'_> {
     fn drop(&mut self) {
         let mut slot = lock(&self.owner.slot);
         slot.busy = false;
-        slot.dedicated = self.dedicated.take().filter(|d| !d.sender.is_closed());
+        slot.dedicated = self
+            .dedicated
+            .take()
+            .filter(|d| !d.sender.is_closed() && !d.write_failed.load(Ordering::Acquire));
     }
 }
 
@@ -188,9 +241,13 @@ impl ConnUpstream {
             lease.dedicated = None;
         }
         // Boxed: connecting happens once per sender connection, its state need not be inline.
-        let mut sender = Box::pin(connect(&authority, connect_timeout)).await?;
+        let (mut sender, write_failed) = Box::pin(connect(&authority, connect_timeout)).await?;
         let response = sender.send_request(req).await;
-        lease.dedicated = Some(Dedicated { authority, sender });
+        lease.dedicated = Some(Dedicated {
+            authority,
+            sender,
+            write_failed,
+        });
         response.map_err(UpstreamError::Exchange)
     }
 }
@@ -205,10 +262,11 @@ impl ConnUpstream {
         slot.busy = true;
         Some(Lease {
             owner: self,
-            dedicated: slot
-                .dedicated
-                .take()
-                .filter(|d| d.authority == *authority && !d.sender.is_closed()),
+            dedicated: slot.dedicated.take().filter(|d| {
+                d.authority == *authority
+                    && !d.sender.is_closed()
+                    && !d.write_failed.load(Ordering::Acquire)
+            }),
         })
     }
 }
@@ -217,7 +275,7 @@ impl ConnUpstream {
 async fn connect(
     authority: &Authority,
     connect_timeout: Duration,
-) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+) -> Result<(http1::SendRequest<UpstreamBody>, Arc<AtomicBool>), UpstreamError> {
     let port = authority.port_u16().unwrap_or(80);
     let host = authority
         .host()
@@ -234,8 +292,10 @@ async fn connect(
         Err(_) => return Err(UpstreamError::ConnectTimeout),
     };
     let _ = stream.set_nodelay(true);
+    let io = ResetTolerant::new(TokioIo::new(stream));
+    let write_failed = io.write_failed.clone();
     let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(io)
         .await
         .map_err(UpstreamError::Exchange)?;
     tokio::spawn(async move {
@@ -243,7 +303,160 @@ async fn connect(
             tracing::debug!(error = %err, "upstream connection closed with error");
         }
     });
-    Ok(sender)
+    Ok((sender, write_failed))
+}
+
+/// Upstream I/O that keeps reading after the receiver reset the connection.
+///
+/// A receiver that answers early (413 from the `Content-Length`) and closes without reading
+/// the rest of the body makes its kernel reset the connection; the proxy's next write fails
+/// with `ECONNRESET` or `EPIPE`. The receiver's answer is still in the socket's receive queue,
+/// but hyper ends the exchange on the write error before reading it. This wrapper turns a
+/// reset on write into "written" (the bytes are discarded, as a lingering close would), so
+/// hyper goes on to read the answer and relay it; when there is none, the read fails and the
+/// exchange ends as a reset. The sender's body keeps being drained meanwhile.
+pub struct ResetTolerant<T> {
+    inner: T,
+    write_failed: Arc<AtomicBool>,
+}
+
+impl<T> ResetTolerant<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T) -> ResetTolerant<T> {
+        ResetTolerant {
+            inner,
+            write_failed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.write_failed.load(Ordering::Acquire)
+    }
+
+    /// A reset on write: remember it, report the bytes as written.
+    fn swallow(&self, err: &std::io::Error) -> bool {
+        let reset = matches!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionAborted
+        );
+        if reset && !self.write_failed.swap(true, Ordering::AcqRel) {
+            tracing::debug!(error = %err, "the receiver reset the connection while the body was sent: reading its answer");
+        }
+        reset
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for ResetTolerant<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for ResetTolerant<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.failed() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Err(err)) if this.swallow(&err) => Poll::Ready(Ok(buf.len())),
+            other => other,
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let total = bufs.iter().map(|b| b.len()).sum();
+        if this.failed() {
+            return Poll::Ready(Ok(total));
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Err(err)) if this.swallow(&err) => Poll::Ready(Ok(total)),
+            other => other,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.failed() {
+            return Poll::Ready(Ok(()));
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Ready(Err(err)) if this.swallow(&err) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.failed() {
+            return Poll::Ready(Ok(()));
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_shutdown(cx) {
+            Poll::Ready(Err(err)) if this.swallow(&err) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+}
+
+impl<T: Connection> Connection for ResetTolerant<T> {
+    fn connected(&self) -> Connected {
+        // A connection whose writes failed is not reused: the receiver reset it, so its read
+        // side fails right after the answer, and hyper closes it before the pool hands it out.
+        self.inner.connected()
+    }
+}
+
+/// The pooled client's TCP connector, with [`ResetTolerant`] connections.
+#[derive(Clone)]
+pub struct TolerantConnector(HttpConnector);
+
+impl tower_service::Service<Uri> for TolerantConnector {
+    type Response = ResetTolerant<TokioIo<tokio::net::TcpStream>>;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move { connecting.await.map(ResetTolerant::new) })
+    }
 }
 
 /// The upstream URI: the route's upstream path joined with the rest of the request path after
@@ -392,8 +605,34 @@ pub fn classify(err: &UpstreamError, route: &RouteConfig) -> ProxyError {
         UpstreamError::Connect(err) => {
             ProxyError::UpstreamConnect(format!("client error (Connect): {}", error_chain(err)))
         }
-        UpstreamError::Exchange(err) => ProxyError::UpstreamBroken(error_chain(err)),
+        UpstreamError::Exchange(err) => broken(err),
     }
+}
+
+/// A failed exchange after connecting: a reset without an answer, or another failure.
+fn broken(err: &(dyn StdError + 'static)) -> ProxyError {
+    let reset = has_io_kind(err, std::io::ErrorKind::ConnectionReset)
+        || has_io_kind(err, std::io::ErrorKind::BrokenPipe)
+        || is_incomplete(err);
+    if reset {
+        ProxyError::UpstreamReset(error_chain(err))
+    } else {
+        ProxyError::UpstreamBroken(error_chain(err))
+    }
+}
+
+/// hyper's "connection closed before message completed".
+fn is_incomplete(err: &(dyn StdError + 'static)) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(s) = source {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Classifies a failed exchange of the pooled client.
@@ -405,7 +644,7 @@ pub fn classify_error(err: &hyper_util::client::legacy::Error, route: &RouteConf
         }
         return ProxyError::UpstreamConnect(chain);
     }
-    ProxyError::UpstreamBroken(chain)
+    broken(err)
 }
 
 /// `a: b: c` from an error and its sources, for logs and error bodies.

@@ -12,15 +12,23 @@
 //! - [`limit`]: `Content-Length` pre-check, then a counting body with idle and total timeouts.
 //! - [`buffer`]: bounded buffering under a global budget, only when trimming may be needed.
 //! - [`trim`]: byte-faithful JSON trimming by path rules (and the gzip/deflate wrapper).
+//! - [`prepare`]: the one way a payload is made ready for its receiver (trim to a target,
+//!   re-encode, re-sign, mark), used live, on every resend, on redelivery and by the CLI.
 //! - [`forward`]: upstream clients (a connection per HTTP/1 sender connection for plain-HTTP
 //!   receivers; pooled, TLS, HTTP/2 by ALPN otherwise), URI and header rewriting.
 //! - [`verify`]: sender signatures (Synthflow's HMAC of `call.call_id`, whole-body HMACs).
-//! - [`deliver`] and [`spool`]: spool routes keep what the receiver could not take, redeliver it.
+//! - [`judge`]: the one way a receiver's answer is judged (delivered, too large, retryable,
+//!   final).
+//! - [`deliver`]: sends a whole payload and answers 413s by trimming lower (the ladder);
+//!   commits what cannot be delivered to the [`spool`] and redelivers it in arrival order.
+//! - [`state`]: learned receiver limits and the dedupe memory, kept in small state files.
 //! - [`observe`]: the access-log line for each exchange.
 //! - [`incident`]: the 413 incident log, fingerprints of who rejected, learned limits, diagnosis.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`error`]: the one mapping from an error to a status, a culprit and an incident kind.
+//! - [`sizes`]: recent request sizes per route (an in-memory ring), for the console.
 //! - [`admin`]: health, readiness, metrics and reload on the admin listener.
+//! - [`console`]: the operator's console and its JSON API on the admin listener.
 //! - [`cli`]: the `payload-guard` subcommands.
 
 #![deny(unsafe_code)]
@@ -30,17 +38,22 @@ pub mod admin;
 pub mod buffer;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod deliver;
 pub mod error;
 pub mod forward;
 pub mod framing;
 pub mod incident;
+pub mod judge;
 pub mod limit;
 pub mod metrics;
 pub mod observe;
+pub mod prepare;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod sizes;
 pub mod spool;
+pub mod state;
 pub mod trim;
 pub mod verify;

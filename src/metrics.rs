@@ -11,12 +11,14 @@
 //! plain `curl` read, in a stable order: families as registered, series sorted by their labels
 //! (the registry keeps series in hash maps, whose order changes from one process to the next).
 //!
-//! Redelivery is counted where a spooled payload's attempt is settled (`deliver::settle`):
-//! [`Metrics::redelivery_attempt`] and [`Metrics::dead_lettered`]. The per-route spool gauges
+//! Redelivery is counted where an attempt is settled (`deliver::count_redelivery`, after
+//! `deliver::settle`): [`Metrics::redelivery_attempt`] and [`Metrics::dead_lettered`]. The per-route spool gauges
 //! come from the scrape-time [`Snapshot`] ([`spool_route_readings`]).
 
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use crate::incident::Kind;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::prometheus_text;
@@ -25,6 +27,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::sizes::SizeRing;
 
 /// The `Content-Type` of [`Metrics::encode`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -40,13 +44,8 @@ const UPSTREAM_SECONDS_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// The incident kinds the proxy records; anything else is counted as `other`.
-const INCIDENT_KINDS: [&str; 4] = [
-    "over_max_body",
-    "over_upstream_limit",
-    "upstream_413",
-    "buffer_budget_exhausted",
-];
+/// The incident kinds: the same vocabulary as the incident log ([`Kind::ALL`]).
+const INCIDENT_KINDS: [Kind; Kind::ALL.len()] = Kind::ALL;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -197,6 +196,25 @@ pub struct Snapshot {
     pub spool_routes: Vec<SpoolRouteReading>,
 }
 
+/// One route's counters, as [`Metrics::route_counts`] reads them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteCounts {
+    /// Requests answered 2xx.
+    pub requests_2xx: u64,
+    /// Requests answered 3xx.
+    pub requests_3xx: u64,
+    /// Requests answered 4xx (the proxy's own refusals included).
+    pub requests_4xx: u64,
+    /// Requests answered 5xx.
+    pub requests_5xx: u64,
+    /// Bodies trimmed.
+    pub trims: u64,
+    /// Bytes removed by trimming.
+    pub trimmed_bytes: u64,
+    /// Incidents by kind name, every counted kind listed.
+    pub incidents: std::collections::BTreeMap<&'static str, u64>,
+}
+
 /// The proxy's metrics. Cheap to clone: clones share the same series.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -217,6 +235,8 @@ struct Inner {
     redelivery_attempts: Family<AttemptLabels, Counter>,
     redelivered: Family<RouteLabels, Counter>,
     dead_lettered: Family<DeadLetterLabels, Counter>,
+    /// Recent body sizes per route, for the console (not exported to Prometheus).
+    sizes: SizeRing,
 }
 
 impl Default for Metrics {
@@ -313,6 +333,7 @@ impl Metrics {
                 redelivery_attempts,
                 redelivered,
                 dead_lettered,
+                sizes: SizeRing::new(),
             }),
         };
         // Both results exist from the start, so a first failed reload is an increase from 0.
@@ -347,6 +368,11 @@ impl Metrics {
                 status_class: status_class(status),
             })
             .inc();
+        // The console's size histograms. A body never read (refused on its Content-Length, or
+        // a request without one) has no size to show.
+        if body_bytes > 0 && route != UNMATCHED_ROUTE {
+            inner.sizes.record(route, body_bytes);
+        }
         let labels = RouteLabels {
             route: route.to_owned(),
         };
@@ -380,15 +406,9 @@ impl Metrics {
             .inc_by(bytes_removed);
     }
 
-    /// Records one incident; `kind` is the incident kind's stable name (`over_max_body`,
-    /// `over_upstream_limit`, `upstream_413`, `buffer_budget_exhausted`); any other name is
-    /// counted as `other`.
-    pub fn incident(&self, route: &str, kind: &str) {
-        let kind = INCIDENT_KINDS
-            .iter()
-            .copied()
-            .find(|known| *known == kind)
-            .unwrap_or("other");
+    /// Records one incident of `kind` (every kind has a series from the start, at zero).
+    pub fn incident(&self, route: &str, kind: Kind) {
+        let kind = kind.as_str();
         self.inner
             .incidents
             .get_or_create(&IncidentLabels {
@@ -430,6 +450,49 @@ impl Metrics {
             .inc();
     }
 
+    /// Recent request body sizes per route (see [`SizeRing`]).
+    pub fn sizes(&self) -> &SizeRing {
+        &self.inner.sizes
+    }
+
+    /// What has been counted for `route` since start-up.
+    pub fn route_counts(&self, route: &str) -> RouteCounts {
+        let inner = &*self.inner;
+        let requests = |status_class| {
+            inner
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: route.to_owned(),
+                    status_class,
+                })
+                .get()
+        };
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        RouteCounts {
+            requests_2xx: requests("2xx"),
+            requests_3xx: requests("3xx"),
+            requests_4xx: requests("4xx"),
+            requests_5xx: requests("5xx"),
+            trims: inner.trims.get_or_create(&labels).get(),
+            trimmed_bytes: inner.trimmed_bytes.get_or_create(&labels).get(),
+            incidents: INCIDENT_KINDS
+                .iter()
+                .map(|&kind| {
+                    let count = inner
+                        .incidents
+                        .get_or_create(&IncidentLabels {
+                            route: route.to_owned(),
+                            kind: kind.as_str(),
+                        })
+                        .get();
+                    (kind.as_str(), count)
+                })
+                .collect(),
+        }
+    }
+
     /// Records one configuration reload attempt.
     pub fn reload(&self, ok: bool) {
         self.reload_counter(if ok { "ok" } else { "failed" }).inc();
@@ -466,7 +529,7 @@ impl Metrics {
         for kind in INCIDENT_KINDS {
             let _ = inner.incidents.get_or_create(&IncidentLabels {
                 route: route.to_owned(),
-                kind,
+                kind: kind.as_str(),
             });
         }
         for outcome in AttemptOutcome::ALL {
@@ -719,11 +782,11 @@ mod tests {
         m.request(UNMATCHED_ROUTE, 404, 0, None, None);
         m.trimmed("a", 2000);
         m.trimmed("a", 500);
-        m.incident("a", "over_max_body");
-        m.incident("a", "over_upstream_limit");
-        m.incident("a", "over_upstream_limit");
-        m.incident("b", "upstream_413");
-        m.incident("b", "something_new");
+        m.incident("a", Kind::OverMaxBody);
+        m.incident("a", Kind::OverUpstreamLimit);
+        m.incident("a", Kind::OverUpstreamLimit);
+        m.incident("b", Kind::Upstream413);
+        m.incident("b", Kind::DuplicateConflict);
         m.reload(true);
         m.reload(true);
         m.reload(false);
@@ -774,11 +837,8 @@ mod tests {
         assert_eq!(incidents("a", "over_max_body"), 1.0);
         assert_eq!(incidents("a", "over_upstream_limit"), 2.0);
         assert_eq!(incidents("b", "upstream_413"), 1.0);
-        assert_eq!(incidents("b", "other"), 1.0);
-        assert!(
-            !s.iter()
-                .any(|x| x.labels.values().any(|v| v == "something_new"))
-        );
+        assert_eq!(incidents("b", "duplicate_conflict"), 1.0);
+        assert!(!s.iter().any(|x| x.labels.values().any(|v| v == "other")));
     }
 
     #[test]
@@ -915,7 +975,7 @@ mod tests {
             assert_eq!(value(&s, "payload_guard_requests_total", &labels), 0.0);
         }
         for kind in INCIDENT_KINDS {
-            let labels = [("route", "synthflow"), ("kind", kind)];
+            let labels = [("route", "synthflow"), ("kind", kind.as_str())];
             assert_eq!(value(&s, "payload_guard_incidents_total", &labels), 0.0);
         }
         assert_eq!(
@@ -978,7 +1038,7 @@ mod tests {
             for r in order {
                 m.init_route(r);
                 m.request(r, 200, 10, Some(10), Some(0.01));
-                m.incident(r, "upstream_413");
+                m.incident(r, Kind::Upstream413);
             }
             m.encode(&Snapshot::default())
         };

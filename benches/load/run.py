@@ -10,8 +10,14 @@ against each target one at a time, interleaved (A B C A B C ...) over the repeti
   workloads  2 KiB JSON POSTs and 1 MiB POSTs (wrk -t1 -c32), 5 MiB Synthflow-shaped POSTs
              forwarded untrimmed (wrk -t1 -c8), the same 5 MiB payloads on payload-guard's trim
              route to a receiver that takes 1 MiB, one 200 MiB upload (curl -T, no Expect).
-  checks     40 MiB with Content-Length -> 413, 40 MiB chunked -> 413, a receiver that answers
-             413 early and closes -> the sender gets that 413 (Content-Length and chunked).
+  checks     40 MiB with Content-Length -> 413, 40 MiB chunked -> 413 (the proxy's own limit);
+             8 MiB to a receiver that answers 413 early and then drains the body in a lingering
+             close like nginx (receiver (c) of issue #17) -> the sender gets that 413; 40 MiB to
+             "receiver (a)" (bench_receiver --mode reset-413: 413 from the request head, closed
+             at once with the body unread, so its kernel resets the connection) -> the sender
+             gets the receiver's own 413, status and body. Content-Length and chunked each.
+             Every outcome other than the expected answer is counted and shown (502, a reset,
+             a 413 with someone else's body, ...).
 
 Every proxy is restarted for each measurement; its CPU time comes from /proc/PID/stat
 (utime+stime) and its peak RSS from VmHWM, reset after the warm-up (clear_refs 5).
@@ -407,6 +413,7 @@ class Bench:
         self.start_receiver("1m", ["--limit", str(MIB)])
         self.start_receiver("early", ["--limit", str(MIB), "--early-close"])
         self.start_receiver("32m", ["--limit", str(32 * MIB)])
+        self.start_receiver("reset", ["--limit", str(MIB), "--mode", "reset-413"])
 
     def render(self, template: str, out: str, values: dict) -> str:
         with open(os.path.join(HERE, template)) as f:
@@ -428,6 +435,7 @@ class Bench:
             "RECV_PORT": self.recv["main"],
             "RECV_1M_PORT": self.recv["1m"],
             "RECV_EARLY_PORT": self.recv["early"],
+            "RECV_RESET_PORT": self.recv["reset"],
         }
 
     def start_target(self, target: str):
@@ -475,7 +483,7 @@ class Bench:
         if target != "direct":
             return base + path
         port = {"/early": self.recv["early"], "/limit": self.recv["32m"],
-                "/trim": self.recv["1m"]}.get(path, self.recv["main"])
+                "/trim": self.recv["1m"], "/reset": self.recv["reset"]}.get(path, self.recv["main"])
         return f"http://127.0.0.1:{port}{path}"
 
 
@@ -513,8 +521,8 @@ def run_wrk(url: str, files: list[str], conns: int, seconds: int) -> dict:
     return res
 
 
-def curl_post(url: str, path: str, chunked: bool, max_time=60) -> tuple[str, int, float, str]:
-    """(status, curl exit code, seconds, body head)."""
+def curl_post(url: str, path: str, chunked: bool, max_time=60) -> tuple[str, int, float, str, str]:
+    """(status, curl exit code, seconds, body head, curl's error message or "")."""
     argv = ["curl", "-sS", "-o", "-", "-w", "\n%{http_code} %{time_total}", "-X", "POST",
             "-H", "Expect:", "-H", "Content-Type: application/octet-stream",
             "--max-time", str(max_time)]
@@ -530,7 +538,8 @@ def curl_post(url: str, path: str, chunked: bool, max_time=60) -> tuple[str, int
     parts = tail.split()
     status = parts[0] if parts else "000"
     secs = float(parts[1]) if len(parts) > 1 else 0.0
-    return status, r.returncode, secs, body[:200]
+    err = r.stderr.decode(errors="replace").strip().splitlines()
+    return status, r.returncode, secs, body[:200], (err[-1] if err else "")
 
 
 def measure(bench: Bench, target: str, wl: dict, args) -> dict:
@@ -540,7 +549,7 @@ def measure(bench: Bench, target: str, wl: dict, args) -> dict:
         if wl["kind"] == "wrk":
             run_wrk(url, wl["files"], wl["conns"], args.warmup)
         else:
-            status, _, _, _ = curl_post(url, wl["small"], chunked=False)
+            status, _, _, _, _ = curl_post(url, wl["small"], chunked=False)
             if status != "200":
                 raise RuntimeError(f"{target} warm-up answered {status}")
         ours = bench.recv_pids + ([pid] if pid else [])
@@ -559,7 +568,7 @@ def measure(bench: Bench, target: str, wl: dict, args) -> dict:
         else:
             times, bad, statuses = [], 0, []
             for _ in range(args.uploads):
-                status, code, secs, body = curl_post(url, wl["file"], chunked=False, max_time=300)
+                status, code, secs, body, _ = curl_post(url, wl["file"], chunked=False, max_time=300)
                 ok = status == "200" and f'"bytes":{wl["size"]}' in body.replace(" ", "")
                 bad += (not ok) or code != 0
                 times.append(secs)
@@ -592,27 +601,57 @@ def measure(bench: Bench, target: str, wl: dict, args) -> dict:
             PROCS.stop(p)
 
 
+# What bench_receiver --mode reset-413 --limit 1MiB answers: the receiver's own 413 body.
+RESET_413_BODY = '{"error":"payload_too_large","limit":%d,"receiver":"reset-413"}' % MIB
+
+
+def check_outcome(status: str, code: int, body: str, err: str, want: str,
+                  want_body: str | None) -> tuple[bool, str]:
+    """(got the expected answer, how to count this try). With `want_body`, a `want` status with
+    another body (a proxy's own page) does not count. A complete expected answer followed by a
+    curl error (a reset after the response) counts, and is listed as such."""
+    if status == want and (want_body is None or body.strip() == want_body):
+        return True, want if code == 0 else f"{want}, then curl exit {code}"
+    if status == want:
+        return False, f"{status} with another body"
+    if status == "000":
+        # curl's own words, e.g. "(56) Recv failure: Connection reset by peer"
+        reason = err.removeprefix("curl: ").strip() or f"curl exit {code}"
+        return False, f"no answer: {reason}"
+    return False, status + (f", then curl exit {code}" if code else "")
+
+
 def run_checks(bench: Bench, targets: list[str], files: dict, tries: int) -> dict:
+    # (name, proxy path, receiver path for "direct", payload, chunked, status, body or None)
     checks = [
-        ("40 MiB Content-Length -> 413", "/bench", "/limit", files["40m"], False, "413"),
-        ("40 MiB chunked -> 413", "/bench", "/limit", files["40m"], True, "413"),
-        ("early 413 + close, Content-Length -> 413", "/early", "/early", files["8m"], False, "413"),
-        ("early 413 + close, chunked -> 413", "/early", "/early", files["8m"], True, "413"),
+        ("40 MiB Content-Length -> 413", "/bench", "/limit", files["40m"], False, "413", None),
+        ("40 MiB chunked -> 413", "/bench", "/limit", files["40m"], True, "413", None),
+        ("early 413 + lingering close, 8 MiB Content-Length -> 413", "/early", "/early",
+         files["8m"], False, "413", None),
+        ("early 413 + lingering close, 8 MiB chunked -> 413", "/early", "/early",
+         files["8m"], True, "413", None),
+        ("receiver (a) 413 + reset, 40 MiB Content-Length -> its 413", "/reset", "/reset",
+         files["40m"], False, "413", RESET_413_BODY),
+        ("receiver (a) 413 + reset, 40 MiB chunked -> its 413", "/reset", "/reset",
+         files["40m"], True, "413", RESET_413_BODY),
     ]
     out: dict = {}
     for target in targets:
         p, _, base = bench.start_target(target)
         try:
-            for name, path, direct_path, file, chunked, want in checks:
+            for name, path, direct_path, file, chunked, want, want_body in checks:
                 url = bench.url(target, base, direct_path if target == "direct" else path)
                 seen: dict = {}
+                samples: dict = {}
                 ok = 0
                 for _ in range(tries):
-                    status, code, secs, _ = curl_post(url, file, chunked)
-                    key = f"{status}" + (f" (curl exit {code})" if code else "")
+                    status, code, secs, body, err = curl_post(url, file, chunked)
+                    good, key = check_outcome(status, code, body, err, want, want_body)
                     seen[key] = seen.get(key, 0) + 1
-                    ok += status == want
-                out.setdefault(name, {})[target] = {"ok": ok, "tries": tries, "seen": seen}
+                    samples.setdefault(key, body[:160])
+                    ok += good
+                out.setdefault(name, {})[target] = {"ok": ok, "tries": tries, "seen": seen,
+                                                    "want": want, "samples": samples}
                 log(f"check {target:14s} {name}: {ok}/{tries} {seen}")
             if p is not None and p.poll() is not None:
                 raise RuntimeError(f"{target} exited during the checks")
@@ -769,7 +808,7 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
                      f"{', '.join(f'{x:.2f}' for x in per)})\n")
 
     if checks:
-        lines.append(f"### Correctness checks (tries that got the expected status)\n")
+        lines.append("### Correctness checks (tries that got the expected answer)\n")
         cts = [t for t in targets if any(t in v for v in checks.values())]
         lines.append("| check | " + " | ".join(TARGET_LABEL[t] for t in cts) + " |")
         lines.append("|---|" + "---:|" * len(cts))
@@ -781,12 +820,19 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
                     cells.append("—")
                     continue
                 cell = f"{c['ok']}/{c['tries']}"
-                other = {k: v for k, v in c["seen"].items() if not k.startswith("413")}
+                other = {k: v for k, v in c["seen"].items() if k != c.get("want", "413")}
                 if other:
                     cell += " (" + ", ".join(f"{k}×{v}" for k, v in other.items()) + ")"
                 cells.append(cell)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        if any(name.startswith("receiver (a)") for name in checks):
+            lines.append("Receiver (a) is `bench_receiver --mode reset-413 --limit 1MiB`: it answers "
+                         "`413` with its own JSON body from the request head (a chunked body is "
+                         "refused unread too) and closes at once, so its kernel resets the "
+                         "connection. A try counts only when the sender gets that status and that "
+                         "body; in brackets, every other outcome (curl's own error when no answer "
+                         "came) and a complete answer followed by a curl error.\n")
 
     # targets
     per_rep: dict = {}

@@ -42,19 +42,7 @@ pub(super) fn diagnose(
         }
         return EXIT_OK;
     }
-    let routes: Vec<RouteInfo> = config
-        .routes
-        .iter()
-        .map(|r| RouteInfo {
-            name: r.name.clone(),
-            max_body: r.max_body_bytes,
-            upstream_limit: r.upstream_limit_bytes,
-            trim_paths: r.trim.as_ref().map_or_else(Vec::new, |t| {
-                t.specs.iter().map(|spec| spec.path.clone()).collect()
-            }),
-            limit_counts: r.trim.as_ref().map(|t| t.limit_counts),
-        })
-        .collect();
+    let routes: Vec<RouteInfo> = config.routes.iter().map(RouteInfo::of).collect();
     let report = diagnose::diagnose(&read.incidents, &routes);
     match format {
         OutputFormat::Text => emit(&diagnose::render_text(&report)),

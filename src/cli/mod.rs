@@ -4,6 +4,7 @@
 mod check;
 mod demo;
 mod diagnose;
+mod limits;
 mod replay;
 mod run;
 mod spool;
@@ -107,6 +108,16 @@ pub enum Command {
         /// Only this route.
         #[arg(long)]
         route: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+    /// Show what each route has learned about its receiver's limit, with the evidence
+    /// (`--reset ROUTE`: forget it; a running proxy is told through its admin listener).
+    Limits {
+        /// Forget what was learned for this route.
+        #[arg(long, value_name = "ROUTE")]
+        reset: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
@@ -242,6 +253,7 @@ pub fn run(cli: Cli) -> u8 {
             EXIT_USAGE
         }
         Command::Demo => demo::demo(),
+        Command::Limits { reset, format } => limits::limits(&config, reset.as_deref(), format),
         Command::Spool { command } => match command {
             SpoolCommand::List { route, state } => spool::list(&config, route.as_deref(), state),
             SpoolCommand::Show { id, body } => spool::show(&config, &id, body),

@@ -10,10 +10,13 @@ use std::time::SystemTime;
 use http::Uri;
 
 use crate::config::Config;
-use crate::deliver::{self, Disposition, spool_config};
-use crate::incident;
+use crate::deliver::{self, Services, SpoolState, spool_config};
+use crate::incident::IncidentLog;
+use crate::judge::Verdict;
+use crate::metrics::Metrics;
 use crate::proxy::Runtime;
 use crate::spool::{RecordId, Spool, State};
+use crate::state::LearnedLimits;
 
 use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, emit};
 
@@ -104,8 +107,10 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
             return EXIT_SOFTWARE;
         }
     };
-    let learner = Arc::new(incident::learn::rebuild_from_log(&config.incidents.path));
-    let policy = deliver::policy(&config.spool);
+    let learned = Arc::new(LearnedLimits::open(crate::state::limits_path(&config)));
+    let metrics = Metrics::new();
+    let state = SpoolState::attached(spool.clone(), &config.spool);
+    let incidents_path = config.incidents.path.clone();
     let proxy_runtime = match Runtime::new(config) {
         Ok(rt) => rt,
         Err(err) => {
@@ -116,6 +121,13 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
     let total = ids.len();
     let (mut delivered, mut failed) = (0usize, 0usize);
     runtime.block_on(async {
+        let incidents = IncidentLog::start(incidents_path, crate::proxy::INCIDENT_QUEUE);
+        let services = Services {
+            learned: &learned,
+            metrics: &metrics,
+            incidents: Some(&incidents),
+            spool: Some(&state),
+        };
         for (i, id) in ids.iter().enumerate() {
             if sel.state == State::Dead && !spool.revive(id).unwrap_or(false) {
                 // Not in dead/ (maybe it is ready): claim it where it is.
@@ -144,24 +156,34 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
             };
             let meta = claim.meta().clone();
             let attempt =
-                deliver::attempt(&proxy_runtime, &learner, &meta, body.into(), to.as_ref()).await;
-            let disposition = attempt.disposition();
-            let outcome = match &disposition {
-                Disposition::Delivered => {
+                deliver::attempt(&proxy_runtime, services, &meta, body.into(), to.as_ref()).await;
+            let now = SystemTime::now();
+            let settled = deliver::settle(claim, &attempt, &state, now, i as u64).await;
+            let outcome = match (&attempt.verdict, settled) {
+                (Verdict::Delivered, _) => {
                     delivered += 1;
                     format!("delivered ({})", attempt.status.unwrap_or(0))
                 }
-                Disposition::Retry(why) => {
-                    failed += 1;
-                    format!("failed: {why} (kept for redelivery)")
-                }
-                Disposition::Final(status) => {
+                (Verdict::Final(status), _) => {
                     failed += 1;
                     format!("refused for good: {status} (moved to dead/)")
                 }
+                (_, deliver::Settled::Buried) => {
+                    failed += 1;
+                    format!(
+                        "refused for good: {} (moved to dead/)",
+                        attempt.status.map_or_else(|| "no answer".into(), |s| s.to_string())
+                    )
+                }
+                (Verdict::TooLarge { .. }, _) => {
+                    failed += 1;
+                    "refused as too large, trimmed as low as the retries allow (kept for redelivery)".to_string()
+                }
+                (Verdict::Retryable(why), _) => {
+                    failed += 1;
+                    format!("failed: {why} (kept for redelivery)")
+                }
             };
-            let now = SystemTime::now();
-            deliver::settle(claim, &disposition, &attempt, &policy, now, i as u64, None).await;
             if total > 5 {
                 eprint!(
                     "\r[{}/{total}] {delivered} delivered, {failed} failed",
@@ -172,9 +194,13 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
                 eprintln!("{id} ({}): {outcome}", meta.route);
             }
         }
+        incidents.flush().await;
     });
     if total > 5 {
         eprintln!();
+    }
+    if let Err(err) = learned.flush() {
+        eprintln!("payload-guard replay: cannot write the learned limits: {err}");
     }
     emit(&format!(
         "replayed {total}: {delivered} delivered, {failed} failed\n"

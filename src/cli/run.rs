@@ -91,6 +91,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     // Everything queued for the incident log is written before exit.
     proxy.shared().incidents.flush().await;
+    let shared = proxy.shared_arc();
+    let _ = tokio::task::spawn_blocking(move || shared.flush_state()).await;
     result.context("server failed")
 }
 

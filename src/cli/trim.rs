@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::config::units::human_bytes;
-use crate::incident;
 use crate::trim::payload::{self, Encoding};
 
 use super::{EXIT_DATAERR, EXIT_NOINPUT, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
@@ -37,18 +36,7 @@ fn run(
     file: Option<&Path>,
 ) -> Result<bool, (u8, anyhow::Error)> {
     let usage = |e: anyhow::Error| (EXIT_USAGE, e);
-    let route = route_for(config, route_name).map_err(usage)?;
-    let tc = route.trim.as_ref().ok_or_else(|| {
-        usage(anyhow::anyhow!(
-            "route {route_name:?} has no trim rules: add [[routes.trim]] tables to it"
-        ))
-    })?;
-    let learned = incident::learn::rebuild_from_log(&config.incidents.path).bracket(route_name);
-    let limit = incident::effective_limit(route.upstream_limit_bytes, &learned).ok_or_else(|| {
-        usage(anyhow::anyhow!(
-            "route {route_name:?} has no upstream_limit (and none was learned yet): nothing to trim to"
-        ))
-    })?;
+    let (route, tc, units, limit) = route_for(config, route_name).map_err(usage)?;
     let mut body = Vec::new();
     match file {
         Some(path) => {
@@ -63,9 +51,19 @@ fn run(
                 .map_err(|e| (EXIT_NOINPUT, e))?;
         }
     }
+    let _ = route;
+    let body = bytes::Bytes::from(body);
+    let policy = crate::prepare::Policy {
+        rules: &tc.rules,
+        units,
+        dry_run: false,
+        resign: None,
+    };
     let shrunk = crate::trim::Document::parse(&body)
         .map_err(payload::ShrinkError::from)
-        .and_then(|doc| payload::shrink(&body, &doc, Encoding::Identity, tc, limit))
+        .and_then(|doc| {
+            crate::prepare::prepare(&policy, &body, &doc, Encoding::Identity, limit, units)
+        })
         .with_context(|| {
             format!(
                 "cannot trim {}",
@@ -73,14 +71,26 @@ fn run(
             )
         })
         .map_err(|e| (EXIT_DATAERR, e))?;
+    let Some(shrunk) = shrunk.shrunk else {
+        return Err((
+            EXIT_DATAERR,
+            anyhow::anyhow!("the trim rules did not run on the payload"),
+        ));
+    };
     report(route_name, tc, &body, &shrunk, limit).map_err(|e| (EXIT_NOINPUT, e))?;
     Ok(shrunk.fits)
 }
 
+/// The route, its trim settings, the units its limit counts and the limit to trim to.
 fn route_for<'a>(
     config: &'a Config,
     route_name: &str,
-) -> anyhow::Result<&'a crate::config::RouteConfig> {
+) -> anyhow::Result<(
+    &'a crate::config::RouteConfig,
+    &'a crate::config::TrimConfig,
+    payload::Units,
+    u64,
+)> {
     let Some(route) = config.route(route_name) else {
         let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
         bail!(
@@ -89,7 +99,17 @@ fn route_for<'a>(
             names.join(", ")
         );
     };
-    Ok(route)
+    let Some(tc) = route.trim.as_ref() else {
+        bail!("route {route_name:?} has no trim rules: add [[routes.trim]] tables to it");
+    };
+    let units = tc.limit_counts.units();
+    let learned = crate::state::LearnedLimits::open(crate::state::limits_path(config));
+    let Some(limit) = learned.limit(route_name, units, route.upstream_limit_bytes) else {
+        bail!(
+            "route {route_name:?} has no upstream_limit (and none was learned yet): nothing to trim to"
+        );
+    };
+    Ok((route, tc, units, limit))
 }
 
 /// Writes the trimmed bytes to stdout and the report to stderr.

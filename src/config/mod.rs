@@ -50,6 +50,19 @@ pub const MAX_HEADERS: usize = 100;
 /// Default `[server] buffer_budget`.
 pub const DEFAULT_BUFFER_BUDGET_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Default `max_413_retries`.
+pub const DEFAULT_MAX_413_RETRIES: u32 = 3;
+
+impl LimitCounts {
+    /// The units the trim stage measures in.
+    pub fn units(self) -> crate::trim::payload::Units {
+        match self {
+            LimitCounts::Wire => crate::trim::payload::Units::Wire,
+            LimitCounts::Decoded => crate::trim::payload::Units::Decoded,
+        }
+    }
+}
+
 /// The validated, runtime configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -182,8 +195,13 @@ pub struct RouteConfig {
     pub trim: Option<TrimConfig>,
     /// Where the payload's id lives (for incidents and idempotency keys).
     pub id_path: String,
-    /// After a receiver's 413, trim below the learned bound and send once more.
+    /// After a receiver's 413, trim lower and resend (on by default on trim routes).
     pub retry_on_413: bool,
+    /// How many times one payload is trimmed lower and resent after 413s.
+    pub max_413_retries: u32,
+    /// Remember delivered payload ids for this long and answer exact repeats without
+    /// forwarding them (`None`: off).
+    pub dedupe: Option<Duration>,
     /// Sender authentication, if configured.
     pub verify: Option<VerifyConfig>,
     /// Spool payloads the receiver could not take, and acknowledge them with 202.

@@ -144,6 +144,8 @@ pub struct RawRoute {
     pub trim: Option<Vec<Spanned<RawTrimRule>>>,
     pub id_path: Option<Spanned<String>>,
     pub retry_on_413: Option<Spanned<bool>>,
+    pub max_413_retries: Option<Spanned<i64>>,
+    pub dedupe: Option<Spanned<Dur>>,
     pub verify: Option<Spanned<RawVerify>>,
     pub spool: Option<Spanned<bool>>,
     pub on_spool_response: Option<Spanned<OnSpoolResponse>>,

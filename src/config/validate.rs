@@ -16,9 +16,9 @@ use super::raw::{
 };
 use super::units::{ByteSize, Dur, both_forms, decimal_unit, parse_size, thousands};
 use super::{
-    Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure, RouteConfig,
-    ServerConfig, SpoolSettings, TlsConfig, TrimConfig, VerifyConfig,
+    Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_413_RETRIES,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure,
+    RouteConfig, ServerConfig, SpoolSettings, TlsConfig, TrimConfig, VerifyConfig,
 };
 use crate::trim::{ActionSpec, DEFAULT_PROTECT, Keep, RuleOrigin, RuleSet, RuleSpec};
 use crate::verify::{Scheme, Secret, Verifier};
@@ -845,7 +845,34 @@ fn validate_route(
             false
         }
         Some(r) => *r.get_ref(),
-        None => false,
+        // On by default where it can work: a receiver's 413 is answered by trimming lower.
+        None => trim.is_some() && on_oversize == OnOversize::Trim,
+    };
+    let max_413_retries = match pick(&route.max_413_retries, &defaults.max_413_retries) {
+        None => DEFAULT_MAX_413_RETRIES,
+        Some(n) => match u32::try_from(*n.get_ref()) {
+            Ok(n) if n <= 10 => n,
+            _ => {
+                rep.at(
+                    Some(n.span()),
+                    key("max_413_retries"),
+                    "expected a whole number from 0 to 10 (how many times a refused payload is trimmed lower and resent)",
+                );
+                DEFAULT_MAX_413_RETRIES
+            }
+        },
+    };
+    let dedupe = match pick(&route.dedupe, &defaults.dedupe) {
+        None => None,
+        Some(d) if d.get_ref().0.is_zero() => {
+            rep.at(
+                Some(d.span()),
+                key("dedupe"),
+                "must be longer than 0s: write the window, like \"24h\", or leave the key out",
+            );
+            None
+        }
+        Some(d) => Some(d.get_ref().0),
     };
     let claim_check_url = match pick(&route.claim_check_url, &defaults.claim_check_url) {
         None => None,
@@ -887,6 +914,8 @@ fn validate_route(
         id_path: pick(&route.id_path, &defaults.id_path)
             .map_or_else(|| "call.call_id".to_string(), |p| p.get_ref().clone()),
         retry_on_413,
+        max_413_retries,
+        dedupe,
         verify,
         spool: pick(&route.spool, &defaults.spool).is_some_and(|v| *v.get_ref()),
         on_spool_response: pick(&route.on_spool_response, &defaults.on_spool_response)

@@ -213,6 +213,21 @@ pub struct RouteInfo {
     pub limit_counts: Option<LimitCounts>,
 }
 
+impl RouteInfo {
+    /// What `diagnose` needs of a configured route.
+    pub fn of(route: &crate::config::RouteConfig) -> RouteInfo {
+        RouteInfo {
+            name: route.name.clone(),
+            max_body: route.max_body_bytes,
+            upstream_limit: route.upstream_limit_bytes,
+            trim_paths: route.trim.as_ref().map_or_else(Vec::new, |t| {
+                t.specs.iter().map(|spec| spec.path.clone()).collect()
+            }),
+            limit_counts: route.trim.as_ref().map(|t| t.limit_counts),
+        }
+    }
+}
+
 /// The whole diagnosis; its JSON form is the stable `--format json` output.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -285,6 +300,8 @@ pub struct KindCounts {
     pub buffer_budget_exhausted: u64,
     /// `spool_refused`.
     pub spool_refused: u64,
+    /// `duplicate_conflict`.
+    pub duplicate_conflict: u64,
 }
 
 impl KindCounts {
@@ -296,6 +313,7 @@ impl KindCounts {
             Kind::Upstream413 => self.upstream_413,
             Kind::BufferBudgetExhausted => self.buffer_budget_exhausted,
             Kind::SpoolRefused => self.spool_refused,
+            Kind::DuplicateConflict => self.duplicate_conflict,
         }
     }
 
@@ -306,6 +324,7 @@ impl KindCounts {
             Kind::Upstream413 => self.upstream_413 += 1,
             Kind::BufferBudgetExhausted => self.buffer_budget_exhausted += 1,
             Kind::SpoolRefused => self.spool_refused += 1,
+            Kind::DuplicateConflict => self.duplicate_conflict += 1,
         }
     }
 }
@@ -989,6 +1008,7 @@ pub fn render_text(report: &Report) -> String {
             "UPSTREAM_413",
             "BUDGET_503",
             "SPOOL_503",
+            "DUP_CONFLICT",
             "P50",
             "P95",
             "MAX",
@@ -1265,7 +1285,8 @@ mod tests {
                 over_upstream_limit: 5,
                 upstream_413: 3,
                 buffer_budget_exhausted: 1,
-                spool_refused: 0
+                spool_refused: 0,
+                duplicate_conflict: 0
             }
         );
         assert_eq!(

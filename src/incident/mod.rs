@@ -91,16 +91,21 @@ pub enum Kind {
     /// answered 503.
     #[serde(rename = "spool_refused")]
     SpoolRefused,
+    /// A payload id (`dedupe`) was delivered before with a different body; this one was
+    /// forwarded too.
+    #[serde(rename = "duplicate_conflict")]
+    DuplicateConflict,
 }
 
 impl Kind {
     /// Every kind, in the order reports list them.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::OverMaxBody,
         Kind::OverUpstreamLimit,
         Kind::Upstream413,
         Kind::BufferBudgetExhausted,
         Kind::SpoolRefused,
+        Kind::DuplicateConflict,
     ];
 
     /// The stable name used in the log and in reports.
@@ -111,6 +116,7 @@ impl Kind {
             Kind::Upstream413 => "upstream_413",
             Kind::BufferBudgetExhausted => "buffer_budget_exhausted",
             Kind::SpoolRefused => "spool_refused",
+            Kind::DuplicateConflict => "duplicate_conflict",
         }
     }
 }

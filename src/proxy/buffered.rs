@@ -1,330 +1,359 @@
-//! The buffered path: verify the sender, trim the payload, send it with a `Content-Length`.
+//! Phase 4, the buffered path: collect the body under the buffer budget, verify the sender,
+//! dedupe, prepare the payload for the receiver's limit, and deliver it with the 413 ladder.
 
-use super::*;
+use std::sync::Arc;
+use std::time::SystemTime;
 
-/// The buffered body's way to the receiver: verify the sender, trim, send.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn process_buffered(
-    ctx: &Ctx<'_>,
-    mut target: Target,
-    wire: Bytes,
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::context::RequestCtx;
+use super::{full_body, keep, stream};
+use crate::buffer::{self, CollectError, Reservation};
+use crate::config::{OnOversize, OnTrimFailure};
+use crate::deliver::{self, Destination, Whole};
+use crate::error::ProxyError;
+use crate::forward::UpstreamBody;
+use crate::incident::{self, Action, FieldBytes, Kind};
+use crate::limit::{BodyFailure, BodyStats, LimitedBody};
+use crate::prepare::{self, Policy, Prepared};
+use crate::state::Repeat;
+use crate::state::dedupe::body_hash;
+use crate::trim::payload::{self, Encoding, ShrinkError, Units};
+use crate::trim::{Document, TrimError};
+
+/// `Payload-Guard-Duplicate: <first request id>` on the proxy's answer to an exact repeat.
+pub(super) const DUPLICATE_HEADER: HeaderName = HeaderName::from_static("payload-guard-duplicate");
+
+/// Collects the body, then verifies, dedupes, prepares and delivers it.
+pub(super) async fn buffered(
+    ctx: &mut RequestCtx<'_>,
+    body: Incoming,
     encoding: Option<Encoding>,
-    stats: &Arc<BodyStats>,
-    reservation: &mut Reservation,
-    exchange: &mut Exchange,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let cfg = ctx.cfg;
-    let limit = ctx.limit.unwrap_or(cfg.max_body_bytes);
-    let stats = stats.clone();
-    let original_len = wire.len() as u64;
-    let trim = cfg
-        .trim
-        .as_ref()
-        .filter(|_| cfg.on_oversize == OnOversize::Trim && ctx.limit.is_some());
-
-    // Decode (within the budget), verify the sender, then trim.
-    let decoded = match encoding {
-        None => Ok(wire.clone()),
-        Some(enc) => match decode_within_budget(&wire, enc, cfg, reservation) {
-            Ok(decoded) => Ok(decoded),
-            Err(DecodeFailure::Budget) => return Err(ctx.budget_exhausted(original_len)),
-            Err(DecodeFailure::Shrink(err)) => Err(err),
-        },
+    let mut reservation = match ctx.shared.budget.reserve(ctx.declared.unwrap_or(0)) {
+        Ok(r) => r,
+        Err(_) => {
+            crate::limit::linger(body);
+            return Err(ctx.budget_exhausted(0));
+        }
     };
+    let wire = collect(ctx, body, &mut reservation).await?;
+    let cfg = ctx.cfg;
+    let policy = Policy::of(cfg);
+    let json = payload::is_json(ctx.content_type.as_deref());
+
+    // Decode (within the budget) what verification, trimming, dedupe and the spool look at.
+    let decoded = match encoding {
+        Some(enc) if json => Some(decode_within_budget(ctx, &wire, enc, &mut reservation)?),
+        _ => None,
+    };
+    let decoded_ok = decoded.as_ref().and_then(|d| d.as_ref().ok());
     if let Some(v) = &cfg.verify {
-        let call_id = match (&decoded, v.verifier.scheme().needs_call_id()) {
-            (Ok(json), true) => crate::trim::string_at(json, &cfg.id_path),
+        let call_id = match (decoded_ok, v.verifier.scheme().needs_call_id()) {
+            (Some(json), true) => crate::trim::string_at(json, &cfg.id_path),
             _ => None,
         };
         if let Err(err) = v
             .verifier
-            .verify(&target.headers, call_id.as_deref(), &wire)
+            .verify(&ctx.target.headers, call_id.as_deref(), &wire)
         {
-            tracing::warn!(route = %cfg.name, scheme = v.verifier.scheme().as_str(), reason = err.as_str(), "sender signature refused");
             return Err(ProxyError::Unauthorized(err.as_str()));
         }
     }
-    let Some(tc) = trim else {
-        // Buffered for verification or the spool on a `reject` route: the limit still holds.
-        if cfg.on_oversize == OnOversize::Reject
-            && let Some(limit) = ctx.limit
-            && original_len > limit
+    ctx.call_id = decoded_ok.and_then(|d| crate::trim::string_at(d, &cfg.id_path));
+
+    // Dedupe: an exact repeat of a delivered payload is answered here.
+    let hash = cfg.dedupe.map(|_| body_hash(&wire));
+    if let (Some(window), Some(id), Some(hash)) = (cfg.dedupe, ctx.call_id.clone(), &hash) {
+        match ctx
+            .shared
+            .dedupe
+            .check(&cfg.name, &id, hash, window, SystemTime::now())
         {
-            tracing::warn!(route = %cfg.name, limit, size = original_len, "body over upstream_limit, rejected");
-            let mut inc = ctx.incident(Kind::OverUpstreamLimit);
-            inc.action = Some(Action::Rejected);
-            inc.body_bytes = Some(original_len);
-            ctx.record(inc);
-            return Err(ProxyError::OverUpstreamLimit {
-                size: original_len,
-                limit,
-            });
+            Repeat::Duplicate { first_request_id } => {
+                return Ok(duplicate_response(ctx, &first_request_id));
+            }
+            Repeat::Conflict { first_request_id } => {
+                let mut inc = ctx.incident(Kind::DuplicateConflict);
+                inc.body_bytes = Some(wire.len() as u64);
+                inc.reason = Some(format!(
+                    "payload id {id:?} was delivered before by request {first_request_id} with a different body; this one is forwarded too"
+                ));
+                ctx.incidents.push(inc);
+            }
+            Repeat::New => {}
         }
-        return send_buffered(ctx, &target, wire, &stats, None, None, exchange).await;
+    }
+    let key = ctx.idempotency_key();
+    deliver::set_idempotency_key(&mut ctx.target.headers, &key);
+
+    // Parse once: the scan serves the incident's facts, the trim and every resend.
+    let parsed = match (&policy, decoded_ok) {
+        (Some(_), Some(decoded)) => {
+            Some(parse_within_budget(ctx, &wire, decoded, &mut reservation)?)
+        }
+        _ => None,
     };
-    let not_trimmable = if !payload::is_json(ctx.facts.content_type.as_deref()) {
+    let doc = parsed.as_ref().and_then(|p| p.as_ref().ok());
+    if let Some(doc) = doc {
+        ctx.top_fields = doc
+            .top_fields(incident::TOP_FIELDS)
+            .into_iter()
+            .map(|f| FieldBytes {
+                path: f.path,
+                bytes: f.bytes as u64,
+            })
+            .collect();
+    }
+    let decoded_len = decoded_ok.map_or(wire.len(), Bytes::len) as u64;
+    let untrimmable = if !json {
         Some(format!(
             "not JSON (content-type {})",
-            ctx.facts.content_type.as_deref().unwrap_or("missing")
+            ctx.content_type.as_deref().unwrap_or("missing")
+        ))
+    } else if encoding.is_none() {
+        Some(format!(
+            "unsupported content-encoding {}",
+            ctx.content_encoding.as_deref().unwrap_or("")
         ))
     } else {
-        encoding.is_none().then(|| {
-            format!(
-                "unsupported content-encoding {}",
-                ctx.facts.content_encoding.as_deref().unwrap_or("")
-            )
-        })
-    };
-    if let Some(reason) = not_trimmable {
-        let err = ShrinkError::NotTrimmable(reason);
-        return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await;
-    }
-    let encoding = encoding.unwrap_or(Encoding::Identity);
-    let decoded = match decoded {
-        Ok(decoded) => decoded,
-        Err(err) => {
-            return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await;
+        match (decoded.as_ref(), parsed.as_ref()) {
+            (Some(Err(err)), _) => Some(err.to_string()),
+            (_, Some(Err(err))) => Some(err.to_string()),
+            _ => None,
         }
     };
-    let measured = match (encoding, tc.limit_counts) {
-        (Encoding::Identity, _) | (_, crate::config::LimitCounts::Wire) => wire.len(),
-        (_, crate::config::LimitCounts::Decoded) => decoded.len(),
-    } as u64;
-    if measured <= limit && !cfg.retry_on_413 {
-        // Fits as it is: forward byte-identical.
-        return send_buffered(ctx, &target, wire, &stats, None, None, exchange).await;
+    let first = first_send(ctx, &policy, &wire, doc, decoded_len, encoding, untrimmable)?;
+
+    let whole = Whole {
+        wire: &wire,
+        encoding,
+        decoded_len,
+        doc,
+    };
+    let base = ctx.incident(Kind::Upstream413);
+    let started = tokio::time::Instant::now();
+    let delivered = deliver::deliver_whole(
+        &Destination {
+            route: ctx.route,
+            upstream: ctx.upstream,
+            services: ctx.shared.services(),
+            target: &ctx.target,
+            base: &base,
+        },
+        &whole,
+        first,
+    )
+    .await;
+    ctx.upstream_secs = Some(started.elapsed().as_secs_f64());
+    ctx.incidents.extend(delivered.incidents.iter().cloned());
+    ctx.forwarded_bytes = Some(delivered.sent_bytes);
+    ctx.upstream_status = delivered.answered.as_ref().and_then(|a| a.answer.status);
+    let remember = |ctx: &RequestCtx<'_>| {
+        if let (Some(id), Some(hash)) = (ctx.call_id.as_deref(), hash.as_deref()) {
+            ctx.shared
+                .dedupe
+                .remember(&ctx.cfg.name, id, hash, &ctx.request_id, SystemTime::now());
+        }
+    };
+    keep::settle_whole(ctx, delivered, wire, remember).await
+}
+
+/// Reads the whole body under the budget.
+async fn collect(
+    ctx: &mut RequestCtx<'_>,
+    body: Incoming,
+    reservation: &mut Reservation,
+) -> Result<Bytes, ProxyError> {
+    let stats = Arc::new(BodyStats::default());
+    ctx.stats = Some(stats.clone());
+    let limited = LimitedBody::new(body, ctx.limits(ctx.cfg.max_body_bytes), stats.clone());
+    let capacity = ctx.declared.unwrap_or(0) as usize;
+    match buffer::collect(limited, capacity, reservation).await {
+        Ok(wire) => Ok(wire),
+        Err(CollectError::Budget(_)) => Err(ctx.budget_exhausted(stats.bytes())),
+        Err(CollectError::Body(_)) => {
+            let failure = stats
+                .failure()
+                .unwrap_or(BodyFailure::Read("body failed".into()));
+            let max = ctx.cfg.max_body_bytes;
+            Err(stream::body_error(ctx, failure, max, stats.bytes(), None))
+        }
     }
-    // The output is at most the decoded size; the scan's tape grows within what the budget has
-    // left and is then reserved for what it took.
-    let output = original_len + decoded.len() as u64;
+}
+
+/// Decodes `gzip`/`deflate` within the budget; a decompression bomb is refused (413).
+fn decode_within_budget(
+    ctx: &mut RequestCtx<'_>,
+    wire: &Bytes,
+    encoding: Encoding,
+    reservation: &mut Reservation,
+) -> Result<Result<Bytes, ShrinkError>, ProxyError> {
+    if encoding == Encoding::Identity {
+        return Ok(Ok(wire.clone()));
+    }
+    let max = ctx.cfg.max_body_bytes;
+    let cap = payload::decoded_cap(wire.len(), max);
+    if reservation.ensure(wire.len() as u64 + cap).is_err() {
+        return Err(ctx.budget_exhausted(wire.len() as u64));
+    }
+    match prepare::decode(wire, encoding, max) {
+        Err(ShrinkError::Bomb { limit }) => {
+            let mut inc = ctx.incident(Kind::OverMaxBody);
+            inc.body_bytes = Some(wire.len() as u64);
+            inc.reason = Some(ShrinkError::Bomb { limit }.to_string());
+            ctx.incidents.push(inc);
+            Err(ProxyError::DecompressionBomb { limit })
+        }
+        other => Ok(other),
+    }
+}
+
+/// Scans the decoded JSON within what the budget has left; the scan's tape is then reserved.
+fn parse_within_budget<'d>(
+    ctx: &mut RequestCtx<'_>,
+    wire: &Bytes,
+    decoded: &'d Bytes,
+    reservation: &mut Reservation,
+) -> Result<Result<Document<'d>, ShrinkError>, ProxyError> {
+    // The output of a trim is at most the decoded size.
+    let output = wire.len() as u64 + decoded.len() as u64;
     if reservation.ensure(output).is_err() {
-        return Err(ctx.budget_exhausted(original_len));
+        return Err(ctx.budget_exhausted(wire.len() as u64));
     }
     let spare = ctx
         .shared
         .budget
         .limit()
         .saturating_sub(ctx.shared.budget.in_use());
-    // One scan serves the incident's facts, the trim and the retry.
-    let doc = match crate::trim::Document::parse_within(&decoded, spare) {
-        Ok(doc) => doc,
-        Err(crate::trim::TrimError::TooManyValues { .. }) => {
-            return Err(ctx.budget_exhausted(original_len));
+    match Document::parse_within(decoded, spare) {
+        Ok(doc) => {
+            if reservation.ensure(output + doc.memory()).is_err() {
+                return Err(ctx.budget_exhausted(wire.len() as u64));
+            }
+            Ok(Ok(doc))
         }
-        Err(err) => {
-            let err = ShrinkError::Trim(err);
-            return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await;
-        }
-    };
-    if reservation.ensure(output + doc.memory()).is_err() {
-        return Err(ctx.budget_exhausted(original_len));
+        Err(TrimError::TooManyValues { .. }) => Err(ctx.budget_exhausted(wire.len() as u64)),
+        Err(err) => Ok(Err(ShrinkError::Trim(err))),
     }
-    let facts = BodyFacts::read(&doc, &cfg.id_path);
+}
+
+/// The payload as it is first sent: byte-identical when it fits the limit in force (or the
+/// limit is unknown), else trimmed to it; a payload that cannot be brought under is refused
+/// or forwarded as the route says. Records the `over_upstream_limit` incident.
+fn first_send(
+    ctx: &mut RequestCtx<'_>,
+    policy: &Option<Policy<'_>>,
+    wire: &Bytes,
+    doc: Option<&Document<'_>>,
+    decoded_len: u64,
+    encoding: Option<Encoding>,
+    untrimmable: Option<String>,
+) -> Result<Prepared, ProxyError> {
+    let cfg = ctx.cfg;
+    let original = Prepared::original(wire, decoded_len);
+    let Some(limit) = ctx.limit else {
+        return Ok(original);
+    };
+    let compressed = encoding.is_some_and(|e| e != Encoding::Identity);
+    let size = wire.len() as u64;
+    let measured = if ctx.units == Units::Decoded && compressed {
+        decoded_len
+    } else {
+        size
+    };
     if measured <= limit {
-        // retry_on_413 buffers every payload so it can be trimmed if the receiver refuses it.
-        let retry = RetryState {
-            doc: &doc,
-            encoding,
-            wire: &wire,
-        };
-        return send_buffered(
-            ctx,
-            &target,
-            wire.clone(),
-            &stats,
-            Some(&facts),
-            Some(retry),
-            exchange,
-        )
-        .await;
+        return Ok(original);
     }
-    let shrunk = match payload::shrink(&wire, &doc, encoding, tc, limit) {
-        Ok(shrunk) => shrunk,
-        Err(err) => return untrimmable(ctx, tc, target, wire, limit, err, exchange, &stats).await,
-    };
     let mut inc = ctx.incident(Kind::OverUpstreamLimit);
-    inc.body_bytes = Some(original_len);
-    inc.bytes_after = Some(shrunk.body.len() as u64);
-    inc.trimmed = removed(&shrunk);
-    inc.dry_run = tc.dry_run;
-    facts.fill(&mut inc);
-    if shrunk.fits {
-        inc.action = Some(if tc.dry_run {
+    inc.body_bytes = Some(size);
+    let Some(p) = policy else {
+        // Buffered to verify, dedupe or spool, on a route that does not trim.
+        if cfg.on_oversize == OnOversize::Reject {
+            inc.action = Some(Action::Rejected);
+            ctx.incidents.push(inc);
+            return Err(ProxyError::OverUpstreamLimit { size, limit });
+        }
+        inc.action = Some(Action::Forwarded);
+        ctx.incidents.push(inc);
+        return Ok(original);
+    };
+    let on_failure = cfg
+        .trim
+        .as_ref()
+        .map_or(OnTrimFailure::Reject, |tc| tc.on_failure);
+    let prepared = match (doc, encoding, untrimmable) {
+        (Some(doc), Some(enc), None) => {
+            prepare::prepare(p, wire, doc, enc, limit, ctx.units).map_err(|e| e.to_string())
+        }
+        (_, _, Some(why)) => Err(why),
+        _ => Err("the payload could not be read as JSON".to_string()),
+    };
+    inc.dry_run = p.dry_run;
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(why) => {
+            inc.action = Some(Action::TrimFailed);
+            inc.reason = Some(why.clone());
+            ctx.incidents.push(inc);
+            if on_failure == OnTrimFailure::Reject && !p.dry_run {
+                return Err(ProxyError::TrimFailed {
+                    size,
+                    limit,
+                    reason: why,
+                });
+            }
+            return Ok(original);
+        }
+    };
+    inc.bytes_after = Some(prepared.body.len() as u64);
+    inc.trimmed = prepared.removed();
+    if prepared.fits() {
+        inc.action = Some(if p.dry_run {
             Action::Forwarded
         } else {
             Action::Trimmed
         });
-        tracing::info!(route = %cfg.name, before = original_len, after = shrunk.body.len(), limit, dry_run = tc.dry_run, trimmed = %shrunk.trimmed_header(), "payload trimmed");
-        ctx.record(inc);
-        if tc.dry_run {
-            return send_buffered(ctx, &target, wire, &stats, Some(&facts), None, exchange).await;
-        }
-        archive_original(ctx, &mut target.headers, &wire, &facts).await?;
-        mark_trimmed(ctx, &mut target.headers, &shrunk);
-        let body = Bytes::from(shrunk.body);
-        return send_buffered(ctx, &target, body, &stats, Some(&facts), None, exchange).await;
+        ctx.incidents.push(inc);
+        return Ok(if p.dry_run { original } else { prepared });
     }
+    let reached = prepared.size(ctx.units);
     inc.action = Some(Action::TrimFailed);
-    inc.reason = Some(format!(
-        "the rules could only reach {} bytes",
-        shrunk.measured_after
-    ));
-    tracing::warn!(route = %cfg.name, before = original_len, smallest = shrunk.body.len(), limit, on_trim_failure = tc.on_failure.as_str(), "trim rules cannot bring the payload under the limit");
-    ctx.record(inc);
-    if tc.dry_run {
-        return send_buffered(ctx, &target, wire, &stats, Some(&facts), None, exchange).await;
+    inc.reason = Some(format!("the rules could only reach {reached} bytes"));
+    ctx.incidents.push(inc);
+    if p.dry_run {
+        return Ok(original);
     }
-    match tc.on_failure {
+    match on_failure {
         OnTrimFailure::Reject => Err(ProxyError::TrimFailed {
-            size: original_len,
-            limit,
-            reason: format!(
-                "the trim rules could only reach {} bytes",
-                shrunk.measured_after
-            ),
-        }),
-        OnTrimFailure::Forward => {
-            archive_original(ctx, &mut target.headers, &wire, &facts).await?;
-            mark_trimmed(ctx, &mut target.headers, &shrunk);
-            let body = Bytes::from(shrunk.body);
-            send_buffered(ctx, &target, body, &stats, Some(&facts), None, exchange).await
-        }
-    }
-}
-
-pub(super) enum DecodeFailure {
-    Budget,
-    Shrink(ShrinkError),
-}
-
-pub(super) fn decode_within_budget(
-    wire: &Bytes,
-    encoding: Encoding,
-    cfg: &RouteConfig,
-    reservation: &mut Reservation,
-) -> Result<Bytes, DecodeFailure> {
-    if encoding == Encoding::Identity {
-        return Ok(wire.clone());
-    }
-    let cap = payload::decoded_cap(wire.len(), cfg.max_body_bytes);
-    reservation
-        .ensure(wire.len() as u64 + cap)
-        .map_err(|_| DecodeFailure::Budget)?;
-    payload::decode(wire, encoding, cfg.max_body_bytes)
-        .map(Bytes::from)
-        .map_err(DecodeFailure::Shrink)
-}
-
-/// The payload cannot go through the trim stage (invalid JSON, bad encoding, a bomb).
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn untrimmable(
-    ctx: &Ctx<'_>,
-    tc: &TrimConfig,
-    target: Target,
-    wire: Bytes,
-    limit: u64,
-    err: ShrinkError,
-    exchange: &mut Exchange,
-    stats: &BodyStats,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let cfg = ctx.cfg;
-    let size = wire.len() as u64;
-    if let ShrinkError::Bomb { limit: cap } = err {
-        tracing::warn!(route = %cfg.name, cap, "compressed body decodes past the cap: refused");
-        let mut inc = ctx.incident(Kind::OverMaxBody);
-        inc.body_bytes = Some(size);
-        inc.reason = Some(err.to_string());
-        ctx.record(inc);
-        return Err(ProxyError::DecompressionBomb { limit: cap });
-    }
-    let over = size > limit;
-    if !over {
-        // Under the limit and not ours to judge: pass it on untouched.
-        return send_buffered(ctx, &target, wire, stats, None, None, exchange).await;
-    }
-    tracing::warn!(route = %cfg.name, reason = %err, on_trim_failure = tc.on_failure.as_str(), "payload over upstream_limit cannot be trimmed");
-    let mut inc = ctx.incident(Kind::OverUpstreamLimit);
-    inc.action = Some(Action::TrimFailed);
-    inc.body_bytes = Some(size);
-    inc.reason = Some(err.to_string());
-    inc.dry_run = tc.dry_run;
-    ctx.record(inc);
-    if tc.on_failure == OnTrimFailure::Reject && !tc.dry_run {
-        return Err(ProxyError::TrimFailed {
             size,
             limit,
-            reason: err.to_string(),
-        });
+            reason: format!("the trim rules could only reach {reached} bytes"),
+        }),
+        OnTrimFailure::Forward => Ok(prepared),
     }
-    send_buffered(ctx, &target, wire, stats, None, None, exchange).await
 }
 
-pub(super) fn removed(shrunk: &Shrunk) -> Vec<Removed> {
-    shrunk
-        .applied
-        .iter()
-        .map(|a| Removed {
-            path: a.path.clone(),
-            removed: a.removed as u64,
-        })
-        .collect()
-}
-
-/// Adds `Payload-Guard-Trimmed` and `Payload-Guard-Original-Length`, re-signs the trimmed body
-/// when the route asks for it, and counts the trim.
-pub(super) fn mark_trimmed(ctx: &Ctx<'_>, headers: &mut HeaderMap, shrunk: &Shrunk) {
-    ctx.shared.metrics.trimmed(
-        &ctx.cfg.name,
-        shrunk.applied.iter().map(|a| a.removed as u64).sum(),
+/// The proxy's own answer to an exact repeat of a delivered payload (`dedupe`).
+fn duplicate_response(ctx: &RequestCtx<'_>, first_request_id: &str) -> Response<UpstreamBody> {
+    tracing::info!(route = %ctx.cfg.name, request_id = %ctx.request_id, first_request_id, "duplicate payload answered without forwarding it");
+    let body = serde_json::json!({
+        "status": "duplicate",
+        "message": "this payload was delivered before; it was not forwarded again",
+        "first_request_id": first_request_id,
+        "request_id": ctx.request_id,
+    });
+    let mut response = Response::new(full_body(Bytes::from(body.to_string())));
+    *response.status_mut() = StatusCode::OK;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
-    if let Some(resign) = ctx.cfg.verify.as_ref().and_then(|v| v.resign.as_ref()) {
-        match resign.sign(None, &shrunk.body) {
-            Ok((name, value)) => {
-                headers.insert(name, value);
-            }
-            Err(err) => {
-                tracing::warn!(route = %ctx.cfg.name, error = %err, "cannot re-sign the trimmed body");
-            }
-        }
+    if let Ok(v) = HeaderValue::from_str(first_request_id) {
+        response.headers_mut().insert(DUPLICATE_HEADER, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&shrunk.trimmed_header()) {
-        headers.insert(HeaderName::from_static("payload-guard-trimmed"), v);
-    }
-    headers.insert(
-        HeaderName::from_static("payload-guard-original-length"),
-        HeaderValue::from(shrunk.original_len as u64),
-    );
-}
-
-/// What a retry after a receiver's 413 needs.
-#[derive(Clone, Copy)]
-pub(super) struct RetryState<'a> {
-    pub(super) doc: &'a crate::trim::Document<'a>,
-    pub(super) encoding: Encoding,
-    pub(super) wire: &'a Bytes,
-}
-
-/// Sends a buffered body with its exact `Content-Length`.
-pub(super) async fn send_buffered(
-    ctx: &Ctx<'_>,
-    target: &Target,
-    body: Bytes,
-    stats: &BodyStats,
-    facts: Option<&BodyFacts>,
-    retry: Option<RetryState<'_>>,
-    exchange: &mut Exchange,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let sent = body.len() as u64;
-    let sending = target.clone().with_content_length(sent);
-    // The trimmed retry after a 413 resends to the same target.
-    let retry = retry.map(|r| (r, sending.clone()));
-    let response = match send(ctx, sending, full_body(body), stats).await {
-        Ok(response) => response,
-        Err(SendError::Body(failure)) => {
-            return Err(limit::failure_to_error(failure, ctx.cfg.max_body_bytes));
-        }
-        Err(SendError::Proxy(err) | SendError::Upstream(err)) => return Err(err),
-    };
-    let facts = facts.cloned().unwrap_or_default();
-    relay(ctx, response, Some(sent), true, &facts, retry, exchange).await
+    response
 }

@@ -35,7 +35,7 @@
 //! progress); `min_free` is checked with `statvfs` before each write. Both refusals
 //! ([`SpoolError::is_refusal`]) leave nothing behind.
 
-mod backoff;
+pub mod backoff;
 mod claim;
 mod durable;
 mod error;
@@ -418,6 +418,27 @@ impl Spool {
         }
     }
 
+    /// Whether the spool can take a new record right now (for `/readyz`): below
+    /// `max_bytes`, the disk above `min_free`, and a file can be created. Blocking I/O.
+    pub fn can_accept(&self) -> Result<(), SpoolError> {
+        let space = &self.inner.space;
+        if space.max_bytes > 0 && space.used() >= space.max_bytes {
+            return Err(SpoolError::Full {
+                used: space.used(),
+                max: space.max_bytes,
+            });
+        }
+        space.check_free(0)?;
+        let probe = self
+            .sub_dir("tmp")
+            .join(format!(".probe-{}", std::process::id()));
+        let created = File::create(&probe);
+        let _ = std::fs::remove_file(&probe);
+        created
+            .map(drop)
+            .map_err(|e| SpoolError::io("create", &probe, e))
+    }
+
     /// Whether a file can be created in the spool right now (for `/readyz`).
     pub fn writable(&self) -> bool {
         let probe = self
@@ -553,6 +574,30 @@ impl Spool {
             tracing::info!(state = %state, removed, "purged spool records");
         }
         Ok(removed)
+    }
+
+    /// Removes one record from `state` (for the console's purge button); `false` when it is not
+    /// there. A ready record is claimed first, so one being delivered right now is not removed.
+    pub fn remove(&self, state: State, id: &RecordId) -> Result<bool, SpoolError> {
+        if state == State::Ready {
+            return match self.claim(id)? {
+                Some(claim) => claim.complete().map(|()| true),
+                None => Ok(false),
+            };
+        }
+        let Some(entry) = self.entry_at(state, false, id)? else {
+            return Ok(false);
+        };
+        match durable::remove_if_exists(&entry.path) {
+            Ok(true) => {
+                self.inner.space.forget(entry.file_len);
+                self.uncount(state, 1);
+                durable::fsync_dir(&self.state_dir(state))?;
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => Err(SpoolError::io("remove", &entry.path, e)),
+        }
     }
 
     /// Bytes held by records (ready, inflight, dead, archive) and writes in progress, as this

@@ -20,7 +20,7 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) struct Space {
     root: PathBuf,
     counted_dirs: Vec<PathBuf>,
-    max_bytes: u64,
+    pub(crate) max_bytes: u64,
     min_free: u64,
     /// Bytes of record files on disk in the counted directories.
     committed: AtomicU64,

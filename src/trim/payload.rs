@@ -4,8 +4,9 @@
 
 use std::io::{Read, Write};
 
-use super::{Applied, Document, TrimError};
-use crate::config::{LimitCounts, TrimConfig};
+use serde::{Deserialize, Serialize};
+
+use super::{Applied, Document, RuleSet, TrimError};
 
 /// Decoded bodies may be at most this many times larger than on the wire (when over 1 MiB).
 pub const MAX_DECOMPRESSION_RATIO: u64 = 100;
@@ -19,6 +20,28 @@ pub enum Encoding {
     Gzip,
     /// `deflate` (zlib framing, or raw deflate as some senders send it)
     Deflate,
+}
+
+/// What a size limit counts: the bytes on the wire (what nginx counts) or the bytes after
+/// decoding `Content-Encoding` (what Express's body-parser counts). For an uncompressed body
+/// the two are the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Units {
+    /// Bytes on the wire.
+    Wire,
+    /// Decoded bytes.
+    Decoded,
+}
+
+impl Units {
+    /// The stable name (`wire`, `decoded`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Units::Wire => "wire",
+            Units::Decoded => "decoded",
+        }
+    }
 }
 
 /// Whether a `Content-Type` is JSON: `application/json` or any `*/*+json`.
@@ -66,6 +89,8 @@ pub struct Shrunk {
     pub measured_before: usize,
     /// Size the limit was checked against, after.
     pub measured_after: usize,
+    /// Decoded size of the result.
+    pub decoded_len: usize,
 }
 
 impl Shrunk {
@@ -120,20 +145,22 @@ pub enum ShrinkError {
 }
 
 /// Shrinks `wire` (encoded as `encoding`; `doc` is its decoded form, from [`decode`], or
-/// `wire` itself for identity, already scanned) below `limit` by the route's rules.
+/// `wire` itself for identity, already scanned) below `limit`, counted in `units`, by `rules`.
 pub fn shrink(
     wire: &[u8],
     doc: &Document<'_>,
     encoding: Encoding,
-    cfg: &TrimConfig,
+    rules: &RuleSet,
+    units: Units,
     limit: u64,
 ) -> Result<Shrunk, ShrinkError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let decoded = doc.body();
     if encoding == Encoding::Identity {
-        let out = doc.trim(&cfg.rules, limit);
+        let out = doc.trim(rules, limit);
         return Ok(Shrunk {
             measured_after: out.body.len(),
+            decoded_len: out.body.len(),
             fits: out.fits,
             measured_before: wire.len(),
             original_len: wire.len(),
@@ -141,7 +168,7 @@ pub fn shrink(
             body: out.body,
         });
     }
-    let measure_wire = cfg.limit_counts == LimitCounts::Wire;
+    let measure_wire = units == Units::Wire;
     let before = if measure_wire {
         wire.len()
     } else {
@@ -155,12 +182,14 @@ pub fn shrink(
             applied: Vec::new(),
             measured_before: before,
             measured_after: before,
+            decoded_len: decoded.len(),
         });
     }
     if !measure_wire {
-        let out = doc.trim(&cfg.rules, limit);
+        let out = doc.trim(rules, limit);
         let body = encode(&out.body, encoding);
         return Ok(Shrunk {
+            decoded_len: out.body.len(),
             body,
             original_len: wire.len(),
             fits: out.fits,
@@ -174,13 +203,14 @@ pub fn shrink(
     let mut target = (decoded.len() as u128 * limit as u128 / wire.len().max(1) as u128) as usize;
     let mut best: Option<Shrunk> = None;
     for _ in 0..8 {
-        let out = doc.trim(&cfg.rules, target);
+        let out = doc.trim(rules, target);
         let body = encode(&out.body, encoding);
         let fits = body.len() <= limit;
         let reached_target = out.fits;
         let len = body.len();
         let candidate = Shrunk {
             measured_after: len,
+            decoded_len: out.body.len(),
             body,
             original_len: wire.len(),
             fits,
@@ -260,10 +290,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::config::OnTrimFailure;
     use crate::trim::{ActionSpec, Keep, RuleSet, RuleSpec, testdata::synthflow_payload};
 
-    fn cfg(counts: LimitCounts) -> TrimConfig {
+    fn rules() -> Arc<RuleSet> {
         let specs = vec![RuleSpec {
             path: "call.transcript".into(),
             action: ActionSpec::Truncate {
@@ -272,14 +301,7 @@ mod tests {
                 marker: None,
             },
         }];
-        TrimConfig {
-            rules: Arc::new(RuleSet::compile(&specs, &["call.call_id".to_string()]).unwrap()),
-            specs,
-            protect: vec!["call.call_id".into()],
-            on_failure: OnTrimFailure::Reject,
-            dry_run: false,
-            limit_counts: counts,
-        }
+        Arc::new(RuleSet::compile(&specs, &["call.call_id".to_string()]).unwrap())
     }
 
     #[test]
@@ -303,7 +325,8 @@ mod tests {
             &wire,
             &Document::parse(&decoded).unwrap(),
             Encoding::Gzip,
-            &cfg(LimitCounts::Decoded),
+            &rules(),
+            Units::Decoded,
             100_000,
         )
         .unwrap();
@@ -323,7 +346,8 @@ mod tests {
             &wire,
             &Document::parse(&decoded).unwrap(),
             Encoding::Gzip,
-            &cfg(LimitCounts::Wire),
+            &rules(),
+            Units::Wire,
             limit,
         )
         .unwrap();

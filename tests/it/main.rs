@@ -2,7 +2,11 @@
 //! on 127.0.0.1, driven by real HTTP clients.
 
 mod cli;
+mod console;
+mod delivery;
 mod demo;
+mod early413;
+mod express;
 mod forwarding;
 mod hardening;
 mod incidents;

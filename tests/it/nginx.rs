@@ -28,20 +28,21 @@ impl Drop for Nginx {
     }
 }
 
+/// nginx's path, where installed.
+pub fn nginx_binary() -> Option<std::path::PathBuf> {
+    find_program(&[
+        "nginx",
+        "/usr/sbin/nginx",
+        "/usr/local/sbin/nginx",
+        "/usr/local/nginx/sbin/nginx",
+    ])
+}
+
 impl Nginx {
     /// Starts nginx on a free loopback port proxying to `backend`, with `extra` in the server
     /// block; `None` (the test skips) when nginx is not installed and CI is not set.
     pub async fn start(backend: SocketAddr, extra: &str) -> Option<Nginx> {
-        let bin = require_component(
-            "nginx",
-            "apt-get install -y nginx-light",
-            find_program(&[
-                "nginx",
-                "/usr/sbin/nginx",
-                "/usr/local/sbin/nginx",
-                "/usr/local/nginx/sbin/nginx",
-            ]),
-        )?;
+        let bin = require_component("nginx", "apt-get install -y nginx-light", nginx_binary())?;
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

@@ -52,15 +52,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn round(proxy: &ProxyHandle, now: SystemTime) -> RoundReport {
-    let shared = proxy.proxy.shared();
-    deliver::redeliver_due(
-        proxy.proxy.current(),
-        shared.learner.clone(),
-        shared.spool.as_ref().unwrap(),
-        now,
-        &shared.metrics,
-    )
-    .await
+    deliver::redeliver_due(proxy.proxy.current(), proxy.proxy.shared_arc(), now).await
 }
 
 /// The running proxy's spool records in `state`.

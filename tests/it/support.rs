@@ -255,8 +255,13 @@ impl ProxyHandle {
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
         self.shutdown();
-        if self.incidents.starts_with(std::env::temp_dir()) {
-            let _ = std::fs::remove_file(&self.incidents);
+        if self.incidents.starts_with(std::env::temp_dir())
+            && let Some(dir) = self.incidents.parent()
+            && dir
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pg-it-"))
+        {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -310,8 +315,11 @@ pub async fn admin_request(addr: SocketAddr, method: &str, path: &str, token: Op
 /// Starts the proxy in-process on 127.0.0.1:0.
 pub async fn start_proxy(mut config: Config) -> ProxyHandle {
     if config.incidents.path == std::path::Path::new("incidents.jsonl") {
-        // Keep test incident logs out of the work tree.
-        config.incidents.path = std::env::temp_dir().join(format!("pg-it-{}.jsonl", uuid_like()));
+        // Keep test incident logs (and the state files beside them) out of the work tree,
+        // one folder per proxy so tests never share learned limits.
+        let dir = std::env::temp_dir().join(format!("pg-it-{}", uuid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        config.incidents.path = dir.join("incidents.jsonl");
     }
     let incidents = config.incidents.path.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

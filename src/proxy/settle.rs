@@ -1,0 +1,89 @@
+//! Phase 6, settle: what happened to a request is written down once, from its outcome, here.
+//! Each incident is recorded (log file, metrics) with one line in the proxy's own log; a
+//! failure of the receiver or of the proxy gets one WARN line; the access log is filled in
+//! (it is written when the response body is done, with the request metrics).
+
+use bytes::Bytes;
+use http::Response;
+use http::header::{self, HeaderValue};
+
+use super::context::RequestCtx;
+use super::full_body;
+use crate::error::{Culprit, ProxyError};
+use crate::forward::UpstreamBody;
+use crate::incident::{Action, Incident, Kind};
+use crate::observe::Exchange;
+
+impl RequestCtx<'_> {
+    /// Records the incidents, says what failed, and fills in the access-log line.
+    pub(super) fn settle(
+        &mut self,
+        result: &Result<Response<UpstreamBody>, ProxyError>,
+        exchange: &mut Exchange,
+    ) {
+        for incident in std::mem::take(&mut self.incidents) {
+            super::record_incident(self.shared, incident);
+        }
+        if let Err(err) = result
+            && err.culprit() != Culprit::Sender
+        {
+            tracing::warn!(route = %self.cfg.name, request_id = %self.request_id, error = err.code(), reason = %err, "request failed");
+        }
+        exchange.body = self.stats.clone();
+        exchange.upstream_status = self.upstream_status;
+        exchange.forwarded_bytes = self.forwarded_bytes;
+        exchange.upstream_secs = self.upstream_secs;
+    }
+}
+
+/// The one log line of an incident: INFO for a payload trimmed to fit, WARN otherwise.
+pub fn log_incident(inc: &Incident) {
+    let size = inc.payload_bytes();
+    let action = inc.action.map_or("-", Action::as_str);
+    let reason = inc.reason.as_deref().unwrap_or("");
+    if inc.kind == Kind::OverUpstreamLimit && inc.action == Some(Action::Trimmed) {
+        tracing::info!(route = %inc.route, request_id = %inc.request_id, kind = inc.kind.as_str(), bytes = size.unwrap_or(0), after = inc.bytes_after.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), "payload trimmed");
+        return;
+    }
+    let message = match inc.kind {
+        Kind::OverMaxBody => "body over max_body",
+        Kind::OverUpstreamLimit => "payload over the receiver's limit",
+        Kind::Upstream413 => "receiver answered 413",
+        Kind::BufferBudgetExhausted => "buffer budget exhausted",
+        Kind::SpoolRefused => "the spool could not take the payload",
+        Kind::DuplicateConflict => "payload id seen before with a different body",
+    };
+    let rejector = inc.rejector.as_ref().map_or("", |r| r.as_str());
+    tracing::warn!(route = %inc.route, request_id = %inc.request_id, kind = inc.kind.as_str(), action, bytes = size.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), rejector, reason, "{message}");
+}
+
+/// The proxy's own answer: the status from [`ProxyError::status`], a short JSON body, and
+/// `Connection: close` when the request body may be unread.
+pub fn error_response(
+    err: &ProxyError,
+    request_id: &str,
+    is_h1: bool,
+    exchange: &mut Exchange,
+) -> Response<UpstreamBody> {
+    exchange.set_error(err);
+    let mut response = Response::new(full_body(Bytes::from(err.json_body(request_id))));
+    *response.status_mut() = err.status();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if is_h1 && err.closes_connection() {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(secs) = err.retry_after_secs() {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if err.status() == http::StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+    }
+    response
+}
