@@ -532,18 +532,23 @@ pub fn require_component<T>(what: &str, install: &str, found: Option<T>) -> Opti
     match missing_component(in_ci(), what, install, found.is_some()) {
         ComponentVerdict::Run => found,
         ComponentVerdict::Skip(line) => {
-            // Straight to the process's stderr: libtest captures `eprintln!` of passing tests,
-            // and a skip nobody sees is a silent drop.
-            use std::io::Write;
-            let test = std::thread::current()
-                .name()
-                .unwrap_or("a test")
-                .to_string();
-            let _ = writeln!(std::io::stderr(), "{test}: {line}");
+            print_skip(&line);
             None
         }
         ComponentVerdict::Fail(line) => panic!("{line} (CI=true: a missing component fails)"),
     }
+}
+
+/// Prints a skip line (`skipped: ...`) where the person running `cargo test` sees it: straight
+/// to the process's stderr, because libtest captures `println!`/`eprintln!` of passing tests
+/// and a skip nobody sees is a silent drop. The test's name comes first.
+pub fn print_skip(line: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "{test}: {line}");
 }
 
 /// The decision of [`require_component`], pure so both outcomes are tested.
