@@ -126,15 +126,23 @@ pub async fn commit(
     body: Bytes,
 ) -> Result<RecordId, SpoolError> {
     let spool = spool.clone();
-    tokio::task::spawn_blocking(move || spool.commit(state, &meta, &body))
-        .await
-        .unwrap_or_else(|join| {
-            Err(SpoolError::Io {
-                op: "commit",
-                path: std::path::PathBuf::new(),
-                source: std::io::Error::other(join.to_string()),
-            })
+    on_blocking_thread("commit", move || spool.commit(state, &meta, &body)).await
+}
+
+/// Runs a spool operation (blocking file I/O with fsyncs) on a blocking thread; a failed
+/// thread is an I/O error of `op`.
+pub async fn on_blocking_thread<T, F>(op: &'static str, f: F) -> Result<T, SpoolError>
+where
+    F: FnOnce() -> Result<T, SpoolError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|join| {
+        Err(SpoolError::Io {
+            op,
+            path: std::path::PathBuf::new(),
+            source: std::io::Error::other(join.to_string()),
         })
+    })
 }
 
 /// Headers stored with a record: the request as forwarded, minus its framing.
@@ -360,7 +368,14 @@ pub async fn deliver_whole(
 ) -> Delivered {
     let cfg = &dest.route.config;
     let learned = dest.services.learned;
-    let policy = Policy::of(cfg).filter(|p| !p.dry_run && cfg.retry_on_413);
+    // A resend re-signs with the sender's stamp, as the first send did (`resign = "same"`).
+    let stamp = cfg
+        .verify
+        .as_ref()
+        .and_then(|v| v.verifier.stamp(&dest.target.headers));
+    let policy = Policy::of(cfg)
+        .filter(|p| !p.dry_run && cfg.retry_on_413)
+        .map(|p| p.stamped(stamp.as_ref()));
     let route_units = policy.map_or(Units::Wire, |p| p.units);
     let mut current = first;
     let mut incidents: Vec<Incident> = Vec::new();
@@ -680,7 +695,12 @@ pub async fn attempt(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok()),
     );
-    let policy = Policy::of(cfg);
+    // The stored headers are the sender's, verified when the payload arrived.
+    let stamp = cfg
+        .verify
+        .as_ref()
+        .and_then(|v| v.verifier.stamp(&target.headers));
+    let policy = Policy::of(cfg).map(|p| p.stamped(stamp.as_ref()));
     let decoded = match (policy.as_ref(), encoding) {
         (Some(_), Some(enc)) if is_json => prepare::decode(&body, enc, cfg.max_body_bytes).ok(),
         _ => None,

@@ -154,6 +154,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "no_route",
             ProxyError::ConnectRefused => "connect_refused",
+            ProxyError::Unauthorized("expired") => "signature_expired",
             ProxyError::Unauthorized(_) => "signature_refused",
             ProxyError::ForeignTarget => "foreign_target",
             ProxyError::UpgradeRefused => "upgrade_refused",

@@ -16,7 +16,9 @@
 //!   re-encode, re-sign, mark), used live, on every resend, on redelivery and by the CLI.
 //! - [`forward`]: upstream clients (a connection per HTTP/1 sender connection for plain-HTTP
 //!   receivers; pooled, TLS, HTTP/2 by ALPN otherwise), URI and header rewriting.
-//! - [`verify`]: sender signatures (Synthflow's HMAC of `call.call_id`, whole-body HMACs).
+//! - [`verify`]: sender signatures, one module per scheme (Synthflow, Retell, ElevenLabs, Vapi,
+//!   Stripe, GitHub, Standard Webhooks, Twilio, generic body HMAC), and re-signing a trimmed
+//!   body in the sender's own scheme.
 //! - [`judge`]: the one way a receiver's answer is judged (delivered, too large, retryable,
 //!   final).
 //! - [`deliver`]: sends a whole payload and answers 413s by trimming lower (the ladder);

@@ -368,11 +368,6 @@ impl Metrics {
                 status_class: status_class(status),
             })
             .inc();
-        // The console's size histograms. A body never read (refused on its Content-Length, or
-        // a request without one) has no size to show.
-        if body_bytes > 0 && route != UNMATCHED_ROUTE {
-            inner.sizes.record(route, body_bytes);
-        }
         let labels = RouteLabels {
             route: route.to_owned(),
         };

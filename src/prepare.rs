@@ -9,11 +9,12 @@
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 
+use crate::config::Resign;
 use crate::config::{OnOversize, RouteConfig};
 use crate::incident::Removed;
 use crate::trim::payload::{self, Encoding, ShrinkError, Shrunk, Units};
 use crate::trim::{Document, RuleSet};
-use crate::verify::Verifier;
+use crate::verify::{Verified, Verifier};
 
 /// `Payload-Guard-Trimmed: <path>=<bytes removed>, …`
 pub const TRIMMED_HEADER: HeaderName = HeaderName::from_static("payload-guard-trimmed");
@@ -30,8 +31,10 @@ pub struct Policy<'a> {
     pub units: Units,
     /// Compute the trim but send the original (`trim_dry_run`).
     pub dry_run: bool,
-    /// Re-signs a trimmed body for the receiver.
-    pub resign: Option<&'a Verifier>,
+    /// Re-signs a trimmed body for the receiver: the route's verifier, and how.
+    pub resign: Option<(&'a Verifier, &'a Resign)>,
+    /// What the sender's signature said (id, timestamp), for `resign = "same"`.
+    pub stamp: Option<&'a Verified>,
 }
 
 impl<'a> Policy<'a> {
@@ -45,8 +48,18 @@ impl<'a> Policy<'a> {
             rules: &tc.rules,
             units: tc.limit_counts.units(),
             dry_run: tc.dry_run,
-            resign: route.verify.as_ref().and_then(|v| v.resign.as_ref()),
+            resign: route
+                .verify
+                .as_ref()
+                .and_then(|v| Some((&v.verifier, v.resign.as_ref()?))),
+            stamp: None,
         })
+    }
+
+    /// The policy with the sender's verified signature, which `resign = "same"` re-signs
+    /// with (from [`Verifier::verify`], or [`Verifier::stamp`] of the stored headers).
+    pub fn stamped(self, stamp: Option<&'a Verified>) -> Policy<'a> {
+        Policy { stamp, ..self }
     }
 }
 
@@ -142,13 +155,24 @@ pub fn prepare(
         ORIGINAL_LENGTH_HEADER,
         HeaderValue::from(shrunk.original_len as u64),
     ));
-    if let Some(resign) = policy.resign {
-        match resign.sign(None, &shrunk.body) {
-            Ok((name, value)) => headers.push((name, value)),
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot re-sign the trimmed body");
+    let signed = match policy.resign {
+        None => Ok(()),
+        Some((_, Resign::Header(resigner))) => resigner
+            .sign(None, &shrunk.body)
+            .map(|(name, value)| headers.push((name, value))),
+        // The sender's own scheme, secret, id and timestamp.
+        Some((verifier, Resign::Same)) => match stamp_or_missing(policy.stamp) {
+            Ok(stamp) => {
+                let mut signed = http::HeaderMap::new();
+                verifier
+                    .resign(stamp, &shrunk.body, &mut signed)
+                    .map(|()| headers.extend(signed.iter().map(|(n, v)| (n.clone(), v.clone()))))
             }
-        }
+            Err(err) => Err(err),
+        },
+    };
+    if let Err(err) = signed {
+        tracing::warn!(error = %err, "cannot re-sign the trimmed body");
     }
     Ok(Prepared {
         decoded_len: shrunk.decoded_len as u64,
@@ -156,6 +180,11 @@ pub fn prepare(
         shrunk: Some(shrunk),
         headers,
     })
+}
+
+/// The sender's stamp, or why a `resign = "same"` route cannot re-sign without it.
+fn stamp_or_missing(stamp: Option<&Verified>) -> Result<&Verified, crate::verify::VerifyError> {
+    stamp.ok_or(crate::verify::VerifyError::Missing)
 }
 
 /// The next size to try after a receiver refused `refused` bytes: the largest common receiver

@@ -615,9 +615,11 @@ def check_outcome(status: str, code: int, body: str, err: str, want: str,
     if status == want:
         return False, f"{status} with another body"
     if status == "000":
-        # curl's own words, e.g. "(56) Recv failure: Connection reset by peer"
-        reason = err.removeprefix("curl: ").strip() or f"curl exit {code}"
-        return False, f"no answer: {reason}"
+        # curl's own words, e.g. "(55) Send failure: Broken pipe". curl does not read the
+        # response after a failed send, so this is "no status seen by curl", not proof that
+        # nothing was answered.
+        reason = err.removeprefix("curl: ").strip() or f"exit {code}"
+        return False, f"no status, curl {reason}"
     return False, status + (f", then curl exit {code}" if code else "")
 
 
@@ -831,8 +833,12 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
                          "`413` with its own JSON body from the request head (a chunked body is "
                          "refused unread too) and closes at once, so its kernel resets the "
                          "connection. A try counts only when the sender gets that status and that "
-                         "body; in brackets, every other outcome (curl's own error when no answer "
-                         "came) and a complete answer followed by a curl error.\n")
+                         "body; in brackets, every other outcome, and a complete answer followed by "
+                         "a curl error. \"no status, curl (55) Send failure\" means curl's upload "
+                         "failed (the peer closed or reset) and curl, which does not read after a "
+                         "failed send, saw no status: a response may still have been in its socket "
+                         "(for the direct receiver it is: the receiver always writes its 413 "
+                         "first).\n")
 
     # targets
     per_rep: dict = {}

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::config::units::both_forms;
-use crate::config::{Config, OnOversize, OnTrimFailure};
+use crate::config::{Config, OnOversize, OnTrimFailure, Resign, RouteConfig};
 use crate::trim::{ActionSpec, Keep};
 
 use super::EXIT_OK;
@@ -84,10 +84,21 @@ pub(super) fn describe(config: &Config) -> String {
         out.push('\n');
     }
     for r in &config.routes {
+        if let Some(line) = describe_sender(r) {
+            out.push_str(&line);
+        }
+    }
+    for r in &config.routes {
         let Some(tc) = &r.trim else { continue };
         out.push_str(&format!(
-            "trim rules of {} (protect: {}; on_trim_failure: {}{}):\n",
+            "trim rules of {}{} (protect: {}; on_trim_failure: {}{}):\n",
             r.name,
+            match (r.sender, r.trim.as_ref()) {
+                (Some(p), Some(tc)) if tc.specs == p.rule_specs() => {
+                    format!(", from sender {}", p.sender)
+                }
+                _ => String::new(),
+            },
             tc.protect.join(", "),
             match tc.on_failure {
                 OnTrimFailure::Reject => "reject",
@@ -104,6 +115,51 @@ pub(super) fn describe(config: &Config) -> String {
         }
     }
     out
+}
+
+/// The route's sender and signature settings in effect (preset values included), one line.
+fn describe_sender(r: &RouteConfig) -> Option<String> {
+    if r.sender.is_none() && r.verify.is_none() {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if let Some(p) = r.sender {
+        parts.push(format!("sender {}", p.sender));
+    }
+    parts.push(format!("id_path {}", r.id_path));
+    match &r.verify {
+        None => parts.push("not verified (no [routes.verify])".to_string()),
+        Some(v) => {
+            let scheme = v.verifier.scheme();
+            parts.push(format!("scheme {}", scheme.as_str()));
+            let headers: Vec<&str> = v
+                .verifier
+                .header_names()
+                .iter()
+                .map(|h| h.as_str())
+                .collect();
+            parts.push(format!("header {}", headers.join(" | ")));
+            parts.push(format!("secret_env {}", v.secret_env));
+            if scheme.has_timestamp() {
+                parts.push(format!(
+                    "tolerance {}",
+                    humantime::format_duration(v.verifier.tolerance())
+                ));
+            }
+            if let Some(url) = &v.public_url {
+                parts.push(format!("public_url {url}"));
+            }
+            parts.push(match &v.resign {
+                None => "resign off".to_string(),
+                Some(Resign::Same) => "resign same".to_string(),
+                Some(Resign::Header(h)) => format!(
+                    "resign into {}",
+                    h.header_names().first().map_or("", |n| n.as_str())
+                ),
+            });
+        }
+    }
+    Some(format!("signatures of {}: {}\n", r.name, parts.join("; ")))
 }
 
 /// A rule's action in words (`truncate (keep head_tail, as much as fits)`).

@@ -10,6 +10,11 @@
 //! directory that is removed at the end. The proxy's own log still goes to stderr
 //! (`RUST_LOG=warn` quiets it). The exit code is 0 when every step behaved as expected, 1 when
 //! a step did not, and 2 when the demo could not be set up.
+//!
+//! With `--sender NAME` the payloads are that sender's (its fixture, grown for the large one),
+//! signed as the sender signs them; the route uses `sender = NAME`, verifies the signature and
+//! re-signs the trimmed payload with `resign = "same"`, and the receiver checks the signature
+//! of what it got with the sender's secret, as its unchanged code would.
 
 use std::convert::Infallible;
 use std::error::Error as _;
@@ -30,12 +35,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::config::presets::{self, Preset};
 use crate::config::units::human_bytes;
 use crate::proxy::Proxy;
 use crate::server;
 use crate::trim::testdata::synthflow_payload;
+use crate::verify::{Secret, Signed, Verifier};
 
-use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_SOFTWARE, EXIT_UNAVAILABLE, emit};
+use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, emit};
 
 /// What the sample receiver accepts: body-parser's default `limit: "100kb"`, which counts
 /// 1024-byte kilobytes.
@@ -46,6 +53,14 @@ const SMALL_PAYLOAD_BYTES: usize = 3_200;
 const LARGE_PAYLOAD_BYTES: usize = 400_000;
 /// Seed of the generated payloads, so every run shows the same numbers.
 const PAYLOAD_SEED: u64 = 2026;
+/// What the sample receiver accepts in a `--sender` demo: room for every sender's fixture
+/// (a ten-minute call) as the small payload.
+const SENDER_RECEIVER_LIMIT_BYTES: u64 = 256 * 1024;
+/// The large payload of a `--sender` demo: the fixture grown to at least this.
+const SENDER_LARGE_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// The secret the demo's sender and receiver share (the proxy reads it from its config's
+/// environment lookup, never from the process environment).
+const DEMO_SECRET: &str = "demo-secret-shared-by-sender-and-receiver";
 /// The path the sample receiver serves.
 const RECEIVER_PATH: &str = "/webhook";
 /// The proxy route's path prefix.
@@ -67,8 +82,118 @@ const QUOTE_BYTES: usize = 200;
 /// The body Express sends for body-parser's `PayloadTooLargeError` (finalhandler's HTML page).
 const EXPRESS_413_BODY: &str = "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>Error</title>\n</head>\n<body>\n<pre>PayloadTooLargeError: request entity too large</pre>\n</body>\n</html>\n";
 
-/// Runs the demo and returns the exit code (`--config` is refused before this).
-pub(super) fn demo() -> u8 {
+/// What one run of the demo sends, and how the route is set up.
+struct Scenario {
+    /// The sender preset (`--sender`), if any.
+    preset: Option<&'static Preset>,
+    /// What the sample receiver accepts.
+    receiver_limit: u64,
+    /// The route's path prefix.
+    route_path: String,
+    /// The id the trim must leave alone (absent for senders with no id in the body).
+    id_path: Option<&'static str>,
+    content_type: &'static str,
+    small: Bytes,
+    large: Bytes,
+    /// Signs the requests as the sender does, and checks what the receiver got.
+    signer: Option<Verifier>,
+}
+
+impl Scenario {
+    fn synthflow() -> Scenario {
+        Scenario {
+            preset: None,
+            receiver_limit: RECEIVER_LIMIT_BYTES,
+            route_path: ROUTE_PATH.to_owned(),
+            id_path: Some(CALL_ID_PATH),
+            content_type: "application/json",
+            small: Bytes::from(synthflow_payload(SMALL_PAYLOAD_BYTES, PAYLOAD_SEED)),
+            large: Bytes::from(synthflow_payload(LARGE_PAYLOAD_BYTES, PAYLOAD_SEED)),
+            signer: None,
+        }
+    }
+
+    fn sender(name: &str) -> Result<Scenario, String> {
+        let preset = presets::find(name).ok_or_else(|| {
+            format!(
+                "unknown sender {name:?}: expected one of {}",
+                presets::names()
+            )
+        })?;
+        if preset.content_type != "application/json" {
+            return Err(format!(
+                "{name}'s webhooks are form-encoded, not JSON the proxy trims: try another sender ({})",
+                presets::names()
+            ));
+        }
+        let scheme =
+            crate::verify::Scheme::from_config(preset.scheme, None).map_err(|e| e.to_string())?;
+        let signer = Verifier::new(scheme, None, Secret::new(demo_secret(preset)))
+            .map_err(|e| e.to_string())?;
+        Ok(Scenario {
+            preset: Some(preset),
+            receiver_limit: SENDER_RECEIVER_LIMIT_BYTES,
+            route_path: format!("/hooks/{}", preset.sender),
+            id_path: preset.id_path,
+            content_type: preset.content_type,
+            small: Bytes::from_static(preset.fixture),
+            large: Bytes::from(preset.sample(SENDER_LARGE_PAYLOAD_BYTES)),
+            signer: Some(signer),
+        })
+    }
+
+    /// How long a detail line may be: senders' trims name hundreds of array elements, so their
+    /// report lines are cut; the default demo prints them whole.
+    fn detail_chars(&self) -> Option<usize> {
+        self.preset.map(|_| 240)
+    }
+
+    /// The headers the sender sends with `body` now.
+    fn sign(&self, body: &Bytes) -> Result<HeaderMap, String> {
+        let Some(signer) = &self.signer else {
+            return Ok(HeaderMap::new());
+        };
+        let call_id = self.id_path.and_then(|p| crate::trim::string_at(body, p));
+        signer
+            .sign_request(
+                &Signed {
+                    headers: &HeaderMap::new(),
+                    body,
+                    call_id: call_id.as_deref(),
+                    url: None,
+                    now: std::time::SystemTime::now(),
+                },
+                None,
+            )
+            .map_err(|e| format!("cannot sign the payload: {e}"))
+    }
+}
+
+/// The demo secret as the preset's scheme expects it (`whsec_<base64>` for Standard Webhooks).
+fn demo_secret(preset: &Preset) -> String {
+    use base64::Engine as _;
+    if preset.scheme == "standard-webhooks" {
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(DEMO_SECRET)
+        )
+    } else {
+        DEMO_SECRET.to_owned()
+    }
+}
+
+/// Runs the demo and returns the exit code; `--config` plays no part.
+pub(super) fn demo(sender: Option<&str>) -> u8 {
+    let scenario = match sender {
+        None => Scenario::synthflow(),
+        Some(name) => match Scenario::sender(name) {
+            Ok(scenario) => scenario,
+            Err(why) => {
+                eprintln!("payload-guard demo: {why}");
+                return EXIT_USAGE;
+            }
+        },
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -80,7 +205,7 @@ pub(super) fn demo() -> u8 {
             return EXIT_SOFTWARE;
         }
     };
-    match runtime.block_on(run()) {
+    match runtime.block_on(run(&scenario)) {
         Ok(true) => EXIT_OK,
         Ok(false) => EXIT_PROBLEMS,
         Err(err) => {
@@ -92,17 +217,23 @@ pub(super) fn demo() -> u8 {
 
 /// Sets everything up, runs the four steps, reports, and shuts down. `Ok(false)` when a step
 /// misbehaved; `Err` when the demo could not be set up.
-async fn run() -> anyhow::Result<bool> {
+async fn run(sc: &Scenario) -> anyhow::Result<bool> {
     // Declared first so that it is removed last, after the proxy has stopped writing to it.
     let scratch = ScratchDir::create().context("cannot create a temporary directory")?;
     let incidents_path = scratch.path().join("incidents.jsonl");
 
-    let mut receiver = SampleReceiver::start()
+    let mut receiver = SampleReceiver::start(sc.receiver_limit)
         .await
         .context("cannot start the sample receiver on 127.0.0.1")?;
-    let config = Config::from_str(
-        &demo_config(receiver.addr, &incidents_path),
+    let secret = sc.preset.map(demo_secret);
+    let config = Config::from_str_with_env(
+        &demo_config(sc, receiver.addr, &incidents_path),
         Path::new("payload-guard-demo.toml"),
+        &|name| {
+            (name == "DEMO_SENDER_SECRET")
+                .then(|| secret.clone())
+                .flatten()
+        },
     )
     .context("the demo's built-in configuration is invalid")?;
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -117,8 +248,7 @@ async fn run() -> anyhow::Result<bool> {
         let _ = proxy_stopped.await;
     }));
 
-    let small = Bytes::from(synthflow_payload(SMALL_PAYLOAD_BYTES, PAYLOAD_SEED));
-    let large = Bytes::from(synthflow_payload(LARGE_PAYLOAD_BYTES, PAYLOAD_SEED));
+    let (small, large) = (&sc.small, &sc.large);
     let labels = [
         format!(
             "1. small payload ({}) straight to the receiver",
@@ -133,8 +263,22 @@ async fn run() -> anyhow::Result<bool> {
     ];
     let width = labels.iter().map(String::len).max().unwrap_or(0);
     emit(&format!(
-        "payload-guard demo: a receiver that refuses bodies over {} (like express.json()), and payload-guard in front of it\n\n",
-        human_bytes(RECEIVER_LIMIT_BYTES)
+        "payload-guard demo: a receiver that refuses bodies over {} (like express.json()), and payload-guard in front of it{}\n\n",
+        human_bytes(sc.receiver_limit),
+        match sc.preset {
+            Some(p) => format!(
+                "\n{} payloads, signed with scheme {}; the route has sender = \"{}\"{}",
+                p.sender,
+                p.scheme,
+                p.sender,
+                if resigns(p) {
+                    " and resign = \"same\""
+                } else {
+                    ""
+                }
+            ),
+            None => String::new(),
+        }
     ));
 
     let straight = Target {
@@ -143,35 +287,39 @@ async fn run() -> anyhow::Result<bool> {
     };
     let through = Target {
         addr: proxy_addr,
-        path: ROUTE_PATH,
+        path: &sc.route_path,
     };
     let [label1, label2, label3, label4] = labels;
     let mut steps = Vec::with_capacity(4);
 
     let mut step = Step::new(label1);
-    let sent = send(straight, 1, &small).await;
+    let sent = send(sc, straight, 1, small).await;
     let seen = receiver.seen(1, sent.is_ok()).await;
-    check_small_straight(&mut step, sent, seen, &small);
-    step.print(width);
+    check_small_straight(&mut step, sent, seen, small);
+    step.print(width, sc.detail_chars());
     steps.push(step);
 
     let mut step = Step::new(label2);
-    let sent = send(straight, 2, &large).await;
+    let sent = send(sc, straight, 2, large).await;
     let seen = receiver.seen(2, sent.is_ok()).await;
     check_large_straight(&mut step, sent, seen);
-    step.print(width);
+    step.print(width, sc.detail_chars());
     steps.push(step);
 
     let mut step = Step::new(label3);
-    let sent = send(through, 3, &small).await;
+    let signed = sc.sign(small);
+    let sent = send_signed(sc, through, 3, small, signed.clone()).await;
     let seen = receiver.seen(3, sent.is_ok()).await;
-    check_small_through(&mut step, sent, seen, &small);
-    step.print(width);
+    check_signature(sc, &mut step, seen.as_ref(), signed.as_ref().ok(), false);
+    check_small_through(&mut step, sent, seen, small);
+    step.print(width, sc.detail_chars());
     steps.push(step);
 
     let mut step = Step::new(label4);
-    let sent = send(through, 4, &large).await;
+    let signed = sc.sign(large);
+    let sent = send_signed(sc, through, 4, large, signed.clone()).await;
     let seen = receiver.seen(4, sent.is_ok()).await;
+    check_signature(sc, &mut step, seen.as_ref(), signed.as_ref().ok(), true);
     let request_id = sent.as_ref().ok().and_then(|reply| {
         reply
             .headers
@@ -179,10 +327,10 @@ async fn run() -> anyhow::Result<bool> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     });
-    check_large_through(&mut step, sent, seen, &large);
+    check_large_through(sc, &mut step, sent, seen, large);
     proxy.shared().incidents.flush().await;
     check_incident(&mut step, &incidents_path, request_id.as_deref()).await;
-    step.print(width);
+    step.print(width, sc.detail_chars());
     steps.push(step);
 
     // Shut down: the proxy drains its connections, then the receiver stops accepting.
@@ -231,10 +379,60 @@ async fn run() -> anyhow::Result<bool> {
     Ok(failed.is_empty() && shutdown_problems.is_empty())
 }
 
-/// The proxy's configuration: one trim route to the sample receiver, told its 100 KiB limit.
-fn demo_config(receiver: SocketAddr, incidents: &Path) -> String {
+/// Whether the route re-signs trimmed payloads (every body-signing scheme).
+fn resigns(preset: &Preset) -> bool {
+    crate::verify::Scheme::from_config(preset.scheme, None)
+        .is_ok_and(|s| s.signs_body() && s.can_resign())
+}
+
+/// The proxy's configuration: one trim route to the sample receiver, told its limit. A
+/// `--sender` route takes the sender's preset, verifies and re-signs.
+fn demo_config(sc: &Scenario, receiver: SocketAddr, incidents: &Path) -> String {
     // A TOML basic string, escaped by the toml crate (backslashes in Windows paths).
     let incidents = toml::Value::String(incidents.display().to_string());
+    let Some(preset) = sc.preset else {
+        return synthflow_config(receiver, &incidents);
+    };
+    let limit = sc.receiver_limit;
+    let mut text = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+
+[incidents]
+path = {incidents}
+
+[[routes]]
+name = "{name}"
+path_prefix = "{path}"
+upstream = "http://{receiver}{RECEIVER_PATH}"
+upstream_limit = {limit}
+sender = "{name}"
+on_trim_failure = "reject"
+
+[routes.verify]
+secret_env = "DEMO_SENDER_SECRET"
+"#,
+        name = preset.sender,
+        path = sc.route_path,
+    );
+    if resigns(preset) {
+        text.push_str("resign = \"same\"\n");
+    }
+    if preset.rules.is_empty() {
+        // The sender has no preset rules (its envelope is generic): the demo's payload is a
+        // call transcript.
+        for path in preset.grows {
+            text.push_str(&format!(
+                "\n[[routes.trim]]\npath = \"{path}\"\naction = \"truncate\"\n"
+            ));
+        }
+    }
+    text
+}
+
+/// The default demo's route: Synthflow trim rules, no signatures.
+fn synthflow_config(receiver: SocketAddr, incidents: &toml::Value) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
@@ -286,13 +484,20 @@ impl Step {
         }
     }
 
-    /// Writes the step to stdout, the outcome column starting at `width`.
-    fn print(&self, width: usize) {
+    /// Writes the step to stdout, the outcome column starting at `width`, each detail cut to
+    /// `detail_chars` when given.
+    fn print(&self, width: usize, detail_chars: Option<usize>) {
         let mut out = format!("  {:<width$}  {}", self.label, self.outcome);
         out.truncate(out.trim_end().len());
         out.push('\n');
         for detail in &self.details {
-            out.push_str(&format!("     {detail}\n"));
+            match detail_chars {
+                Some(max) if detail.chars().count() > max => {
+                    let cut: String = detail.chars().take(max).collect();
+                    out.push_str(&format!("     {cut}…\n"));
+                }
+                _ => out.push_str(&format!("     {detail}\n")),
+            }
         }
         for problem in &self.problems {
             out.push_str(&format!("     NOT AS EXPECTED: {problem}\n"));
@@ -381,6 +586,7 @@ fn check_small_through(
 
 /// Step 4: the proxy trims the large payload under the limit and the receiver takes it.
 fn check_large_through(
+    sc: &Scenario,
     step: &mut Step,
     sent: Result<Reply, String>,
     seen: Option<Received>,
@@ -407,11 +613,11 @@ fn check_large_through(
             human_bytes(arrived)
         ));
     }
-    if arrived > RECEIVER_LIMIT_BYTES {
+    if arrived > sc.receiver_limit {
         step.problems.push(format!(
             "{} arrived, over the receiver's {}",
             human_bytes(arrived),
-            human_bytes(RECEIVER_LIMIT_BYTES)
+            human_bytes(sc.receiver_limit)
         ));
     }
     match trimmed_header(&seen.headers) {
@@ -424,15 +630,76 @@ fn check_large_through(
         step.problems
             .push("the receiver got a payload that is not valid JSON".to_owned());
     }
-    let original = crate::trim::string_at(large, CALL_ID_PATH);
-    let received = crate::trim::string_at(body, CALL_ID_PATH);
+    let Some(id_path) = sc.id_path else { return };
+    let original = crate::trim::string_at(large, id_path);
+    let received = crate::trim::string_at(body, id_path);
     match (original, received) {
         (Some(original), Some(received)) if original == received => step
             .details
-            .push(format!("{CALL_ID_PATH} unchanged: {received}")),
+            .push(format!("{id_path} unchanged: {received}")),
         (original, received) => step.problems.push(format!(
-            "{CALL_ID_PATH} changed: sent {original:?}, received {received:?}"
+            "{id_path} changed: sent {original:?}, received {received:?}"
         )),
+    }
+}
+
+/// Steps 3 and 4 of a `--sender` demo: the receiver checks the signature of what it got with
+/// the sender's secret. Untrimmed, the sender's own headers arrive unchanged; trimmed, the proxy
+/// re-signed the body in the sender's scheme, keeping its timestamp and id.
+fn check_signature(
+    sc: &Scenario,
+    step: &mut Step,
+    seen: Option<&Received>,
+    sent: Option<&HeaderMap>,
+    trimmed: bool,
+) {
+    let (Some(signer), Some(seen), Some(sent)) = (&sc.signer, seen, sent) else {
+        return;
+    };
+    let Some(body) = &seen.body else { return };
+    let call_id = sc.id_path.and_then(|p| crate::trim::string_at(body, p));
+    let verdict = signer.verify(&Signed {
+        headers: &seen.headers,
+        body,
+        call_id: call_id.as_deref(),
+        url: None,
+        now: std::time::SystemTime::now(),
+    });
+    let header = signer.header_names()[0].clone();
+    let unchanged = sent.get(&header) == seen.headers.get(&header);
+    match verdict {
+        Err(err) => step.problems.push(format!(
+            "the receiver cannot verify the {} signature of what it got: {err}",
+            signer.scheme().as_str()
+        )),
+        Ok(verified) if trimmed => {
+            let mut detail = format!(
+                "signature: {} re-signed by the proxy, valid for the receiver",
+                header
+            );
+            if let Some(ts) = &verified.timestamp {
+                detail.push_str(&format!(" (sender's timestamp {ts} kept)"));
+            }
+            if unchanged && signer.scheme().signs_body() {
+                step.problems
+                    .push("the trimmed payload kept the sender's original signature".to_owned());
+            }
+            if !signer.scheme().signs_body() {
+                detail = format!(
+                    "signature: {header} unchanged (it covers the call id), valid for the receiver"
+                );
+            }
+            step.details.push(detail);
+        }
+        Ok(_) => {
+            if !unchanged {
+                step.problems
+                    .push("the untrimmed payload's signature header was changed".to_owned());
+            }
+            step.details.push(format!(
+                "signature: {header} passed unchanged, valid for the receiver"
+            ));
+        }
     }
 }
 
@@ -533,9 +800,9 @@ fn trimmed_header(headers: &HeaderMap) -> Option<String> {
 
 /// Where a step sends its payload.
 #[derive(Debug, Clone, Copy)]
-struct Target {
+struct Target<'a> {
     addr: SocketAddr,
-    path: &'static str,
+    path: &'a str,
 }
 
 /// A response, read whole.
@@ -547,8 +814,22 @@ struct Reply {
 
 /// POSTs `body` as JSON on a new HTTP/1.1 connection, as a webhook sender does, and reads the
 /// whole response; any failure or a timeout is the step's problem.
-async fn send(target: Target, step: u8, body: &Bytes) -> Result<Reply, String> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, exchange(target, step, body.clone())).await {
+async fn send(sc: &Scenario, target: Target<'_>, step: u8, body: &Bytes) -> Result<Reply, String> {
+    send_signed(sc, target, step, body, sc.sign(body)).await
+}
+
+/// Like [`send`], with the signature headers already made (so the step can compare them with
+/// what the receiver got).
+async fn send_signed(
+    sc: &Scenario,
+    target: Target<'_>,
+    step: u8,
+    body: &Bytes,
+    signed: Result<HeaderMap, String>,
+) -> Result<Reply, String> {
+    let signed = signed?;
+    let request = exchange(target, step, body.clone(), sc.content_type, signed);
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Ok(result) => result,
         Err(_) => Err(format!(
             "no answer from {} within {}s",
@@ -558,7 +839,13 @@ async fn send(target: Target, step: u8, body: &Bytes) -> Result<Reply, String> {
     }
 }
 
-async fn exchange(target: Target, step: u8, body: Bytes) -> Result<Reply, String> {
+async fn exchange(
+    target: Target<'_>,
+    step: u8,
+    body: Bytes,
+    content_type: &str,
+    signed: HeaderMap,
+) -> Result<Reply, String> {
     let addr = target.addr;
     let stream = TcpStream::connect(addr)
         .await
@@ -569,13 +856,14 @@ async fn exchange(target: Target, step: u8, body: Bytes) -> Result<Reply, String
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let request = Request::post(target.path)
+    let mut request = Request::post(target.path)
         .header(header::HOST, addr.to_string())
-        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_TYPE, content_type)
         .header(header::USER_AGENT, "payload-guard-demo")
         .header(STEP_HEADER, step.to_string())
         .body(Full::new(body))
         .map_err(|err| format!("cannot build the request: {err}"))?;
+    request.headers_mut().extend(signed);
     let response = sender
         .send_request(request)
         .await
@@ -626,7 +914,7 @@ struct SampleReceiver {
 
 impl SampleReceiver {
     /// Binds `127.0.0.1:0` and starts accepting.
-    async fn start() -> std::io::Result<SampleReceiver> {
+    async fn start(limit: u64) -> std::io::Result<SampleReceiver> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, seen) = mpsc::unbounded_channel();
@@ -646,7 +934,7 @@ impl SampleReceiver {
                 };
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| receive(req, tx.clone()));
+                    let service = service_fn(move |req| receive(req, tx.clone(), limit));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -699,6 +987,7 @@ impl SampleReceiver {
 async fn receive(
     req: Request<Incoming>,
     seen: mpsc::UnboundedSender<Received>,
+    limit: u64,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
     let step = parts
@@ -711,7 +1000,7 @@ async fn receive(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > RECEIVER_LIMIT_BYTES) {
+    if declared.is_some_and(|length| length > limit) {
         // Node discards the unread rest of the body in the background, so the sender finishes
         // its upload and reads the 413 instead of being reset.
         tokio::spawn(async move {
@@ -724,10 +1013,7 @@ async fn receive(
         });
         return Ok(payload_too_large());
     }
-    match Limited::new(body, RECEIVER_LIMIT_BYTES as usize)
-        .collect()
-        .await
-    {
+    match Limited::new(body, limit as usize).collect().await {
         Ok(collected) => {
             let body = collected.to_bytes();
             let length = body.len();
@@ -818,7 +1104,11 @@ mod tests {
     #[test]
     fn the_builtin_config_is_valid_and_trims_to_the_receiver_limit() {
         let addr: SocketAddr = "127.0.0.1:3000".parse().unwrap();
-        let text = demo_config(addr, Path::new("/tmp/x \"y\"\\z/incidents.jsonl"));
+        let text = demo_config(
+            &Scenario::synthflow(),
+            addr,
+            Path::new("/tmp/x \"y\"\\z/incidents.jsonl"),
+        );
         let config =
             Config::from_str(&text, Path::new("demo.toml")).unwrap_or_else(|e| panic!("{e}"));
         let route = config.route("synthflow").unwrap();
@@ -829,6 +1119,41 @@ mod tests {
             config.incidents.path,
             Path::new("/tmp/x \"y\"\\z/incidents.jsonl")
         );
+    }
+
+    #[test]
+    fn every_json_sender_has_a_valid_demo_that_straddles_the_limit() {
+        let addr: SocketAddr = "127.0.0.1:3000".parse().unwrap();
+        for preset in presets::PRESETS {
+            let Ok(sc) = Scenario::sender(preset.sender) else {
+                assert_eq!(preset.sender, "twilio");
+                continue;
+            };
+            let secret = demo_secret(preset);
+            let config = Config::from_str_with_env(
+                &demo_config(&sc, addr, Path::new("/tmp/incidents.jsonl")),
+                Path::new("demo.toml"),
+                &|_| Some(secret.clone()),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", preset.sender));
+            let route = config.route(preset.sender).unwrap();
+            assert!(
+                route.trim.is_some() && route.verify.is_some(),
+                "{}",
+                preset.sender
+            );
+            assert!(
+                (sc.small.len() as u64) < sc.receiver_limit,
+                "{}",
+                preset.sender
+            );
+            assert!(
+                (sc.large.len() as u64) > 3 * sc.receiver_limit,
+                "{}",
+                preset.sender
+            );
+        }
+        assert!(Scenario::sender("nobody").is_err());
     }
 
     #[test]

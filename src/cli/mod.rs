@@ -7,6 +7,7 @@ mod diagnose;
 mod limits;
 mod replay;
 mod run;
+mod sign;
 mod spool;
 mod trim;
 
@@ -152,7 +153,44 @@ pub enum Command {
     /// does), payload-guard in front of it with a trim route, and sends a small and a large
     /// Synthflow-shaped payload straight and through the proxy (exit 0: every step behaved as
     /// expected, 1: one did not, 69: the demo could not be set up). Takes no `--config`.
-    Demo,
+    Demo {
+        /// Show another sender's payloads and signatures: synthflow, retell, elevenlabs, vapi,
+        /// stripe, github or standard-webhooks (the route uses `sender = NAME`, verifies the
+        /// sender's signature and re-signs the trimmed payload with `resign = "same"`).
+        #[arg(long, value_name = "NAME")]
+        sender: Option<String>,
+    },
+    /// Print the headers a route's sender would send with a payload (to test a receiver).
+    Sign {
+        /// The route whose `[routes.verify]` applies.
+        #[arg(long)]
+        route: String,
+        /// Sign as of this time (unix seconds; default: now).
+        #[arg(long)]
+        timestamp: Option<u64>,
+        /// The message id, for schemes that sign one (default: a new one).
+        #[arg(long)]
+        id: Option<String>,
+        /// The URL the sender calls, for schemes that sign it (default: the route's public_url).
+        #[arg(long)]
+        url: Option<String>,
+        /// The payload.
+        file: PathBuf,
+    },
+    /// Check a payload's signature headers as the proxy would (exit 0: valid, 1: refused).
+    Verify {
+        /// The route whose `[routes.verify]` applies.
+        #[arg(long)]
+        route: String,
+        /// A header the sender sent, as "Name: value" (repeat for several).
+        #[arg(long = "header", short = 'H', value_name = "NAME: VALUE")]
+        headers: Vec<String>,
+        /// The URL the sender called, for schemes that sign it (default: the route's public_url).
+        #[arg(long)]
+        url: Option<String>,
+        /// The payload.
+        file: PathBuf,
+    },
 }
 
 /// `payload-guard spool ...`
@@ -246,14 +284,44 @@ pub fn run(cli: Cli) -> u8 {
             route,
             format,
         } => diagnose::diagnose(&config, since, route.as_deref(), format),
-        Command::Demo if cli.config.is_some() => {
+        Command::Demo { .. } if cli.config.is_some() => {
             eprintln!(
                 "payload-guard demo: --config does not apply: the demo builds its own receiver, route and proxy on loopback (see your file with `payload-guard check --config FILE`)"
             );
             EXIT_USAGE
         }
-        Command::Demo => demo::demo(),
+        Command::Demo { sender } => demo::demo(sender.as_deref()),
         Command::Limits { reset, format } => limits::limits(&config, reset.as_deref(), format),
+        Command::Sign {
+            route,
+            timestamp,
+            id,
+            url,
+            file,
+        } => sign::sign(
+            &config,
+            &sign::Input {
+                route: &route,
+                file: &file,
+                url: url.as_deref(),
+            },
+            timestamp,
+            id,
+        ),
+        Command::Verify {
+            route,
+            headers,
+            url,
+            file,
+        } => sign::verify(
+            &config,
+            &sign::Input {
+                route: &route,
+                file: &file,
+                url: url.as_deref(),
+            },
+            &headers,
+        ),
         Command::Spool { command } => match command {
             SpoolCommand::List { route, state } => spool::list(&config, route.as_deref(), state),
             SpoolCommand::Show { id, body } => spool::show(&config, &id, body),

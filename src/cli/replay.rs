@@ -16,7 +16,7 @@ use crate::judge::Verdict;
 use crate::metrics::Metrics;
 use crate::proxy::Runtime;
 use crate::spool::{RecordId, Spool, State};
-use crate::state::LearnedLimits;
+use crate::state::{LearnedLimits, Persisted};
 
 use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, emit};
 

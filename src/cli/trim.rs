@@ -58,6 +58,7 @@ fn run(
         units,
         dry_run: false,
         resign: None,
+        stamp: None,
     };
     let shrunk = crate::trim::Document::parse(&body)
         .map_err(payload::ShrinkError::from)

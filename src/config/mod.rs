@@ -22,6 +22,7 @@
 //!    of README.md and deploy/.
 
 mod diagnostics;
+pub mod presets;
 pub mod raw;
 pub mod units;
 mod validate;
@@ -157,8 +158,35 @@ pub struct VerifyConfig {
     pub verifier: Verifier,
     /// The environment variable the secret came from (for messages; never the secret).
     pub secret_env: String,
-    /// Re-signs a trimmed body for the receiver (whole-body schemes).
-    pub resign: Option<Verifier>,
+    /// Re-signs a trimmed body for the receiver.
+    pub resign: Option<Resign>,
+    /// The URL the sender calls for this route (`public_url`), for schemes that sign the URL
+    /// (Twilio); the rest of the request path and its query are appended.
+    pub public_url: Option<String>,
+}
+
+impl VerifyConfig {
+    /// The URL the sender called: `public_url`, then what follows the route's `path_prefix`
+    /// in `path_and_query` (the request target as received).
+    pub fn sender_url(&self, path_prefix: &str, path_and_query: &str) -> Option<String> {
+        let base = self.public_url.as_deref()?;
+        let rest = path_and_query
+            .strip_prefix(path_prefix)
+            .filter(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
+            .unwrap_or("");
+        Some(format!("{base}{rest}"))
+    }
+}
+
+/// How a trimmed body is re-signed for the receiver.
+#[derive(Debug, Clone)]
+pub enum Resign {
+    /// `resign = "same"`: in the sender's own scheme and headers, with the sender's secret,
+    /// keeping its id and timestamp (the receiver changes nothing).
+    Same,
+    /// `resign = { header, secret_env }`: HMAC-SHA256 of the trimmed body into another header
+    /// with another secret.
+    Header(Verifier),
 }
 
 /// `[incidents]`: where the incident log goes.
@@ -204,6 +232,8 @@ pub struct RouteConfig {
     pub dedupe: Option<Duration>,
     /// Sender authentication, if configured.
     pub verify: Option<VerifyConfig>,
+    /// The sender preset (`sender`), if the route names one.
+    pub sender: Option<&'static presets::Preset>,
     /// Spool payloads the receiver could not take, and acknowledge them with 202.
     pub spool: bool,
     /// What the sender gets when its payload was spooled.

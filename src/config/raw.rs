@@ -89,17 +89,33 @@ pub struct RawTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawVerify {
-    pub scheme: Spanned<String>,
+    /// Optional when the route names a `sender`.
+    pub scheme: Option<Spanned<String>>,
     pub header: Option<Spanned<String>>,
     pub encoding: Option<Spanned<String>>,
     pub secret_env: Spanned<String>,
     pub resign: Option<Spanned<RawResign>>,
+    pub tolerance: Option<Spanned<Dur>>,
+    pub public_url: Option<Spanned<String>>,
+}
+
+/// `resign = "same"` or `resign = { header = "...", secret_env = "..." }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "resign = \"same\", or resign = { header = \"X-...\", secret_env = \"...\" }"
+)]
+pub enum RawResign {
+    /// `"same"` (checked in validation).
+    Mode(String),
+    /// Another header and secret.
+    Header(RawResignHeader),
 }
 
 /// `resign = { header = "...", secret_env = "..." }`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawResign {
+pub struct RawResignHeader {
     pub header: String,
     pub secret_env: String,
 }
@@ -147,6 +163,7 @@ pub struct RawRoute {
     pub max_413_retries: Option<Spanned<i64>>,
     pub dedupe: Option<Spanned<Dur>>,
     pub verify: Option<Spanned<RawVerify>>,
+    pub sender: Option<Spanned<String>>,
     pub spool: Option<Spanned<bool>>,
     pub on_spool_response: Option<Spanned<OnSpoolResponse>>,
     pub dead_letter: Option<Spanned<bool>>,

@@ -11,14 +11,16 @@ use http::Uri;
 use rustls::pki_types::CertificateDer;
 use toml::Spanned;
 
+use super::presets::{self, Preset};
 use super::raw::{
-    OnOversize, OnSpoolResponse, RawAction, RawConfig, RawKeep, RawRoute, RawSpool, RawVerify,
+    OnOversize, OnSpoolResponse, RawAction, RawConfig, RawKeep, RawResign, RawRoute, RawSpool,
+    RawVerify,
 };
 use super::units::{ByteSize, Dur, both_forms, decimal_unit, parse_size, thousands};
 use super::{
     Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_413_RETRIES,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure,
-    RouteConfig, ServerConfig, SpoolSettings, TlsConfig, TrimConfig, VerifyConfig,
+    Resign, RouteConfig, ServerConfig, SpoolSettings, TlsConfig, TrimConfig, VerifyConfig,
 };
 use crate::trim::{ActionSpec, DEFAULT_PROTECT, Keep, RuleOrigin, RuleSet, RuleSpec};
 use crate::verify::{Scheme, Secret, Verifier};
@@ -580,10 +582,12 @@ fn validate_spool(
     }
 }
 
-/// Builds a route's sender verification, reading secrets from the environment.
+/// Builds a route's sender verification, reading secrets from the environment. The route's
+/// sender preset supplies the scheme when the table names none.
 fn validate_verify(
     index: usize,
     raw: &Spanned<RawVerify>,
+    preset: Option<&'static Preset>,
     rep: &mut Reporter<'_>,
 ) -> Option<VerifyConfig> {
     let key = |k: &str| format!("routes[{index}].verify.{k}");
@@ -599,10 +603,34 @@ fn validate_verify(
             }
         },
     };
-    let scheme = match Scheme::from_config(v.scheme.get_ref(), encoding) {
-        Ok(s) => Some(s),
-        Err(err) => {
-            rep.at(Some(v.scheme.span()), key("scheme"), err.to_string());
+    let scheme = match (v.scheme.as_ref(), preset) {
+        (Some(name), _) => match Scheme::from_config(name.get_ref(), encoding) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                rep.at(Some(name.span()), key("scheme"), err.to_string());
+                None
+            }
+        },
+        (None, Some(p)) => match Scheme::from_config(p.scheme, encoding) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                let span = v
+                    .encoding
+                    .as_ref()
+                    .map_or_else(|| raw.span(), Spanned::span);
+                rep.at(Some(span), key("encoding"), err.to_string());
+                None
+            }
+        },
+        (None, None) => {
+            rep.at(
+                Some(raw.span()),
+                key("scheme"),
+                format!(
+                    "missing: set scheme (one of {}), or sender on the route",
+                    crate::verify::SCHEME_NAMES.join(", ")
+                ),
+            );
             None
         }
     };
@@ -620,47 +648,148 @@ fn validate_verify(
             }
         },
     };
+    let tolerance = match v.tolerance.as_ref() {
+        Some(t) if scheme.is_some_and(|s| !s.has_timestamp()) => {
+            rep.at(
+                Some(t.span()),
+                key("tolerance"),
+                format!(
+                    "scheme {} signs no timestamp: remove tolerance",
+                    scheme.map_or("", Scheme::as_str)
+                ),
+            );
+            None
+        }
+        other => Some(nonzero_duration(
+            rep,
+            other,
+            &key("tolerance"),
+            crate::verify::DEFAULT_TOLERANCE,
+        )),
+    };
+    let public_url = match v.public_url.as_ref() {
+        None => {
+            if scheme.is_some_and(Scheme::needs_url) {
+                rep.at(
+                    Some(raw.span()),
+                    key("public_url"),
+                    "missing: Twilio signs the URL it calls; set public_url to that URL, e.g. \"https://guard.example.com/hooks/twilio\"",
+                );
+            }
+            None
+        }
+        Some(url) => match url.get_ref().parse::<Uri>() {
+            Ok(u)
+                if matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && u.query().is_none() =>
+            {
+                Some(url.get_ref().trim_end_matches('/').to_string())
+            }
+            _ => {
+                rep.at(
+                    Some(url.span()),
+                    key("public_url"),
+                    format!(
+                        "{:?} is not an http(s) URL without query: write the URL the sender calls, like \"https://guard.example.com/hooks/twilio\"",
+                        url.get_ref()
+                    ),
+                );
+                None
+            }
+        },
+    };
     let secret = read_secret(rep.env, v.secret_env.get_ref()).map_err(|why| {
         rep.at(Some(v.secret_env.span()), key("secret_env"), why);
     });
-    let resign = v.resign.as_ref().and_then(|r| {
-        let rr = r.get_ref();
-        let header = HeaderName::from_bytes(rr.header.as_bytes())
-            .map_err(|_| {
+    let resign = v.resign.as_ref().and_then(|r| match r.get_ref() {
+        RawResign::Mode(mode) if mode == "same" => match scheme {
+            Some(s) if !s.signs_body() => {
                 rep.at(
                     Some(r.span()),
-                    key("resign.header"),
-                    format!("{:?} is not a valid header name", rr.header),
-                )
-            })
-            .ok()?;
-        let secret = read_secret(rep.env, &rr.secret_env)
-            .map_err(|why| rep.at(Some(r.span()), key("resign.secret_env"), why))
-            .ok()?;
-        let scheme = Scheme::HmacSha256Body {
-            encoding: encoding.unwrap_or(crate::verify::Encoding::Hex),
-        };
-        Verifier::new(scheme, Some(header), secret)
-            .map_err(|e| rep.at(Some(r.span()), key("resign"), e.to_string()))
-            .ok()
+                    key("resign"),
+                    "has nothing to do for synthflow: its signature covers call.call_id, which trimming never changes; remove resign",
+                );
+                None
+            }
+            Some(s) if !s.can_resign() => {
+                rep.at(
+                    Some(r.span()),
+                    key("resign"),
+                    format!(
+                        "scheme {} signs the URL and form parameters, not bytes the proxy can re-sign: remove resign, or do not trim this route",
+                        s.as_str()
+                    ),
+                );
+                None
+            }
+            _ => Some(Resign::Same),
+        },
+        RawResign::Mode(other) => {
+            rep.at(
+                Some(r.span()),
+                key("resign"),
+                format!(
+                    "{other:?} is not a resign mode: write resign = \"same\", or resign = {{ header = \"X-...\", secret_env = \"...\" }}"
+                ),
+            );
+            None
+        }
+        RawResign::Header(rr) => {
+            if scheme == Some(Scheme::Synthflow) {
+                rep.at(
+                    Some(r.span()),
+                    key("resign"),
+                    "only applies to whole-body schemes: a synthflow signature covers call.call_id, which trimming never changes",
+                );
+                return None;
+            }
+            let header = HeaderName::from_bytes(rr.header.as_bytes())
+                .map_err(|_| {
+                    rep.at(
+                        Some(r.span()),
+                        key("resign.header"),
+                        format!("{:?} is not a valid header name", rr.header),
+                    )
+                })
+                .ok()?;
+            let secret = read_secret(rep.env, &rr.secret_env)
+                .map_err(|why| rep.at(Some(r.span()), key("resign.secret_env"), why))
+                .ok()?;
+            let scheme = Scheme::HmacSha256Body {
+                encoding: match scheme {
+                    Some(Scheme::HmacSha256Body { encoding }) => encoding,
+                    _ => crate::verify::Encoding::Hex,
+                },
+            };
+            Verifier::new(scheme, Some(header), secret)
+                .map(Resign::Header)
+                .map_err(|e| rep.at(Some(r.span()), key("resign"), e.to_string()))
+                .ok()
+        }
     });
-    if let (Some(Scheme::Synthflow), Some(r)) = (scheme, v.resign.as_ref()) {
-        rep.at(
-            Some(r.span()),
-            key("resign"),
-            "only applies to whole-body schemes: a synthflow signature covers call.call_id, which trimming never changes",
-        );
-    }
     if rep.errors.len() > before {
         return None;
     }
     let verifier = Verifier::new(scheme?, header, secret.ok()?)
-        .map_err(|e| rep.at(Some(raw.span()), key("scheme"), e.to_string()))
-        .ok()?;
+        .map_err(|e| {
+            let span = match e {
+                crate::verify::ConfigError::BadStandardWebhooksSecret => v.secret_env.span(),
+                _ => raw.span(),
+            };
+            let name = match e {
+                crate::verify::ConfigError::BadStandardWebhooksSecret => "secret_env",
+                _ => "scheme",
+            };
+            rep.at(Some(span), key(name), e.to_string())
+        })
+        .ok()?
+        .with_tolerance(tolerance.unwrap_or(crate::verify::DEFAULT_TOLERANCE));
     Some(VerifyConfig {
         verifier,
         secret_env: v.secret_env.get_ref().clone(),
         resign,
+        public_url,
     })
 }
 
@@ -786,12 +915,31 @@ fn validate_route(
         decimal_unit_warning(rep, limit, &key("upstream_limit"));
     }
 
-    let trim = validate_trim(index, &table_span, route, defaults, rep);
+    let preset = match pick(&route.sender, &defaults.sender) {
+        None => None,
+        Some(s) => match presets::find(s.get_ref()) {
+            Some(p) => Some(p),
+            None => {
+                rep.at(
+                    Some(s.span()),
+                    key("sender"),
+                    format!(
+                        "unknown sender {:?}: expected one of {}",
+                        s.get_ref(),
+                        presets::names()
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let trim = validate_trim(index, &table_span, route, defaults, preset, rep);
     let on_oversize = match pick(&route.on_oversize, &defaults.on_oversize) {
         Some(o)
             if *o.get_ref() == OnOversize::Trim
                 && route.trim.is_none()
-                && defaults.trim.is_none() =>
+                && defaults.trim.is_none()
+                && preset.is_none_or(|p| p.rules.is_empty()) =>
         {
             rep.at(
                 Some(o.span()),
@@ -892,7 +1040,8 @@ fn validate_route(
             }
         },
     };
-    let verify = pick(&route.verify, &defaults.verify).and_then(|v| validate_verify(index, v, rep));
+    let verify =
+        pick(&route.verify, &defaults.verify).and_then(|v| validate_verify(index, v, preset, rep));
     let preserve_host =
         pick(&route.preserve_host, &defaults.preserve_host).is_some_and(|p| *p.get_ref());
 
@@ -911,8 +1060,16 @@ fn validate_route(
         preserve_host,
         ca_certs,
         trim,
-        id_path: pick(&route.id_path, &defaults.id_path)
-            .map_or_else(|| "call.call_id".to_string(), |p| p.get_ref().clone()),
+        id_path: pick(&route.id_path, &defaults.id_path).map_or_else(
+            || {
+                preset
+                    .and_then(|p| p.id_path)
+                    .unwrap_or("call.call_id")
+                    .to_string()
+            },
+            |p| p.get_ref().clone(),
+        ),
+        sender: preset,
         retry_on_413,
         max_413_retries,
         dedupe,
@@ -938,13 +1095,20 @@ fn validate_trim(
     table_span: &Range<usize>,
     route: &RawRoute,
     defaults: &RawRoute,
+    preset: Option<&'static Preset>,
     rep: &mut Reporter<'_>,
 ) -> Option<TrimConfig> {
     let key = |k: &str| format!("routes[{index}].{k}");
     let raw_rules = route.trim.as_ref().or(defaults.trim.as_ref());
     let protect_raw = pick(&route.protect, &defaults.protect);
+    // A preset protects its own id path (an explicit id_path or protect wins).
+    let id_path = pick(&route.id_path, &defaults.id_path).map(|p| p.get_ref().clone());
     let protect: Vec<String> = protect_raw.map_or_else(
-        || DEFAULT_PROTECT.iter().map(|p| p.to_string()).collect(),
+        || match (preset, id_path) {
+            (Some(_), Some(id)) => vec![id],
+            (Some(p), None) => p.id_path.iter().map(|s| s.to_string()).collect(),
+            (None, _) => DEFAULT_PROTECT.iter().map(|p| p.to_string()).collect(),
+        },
         |p| p.get_ref().clone(),
     );
     let on_failure = pick(&route.on_trim_failure, &defaults.on_trim_failure)
@@ -952,6 +1116,35 @@ fn validate_trim(
     let dry_run = pick(&route.trim_dry_run, &defaults.trim_dry_run).is_some_and(|d| *d.get_ref());
     let limit_counts = pick(&route.limit_counts, &defaults.limit_counts)
         .map_or(LimitCounts::Wire, |l| *l.get_ref());
+    if raw_rules.is_none()
+        && let Some(p) = preset.filter(|p| !p.rules.is_empty())
+    {
+        let specs = p.rule_specs();
+        return match RuleSet::compile(&specs, &protect) {
+            Ok(rules) => Some(TrimConfig {
+                rules: Arc::new(rules),
+                specs,
+                protect,
+                on_failure,
+                dry_run,
+                limit_counts,
+            }),
+            Err(errors) => {
+                for err in errors {
+                    let span = protect_raw.map_or_else(|| table_span.clone(), Spanned::span);
+                    rep.at(
+                        Some(span),
+                        key("protect"),
+                        format!(
+                            "{} (sender {}'s trim rules: write [[routes.trim]] rules of your own to replace them)",
+                            err.message, p.sender
+                        ),
+                    );
+                }
+                None
+            }
+        };
+    }
     let Some(raw_rules) = raw_rules else {
         for (name, span) in [
             (

@@ -51,18 +51,27 @@ pub(super) async fn buffered(
         _ => None,
     };
     let decoded_ok = decoded.as_ref().and_then(|d| d.as_ref().ok());
+    let mut verified = None;
     if let Some(v) = &cfg.verify {
         let call_id = match (decoded_ok, v.verifier.scheme().needs_call_id()) {
             (Some(json), true) => crate::trim::string_at(json, &cfg.id_path),
             _ => None,
         };
-        if let Err(err) = v
-            .verifier
-            .verify(&ctx.target.headers, call_id.as_deref(), &wire)
-        {
-            return Err(ProxyError::Unauthorized(err.as_str()));
+        let url = v.sender_url(&cfg.path_prefix, &ctx.path_and_query);
+        let signed = crate::verify::Signed {
+            headers: &ctx.target.headers,
+            body: &wire,
+            call_id: call_id.as_deref(),
+            url: url.as_deref(),
+            now: SystemTime::now(),
+        };
+        match v.verifier.verify(&signed) {
+            Ok(ok) => verified = Some(ok),
+            Err(err) => return Err(ProxyError::Unauthorized(err.as_str())),
         }
     }
+    // `resign = "same"` re-signs a trimmed body with the sender's id and timestamp.
+    let policy = policy.map(|p| p.stamped(verified.as_ref()));
     ctx.call_id = decoded_ok.and_then(|d| crate::trim::string_at(d, &cfg.id_path));
 
     // Dedupe: an exact repeat of a delivered payload is answered here.

@@ -52,15 +52,9 @@ impl Kept {
     ) -> Result<crate::spool::RecordId, SpoolError> {
         match self {
             Kept::Memory(bytes) => deliver::commit(&state.spool, to, meta, bytes).await,
-            Kept::Staged(staging) => tokio::task::spawn_blocking(move || staging.commit(to, &meta))
-                .await
-                .unwrap_or_else(|join| {
-                    Err(SpoolError::Io {
-                        op: "commit",
-                        path: std::path::PathBuf::new(),
-                        source: std::io::Error::other(join.to_string()),
-                    })
-                }),
+            Kept::Staged(staging) => {
+                deliver::on_blocking_thread("commit", move || staging.commit(to, &meta)).await
+            }
         }
     }
 }

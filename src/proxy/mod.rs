@@ -35,7 +35,7 @@ use crate::limit::BodyError;
 use crate::metrics::Metrics;
 use crate::observe::{Exchange, ObservedBody};
 use crate::route::RouteTable;
-use crate::state::{DedupeMemory, LearnedLimits, dedupe, limits};
+use crate::state::{DedupeMemory, LearnedLimits, Persisted, dedupe, limits};
 
 mod admit;
 mod buffered;

@@ -29,6 +29,13 @@ impl RequestCtx<'_> {
         {
             tracing::warn!(route = %self.cfg.name, request_id = %self.request_id, error = err.code(), reason = %err, "request failed");
         }
+        // The console's size histograms: the payload's size as sent, also when it was refused
+        // on its Content-Length before a byte was read (a request without either has none).
+        let read = self.stats.as_ref().map_or(0, |s| s.bytes());
+        let size = self.declared.unwrap_or(0).max(read);
+        if size > 0 {
+            self.shared.metrics.sizes().record(&self.cfg.name, size);
+        }
         exchange.body = self.stats.clone();
         exchange.upstream_status = self.upstream_status;
         exchange.forwarded_bytes = self.forwarded_bytes;

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::file::StateFile;
+use super::file::{Persisted, StateFile};
 
 /// The file name of the dedupe state.
 pub const FILE_NAME: &str = "dedupe.json";
@@ -88,44 +88,15 @@ impl DedupeMemory {
     pub fn open(path: PathBuf, capacity: usize) -> DedupeMemory {
         let file = StateFile::new(path);
         let mut memory = Memory::default();
-        match file.read() {
-            Ok(Some(bytes)) => match serde_json::from_slice::<Vec<Seen>>(&bytes) {
-                Ok(list) => {
-                    for seen in list {
-                        let key = (seen.route.clone(), seen.id.clone());
-                        memory.order.push_back(key.clone());
-                        memory.by_key.insert(key, seen);
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(path = %file.path().display(), error = %err, "dedupe file is corrupt: starting with an empty memory")
-                }
-            },
-            Ok(None) => {}
-            Err(err) => {
-                tracing::warn!(path = %file.path().display(), error = %err, "cannot read the dedupe file: starting with an empty memory")
-            }
+        for seen in file.load::<Vec<Seen>>("dedupe") {
+            let key = (seen.route.clone(), seen.id.clone());
+            memory.order.push_back(key.clone());
+            memory.by_key.insert(key, seen);
         }
         DedupeMemory {
             memory: Mutex::new(memory),
             capacity,
             file: Some(Arc::new(file)),
-        }
-    }
-
-    /// Starts the background writer (inside a tokio runtime).
-    pub fn spawn_writer(self: &Arc<Self>) {
-        if let Some(file) = &self.file {
-            let me = Arc::downgrade(self);
-            file.spawn_writer(move || me.upgrade().map(|m| m.serialize()).unwrap_or_default());
-        }
-    }
-
-    /// Writes the file now if anything changed (blocking I/O).
-    pub fn flush(&self) -> std::io::Result<()> {
-        match &self.file {
-            Some(file) => file.flush_with(|| self.serialize()),
-            None => Ok(()),
         }
     }
 
@@ -204,6 +175,16 @@ impl DedupeMemory {
         self.len() == 0
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Persisted for DedupeMemory {
+    fn file(&self) -> Option<&Arc<StateFile>> {
+        self.file.as_ref()
+    }
+
     fn serialize(&self) -> Vec<u8> {
         let memory = self.lock();
         let list: Vec<&Seen> = memory
@@ -212,10 +193,6 @@ impl DedupeMemory {
             .filter_map(|k| memory.by_key.get(k))
             .collect();
         serde_json::to_vec(&list).unwrap_or_default()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
-        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

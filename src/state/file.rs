@@ -36,6 +36,23 @@ impl StateFile {
         &self.path
     }
 
+    /// Reads and parses the file: `T::default()` when it does not exist, and also (with a
+    /// WARN line naming `what`) when it cannot be read or parsed: start-up never fails
+    /// because of a state file.
+    pub fn load<T: serde::de::DeserializeOwned + Default>(&self, what: &str) -> T {
+        match self.read() {
+            Ok(None) => T::default(),
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+                tracing::warn!(path = %self.path.display(), error = %err, "{what} file is corrupt: starting without it");
+                T::default()
+            }),
+            Err(err) => {
+                tracing::warn!(path = %self.path.display(), error = %err, "cannot read the {what} file: starting without it");
+                T::default()
+            }
+        }
+    }
+
     /// Reads the file; `Ok(None)` when it does not exist.
     pub fn read(&self) -> std::io::Result<Option<Vec<u8>>> {
         match std::fs::read(&self.path) {
@@ -83,6 +100,34 @@ impl StateFile {
                 }
             }
         });
+    }
+}
+
+/// State kept in memory and persisted to a [`StateFile`].
+pub trait Persisted: Send + Sync + 'static {
+    /// The file, when the state is persisted.
+    fn file(&self) -> Option<&Arc<StateFile>>;
+
+    /// The state as the file's contents.
+    fn serialize(&self) -> Vec<u8>;
+
+    /// Starts the background writer (inside a tokio runtime).
+    fn spawn_writer(self: &Arc<Self>)
+    where
+        Self: Sized,
+    {
+        if let Some(file) = self.file() {
+            let me = Arc::downgrade(self);
+            file.spawn_writer(move || me.upgrade().map(|m| m.serialize()).unwrap_or_default());
+        }
+    }
+
+    /// Writes the file now if anything changed (blocking I/O; for shutdown and the CLI).
+    fn flush(&self) -> std::io::Result<()> {
+        match self.file() {
+            Some(file) => file.flush_with(|| self.serialize()),
+            None => Ok(()),
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::file::StateFile;
+use super::file::{Persisted, StateFile};
 use crate::incident::{Bracket, effective_limit, format_ts};
 use crate::trim::payload::Units;
 
@@ -118,39 +118,10 @@ impl LearnedLimits {
     /// WARN line, nothing learned — start-up never fails because of it).
     pub fn open(path: PathBuf) -> LearnedLimits {
         let file = StateFile::new(path);
-        let routes = match file.read() {
-            Ok(None) => BTreeMap::new(),
-            Ok(Some(bytes)) => match serde_json::from_slice::<Stored>(&bytes) {
-                Ok(stored) => stored.routes,
-                Err(err) => {
-                    tracing::warn!(path = %file.path().display(), error = %err, "learned limits file is corrupt: starting with nothing learned");
-                    BTreeMap::new()
-                }
-            },
-            Err(err) => {
-                tracing::warn!(path = %file.path().display(), error = %err, "cannot read the learned limits file: starting with nothing learned");
-                BTreeMap::new()
-            }
-        };
+        let stored: Stored = file.load("learned limits");
         LearnedLimits {
-            routes: Mutex::new(routes),
+            routes: Mutex::new(stored.routes),
             file: Some(Arc::new(file)),
-        }
-    }
-
-    /// Starts the background writer (inside a tokio runtime).
-    pub fn spawn_writer(self: &Arc<Self>) {
-        if let Some(file) = &self.file {
-            let me = Arc::downgrade(self);
-            file.spawn_writer(move || me.upgrade().map(|m| m.serialize()).unwrap_or_default());
-        }
-    }
-
-    /// Writes the file now if anything changed (blocking I/O; for shutdown and the CLI).
-    pub fn flush(&self) -> std::io::Result<()> {
-        match &self.file {
-            Some(file) => file.flush_with(|| self.serialize()),
-            None => Ok(()),
         }
     }
 
@@ -296,14 +267,6 @@ impl LearnedLimits {
         }
     }
 
-    fn serialize(&self) -> Vec<u8> {
-        let stored = Stored {
-            version: 1,
-            routes: self.lock().clone(),
-        };
-        serde_json::to_vec_pretty(&stored).unwrap_or_default()
-    }
-
     fn insert_then<T>(&self, route: &str, f: impl FnOnce(&mut RouteLearned) -> T) -> T {
         let mut all = self.lock();
         let learned = all.entry(route.to_string()).or_default();
@@ -333,6 +296,20 @@ fn accept(l: &mut RouteLearned, wire: u64, decoded: Option<u64>, request_id: &st
         l.note("accepted", wire, Units::Wire, request_id);
     }
     changed
+}
+
+impl Persisted for LearnedLimits {
+    fn file(&self) -> Option<&Arc<StateFile>> {
+        self.file.as_ref()
+    }
+
+    fn serialize(&self) -> Vec<u8> {
+        let stored = Stored {
+            version: 1,
+            routes: self.lock().clone(),
+        };
+        serde_json::to_vec_pretty(&stored).unwrap_or_default()
+    }
 }
 
 /// Reads the learned limits file at `path` without a running proxy (for `payload-guard

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use crate::config::Config;
 
 pub use self::dedupe::{DedupeMemory, Repeat};
+pub use self::file::Persisted;
 pub use self::limits::{Evidence, LearnedLimits, RouteLearned};
 
 /// Where the state files of `config` live: the spool directory when the spool is used, else

@@ -197,7 +197,7 @@ async fn the_receivers_limit_is_learned_from_its_413() {
         .parent()
         .unwrap()
         .join("learned-limits.json");
-    proxy.proxy.shared().learned.flush().unwrap();
+    proxy.proxy.shared().flush_state();
     let learned = payload_guard::state::LearnedLimits::open(state);
     let wire = learned
         .route("test")

@@ -13,6 +13,7 @@ mod incidents;
 mod limits;
 mod nginx;
 mod ops;
+mod senders;
 mod spool;
 mod support;
 mod trimming;
