@@ -64,23 +64,10 @@ impl IncidentLog {
         }
     }
 
-    /// Records an incident: a WARN tracing event now, and a line in the file soon. Never
-    /// waits; on a full queue the incident is logged through tracing in full and counted as
-    /// dropped.
+    /// Records an incident: a line in the file soon (its log line is the caller's, once:
+    /// see `proxy::log_incident`). Never waits; on a full queue the incident is logged
+    /// through tracing in full and counted as dropped.
     pub fn record(&self, incident: Incident) {
-        tracing::warn!(
-            kind = incident.kind.as_str(),
-            route = %incident.route,
-            request_id = %incident.request_id,
-            call_id = incident.call_id.as_deref(),
-            body_bytes = incident.body_bytes,
-            max_body = incident.max_body,
-            upstream_limit = incident.upstream_limit,
-            action = incident.action.map(|a| a.as_str()),
-            upstream_status = incident.upstream_status,
-            rejector = incident.rejector.map(|r| r.as_str()),
-            "size incident"
-        );
         let Some(tx) = &self.tx else { return };
         if let Err(e) = tx.try_send(Message::Write(Box::new(incident))) {
             let (reason, incident) = match e {

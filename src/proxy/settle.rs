@@ -49,7 +49,7 @@ pub fn log_incident(inc: &Incident) {
     let action = inc.action.map_or("-", Action::as_str);
     let reason = inc.reason.as_deref().unwrap_or("");
     if inc.kind == Kind::OverUpstreamLimit && inc.action == Some(Action::Trimmed) {
-        tracing::info!(route = %inc.route, request_id = %inc.request_id, kind = inc.kind.as_str(), bytes = size.unwrap_or(0), after = inc.bytes_after.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), "payload trimmed");
+        tracing::info!(route = %inc.route, request_id = %inc.request_id, call_id = inc.call_id.as_deref().unwrap_or(""), kind = inc.kind.as_str(), bytes = size.unwrap_or(0), after = inc.bytes_after.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), "payload trimmed");
         return;
     }
     let message = match inc.kind {
@@ -61,7 +61,9 @@ pub fn log_incident(inc: &Incident) {
         Kind::DuplicateConflict => "payload id seen before with a different body",
     };
     let rejector = inc.rejector.as_ref().map_or("", |r| r.as_str());
-    tracing::warn!(route = %inc.route, request_id = %inc.request_id, kind = inc.kind.as_str(), action, bytes = size.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), rejector, reason, "{message}");
+    let call_id = inc.call_id.as_deref().unwrap_or("");
+    let upstream_status = inc.upstream_status.unwrap_or(0);
+    tracing::warn!(route = %inc.route, request_id = %inc.request_id, call_id, kind = inc.kind.as_str(), action, bytes = size.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), upstream_status, rejector, reason, "{message}");
 }
 
 /// The proxy's own answer: the status from [`ProxyError::status`], a short JSON body, and
