@@ -79,10 +79,16 @@ impl Exchange {
     }
 }
 
+/// Milliseconds with at most three decimals (microsecond resolution): `0.641`, not
+/// `0.6405150000000001`. A number, so JSON logs keep it numeric.
+fn millis_3(elapsed: std::time::Duration) -> f64 {
+    (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
 impl Drop for Exchange {
     fn drop(&mut self) {
         let bytes_in = self.body.as_ref().map_or(0, |b| b.bytes());
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let duration_ms = millis_3(self.started.elapsed());
         let route = self.route.as_deref().unwrap_or("-");
         // No response was sent: nginx's 499 ("client closed request"), a 4xx, not a 5xx.
         let status = self.status.unwrap_or(499);
@@ -268,5 +274,26 @@ impl<B> Drop for ObservedBody<B> {
         if self.exchange.bytes_out == 0 && self.exchange.status.is_some() && self.empty_at_start {
             self.exchange.response_complete = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_have_three_decimals() {
+        assert_eq!(
+            super::millis_3(Duration::from_nanos(640_515)).to_string(),
+            "0.641"
+        );
+        assert_eq!(
+            super::millis_3(Duration::from_micros(12_000)).to_string(),
+            "12"
+        );
+        assert_eq!(
+            super::millis_3(Duration::from_nanos(1_443_824)).to_string(),
+            "1.444"
+        );
     }
 }

@@ -185,11 +185,11 @@ pub async fn serve(
     sweeper.abort();
     warn_flusher.abort();
     allocator.abort();
-    tracing::info!(grace = ?server.shutdown_grace, "shutting down: draining in-flight requests");
+    tracing::info!(grace = %humantime::format_duration(server.shutdown_grace), "shutting down: draining in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(server.shutdown_grace) => {
-            tracing::warn!(grace = ?server.shutdown_grace, "shutdown grace elapsed, closing remaining connections");
+            tracing::warn!(grace = %humantime::format_duration(server.shutdown_grace), "shutdown grace elapsed, closing remaining connections");
         }
     }
     Ok(())

@@ -9,16 +9,13 @@ use crate::config::Config;
 use crate::deliver::spool_config;
 use crate::spool::{self, RecordId, Spool, State};
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
+use super::{EXIT_NOINPUT, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, emit};
 
 fn attach(config: &Path) -> Result<(Config, Spool), u8> {
-    let config = Config::load(config).map_err(|err| {
-        eprintln!("{err}");
-        EXIT_USAGE
-    })?;
+    let config = Config::load(config).map_err(|err| super::config_failed(&err))?;
     let spool = Spool::attach(spool_config(&config.spool)).map_err(|err| {
         eprintln!("payload-guard spool: {err}");
-        EXIT_ERROR
+        EXIT_UNAVAILABLE
     })?;
     Ok((config, spool))
 }
@@ -43,7 +40,7 @@ pub(super) fn list(config: &Path, route: Option<&str>, state: State) -> u8 {
         }
         Err(err) => {
             eprintln!("payload-guard spool list: {err}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }
@@ -68,11 +65,11 @@ pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
                 "payload-guard spool show: no record {id} in {}",
                 spool.dir().display()
             );
-            return EXIT_PROBLEMS;
+            return EXIT_NOINPUT;
         }
         Err(err) => {
             eprintln!("payload-guard spool show: {err}");
-            return EXIT_ERROR;
+            return EXIT_UNAVAILABLE;
         }
     };
     if !body {
@@ -87,17 +84,46 @@ pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
         }
         Err(err) => {
             eprintln!("payload-guard spool show: {err}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }
 
 /// `spool purge --state S --older-than D`: removes records received before now - D.
-pub(super) fn purge(config: &Path, state: State, older_than: Duration) -> u8 {
+pub(super) fn purge(config: &Path, state: State, older_than: Duration, dry_run: bool) -> u8 {
     let (_, spool) = match attach(config) {
         Ok(v) => v,
         Err(code) => return code,
     };
+    if dry_run {
+        let cutoff = SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        return match spool.list(state, None) {
+            Ok(entries) => {
+                let old: Vec<_> = entries
+                    .into_iter()
+                    .filter(|e| e.meta.received_at < cutoff)
+                    .collect();
+                let mut out = String::new();
+                if !old.is_empty() {
+                    out.push_str(&spool::render_list(&old, SystemTime::now()));
+                }
+                out.push_str(&format!(
+                    "would remove {} {state} record{} older than {} (dry run: nothing removed)\n",
+                    old.len(),
+                    if old.len() == 1 { "" } else { "s" },
+                    humantime::format_duration(older_than)
+                ));
+                emit(&out);
+                EXIT_OK
+            }
+            Err(err) => {
+                eprintln!("payload-guard spool purge: {err}");
+                EXIT_UNAVAILABLE
+            }
+        };
+    }
     match spool.purge(state, older_than) {
         Ok(n) => {
             emit(&format!(
@@ -109,7 +135,7 @@ pub(super) fn purge(config: &Path, state: State, older_than: Duration) -> u8 {
         }
         Err(err) => {
             eprintln!("payload-guard spool purge: {err}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }

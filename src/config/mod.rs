@@ -2,8 +2,26 @@
 //!
 //! Loading is two steps, as in the style guide: [`raw`] is a serde mirror of the file with typed
 //! units and spans, [`validate`] turns it into the runtime [`Config`] and reports every mistake at
-//! once, each with the file, line, column and key at fault.
+//! once, each with the file, line, column and key at fault. `diagnostics` gets every syntax and
+//! type mistake out of serde (which stops at the first) and renders them all with a caret.
+//!
+//! # Adding a key
+//!
+//! 1. Add the field to its struct in [`raw`] as `Option<Spanned<T>>`, with `T` one of `bool`,
+//!    `i64`, `String`, `PathBuf`, `SocketAddr`, [`units::ByteSize`], [`units::Dur`] or a
+//!    `#[serde(rename_all = "snake_case")]` enum. Nothing else is needed for its parse errors:
+//!    unknown keys (with "did you mean" among the struct's fields), wrong types in plain words
+//!    ("expected a whole number"), unknown enum values (with "did you mean" among the
+//!    variants), the dotted key and the caret all come from serde's own error and the span. A
+//!    new unit type's `Visitor::expecting` text becomes its "expected ..." wording.
+//! 2. Read it in `validate` (route keys through `pick(&route.x, &defaults.x)`), and report
+//!    each wrong relation with `rep.at(Some(value.span()), key("x"), "what is wrong: the fix")`
+//!    where the key is the dotted path as in the file (`routes[0].x`); `rep.warn` for a valid
+//!    but doubtful value. Every mistake is collected; none stops the others.
+//! 3. Document it in README.md's tables; `tests/it/cli.rs` runs `check` on every TOML block
+//!    of README.md and deploy/.
 
+mod diagnostics;
 pub mod presets;
 pub mod raw;
 pub mod units;
@@ -11,6 +29,7 @@ mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +81,8 @@ pub struct Config {
     pub incidents: IncidentsConfig,
     /// `[spool]` (used by routes with `spool`, `dead_letter` or `archive_originals`).
     pub spool: SpoolSettings,
+    /// What `check` warns about in a valid file (e.g. decimal size units).
+    pub warnings: ConfigErrors,
 }
 
 /// `[spool]`: where undeliverable payloads, dead letters and archived originals are kept, and
@@ -267,6 +288,10 @@ pub struct ConfigError {
     pub key: String,
     /// What is wrong and how to fix it.
     pub message: String,
+    /// The bytes at fault, to put a caret under.
+    pub span: Option<Range<usize>>,
+    /// A warning: the file is valid but probably not what was meant.
+    pub warning: bool,
 }
 
 impl fmt::Display for ConfigError {
@@ -276,6 +301,9 @@ impl fmt::Display for ConfigError {
         } else {
             write!(f, "{}: ", self.file)?;
         }
+        if self.warning {
+            write!(f, "warning: ")?;
+        }
         if self.key.is_empty() {
             write!(f, "{}", self.message)
         } else {
@@ -284,13 +312,33 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Every mistake found in one configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+/// Every mistake found in one configuration file, in file order, with the file's text (to show
+/// the offending lines).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigErrors {
+    /// The mistakes (and, in [`Config::warnings`], the warnings).
+    pub errors: Vec<ConfigError>,
+    /// The file's text.
+    pub text: Arc<str>,
+}
+
+impl ConfigErrors {
+    /// Each mistake as `file:line:col: key: message`, then the offending line with a caret
+    /// under the value or key at fault (what `check` prints). `Display` gives the first lines
+    /// only, for logs and the `POST /reload` answer.
+    pub fn render(&self) -> String {
+        diagnostics::render(&self.text, &self.errors)
+    }
+
+    /// Whether there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, err) in self.0.iter().enumerate() {
+        for (i, err) in self.errors.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
@@ -306,7 +354,7 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {}: {}", path.display(), crate::config::io_words(source))]
     Read {
         /// The path given.
         path: PathBuf,
@@ -317,6 +365,41 @@ pub enum LoadError {
     /// The file was read but is not a valid configuration.
     #[error("{0}")]
     Invalid(#[from] ConfigErrors),
+}
+
+/// An I/O error in plain words, without Rust's `(os error 2)`.
+pub(crate) fn io_words(err: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::NotFound => {
+            "no such file (pass --config PATH, or run where proxy.toml is)".into()
+        }
+        ErrorKind::PermissionDenied => "permission denied".into(),
+        ErrorKind::IsADirectory => "it is a directory, not a file".into(),
+        ErrorKind::InvalidData => "not UTF-8 text".into(),
+        _ => {
+            let text = err.to_string();
+            match text.split_once(" (os error") {
+                Some((words, _)) => words.to_lowercase(),
+                None => text,
+            }
+        }
+    }
+}
+
+impl LoadError {
+    /// What `check`, `run` and the other commands print: every mistake with its line and caret.
+    pub fn render(&self) -> String {
+        match self {
+            LoadError::Read { .. } => format!("{self}\n"),
+            LoadError::Invalid(errors) => errors.render(),
+        }
+    }
+
+    /// Whether the file was missing or unreadable (exit 66) rather than invalid (exit 65).
+    pub fn is_unreadable(&self) -> bool {
+        matches!(self, LoadError::Read { .. })
+    }
 }
 
 impl Config {

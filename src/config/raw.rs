@@ -184,6 +184,16 @@ pub enum OnTrimFailure {
     Forward,
 }
 
+impl OnTrimFailure {
+    /// The value as written in the file (`reject`, `forward`), for logs and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTrimFailure::Reject => "reject",
+            OnTrimFailure::Forward => "forward",
+        }
+    }
+}
+
 /// Which bytes `upstream_limit` counts when the body is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

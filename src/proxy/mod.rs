@@ -194,6 +194,9 @@ impl Shared {
                     .map(|state| (state.as_str().to_string(), s.spool.depth(*state) as u64))
                     .collect()
             }),
+            spool_routes: self.spool.as_ref().map_or_else(Vec::new, |s| {
+                crate::metrics::spool_route_readings(&s.spool, std::time::SystemTime::now())
+            }),
         }
     }
 

