@@ -26,7 +26,7 @@ use crate::incident::IncidentLog;
 use crate::incident::{self, Incident, Kind, Retry};
 use crate::judge::{self, Answer, Verdict};
 use crate::limit::BodyError;
-use crate::metrics::Metrics;
+use crate::metrics::{AttemptOutcome, DeadLetterReason, Metrics};
 use crate::prepare::{self, Policy, Prepared};
 use crate::proxy::{RouteRuntime, Runtime, Shared};
 use crate::spool::{
@@ -883,7 +883,28 @@ async fn redeliver_next(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(meta.attempts);
-    Some(settle(claim, &result, state, now, seed).await)
+    let settled = settle(claim, &result, state, now, seed).await;
+    count_redelivery(&shared.metrics, &meta.route, &result.verdict, settled);
+    Some(settled)
+}
+
+/// Counts one settled redelivery attempt in the metrics: its outcome, and whether it went to
+/// `dead/`.
+fn count_redelivery(metrics: &Metrics, route: &str, verdict: &Verdict, settled: Settled) {
+    let outcome = match (verdict, settled) {
+        (Verdict::Delivered, Settled::Delivered) => AttemptOutcome::Delivered,
+        (Verdict::Final(_), _) => AttemptOutcome::Refused,
+        (Verdict::TooLarge { .. }, Settled::Buried) => AttemptOutcome::Refused,
+        _ => AttemptOutcome::Failed,
+    };
+    metrics.redelivery_attempt(route, outcome);
+    if settled == Settled::Buried {
+        let reason = match outcome {
+            AttemptOutcome::Refused => DeadLetterReason::Refused,
+            _ => DeadLetterReason::Expired,
+        };
+        metrics.dead_lettered(route, reason);
+    }
 }
 
 /// Applies an attempt's outcome to its claim: delete, back to ready, or dead. Whatever fails

@@ -4,6 +4,13 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+/// nginx's "client closed request": logged when the sender went away before its request was
+/// complete (no response can reach it).
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// Who caused a failed exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Culprit {
@@ -91,6 +98,32 @@ pub enum ProxyError {
     /// The sender's body framing was broken, or the sender went away mid-body.
     #[error("request body could not be read: {0}")]
     BodyRead(String),
+    /// The body arrived slower than `body_min_rate` while the proxy was under pressure, or
+    /// the connection was closed to make room for a new one.
+    #[error("request body too slow while the proxy is short of connections (body_min_rate)")]
+    BodyTooSlow,
+    /// The chunked framing of the body was malformed.
+    #[error("malformed request body framing: {0}")]
+    BadFraming(String),
+    /// The sender closed the connection before the request was complete (logged as nginx's
+    /// 499; no response can reach the sender).
+    #[error("the sender closed the connection before the request was complete")]
+    ClientAbort,
+    /// The request head is over `max_header_bytes` or has too many fields (refused by hyper).
+    #[error("request header section too large")]
+    HeaderTooLarge,
+    /// The request head could not be parsed (refused by hyper: obs-fold, NUL in a value, ...).
+    #[error("malformed request: {0}")]
+    BadRequest(String),
+    /// The request head was not complete within `header_read_timeout`.
+    #[error("request headers not complete within the header timeout")]
+    HeaderTimeout,
+    /// Every connection slot is taken by a healthy connection: the new one is refused.
+    #[error("the proxy is at its connection limit: retry later")]
+    OverCapacity,
+    /// The sender's address already has `max_connections_per_ip` connections open.
+    #[error("too many connections from this address: retry later")]
+    PerIpLimit,
     /// The upstream refused the connection, or the TLS handshake failed.
     #[error("upstream connection failed: {0}")]
     UpstreamConnect(String),
@@ -128,23 +161,29 @@ impl ProxyError {
             | ProxyError::UpgradeRefused
             | ProxyError::AmbiguousLength
             | ProxyError::BadContentLength
-            | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            | ProxyError::BodyRead(_)
+            | ProxyError::BadFraming(_)
+            | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientAbort => CLIENT_CLOSED_REQUEST,
+            ProxyError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge { .. }
             | ProxyError::OverUpstreamLimit { .. }
             | ProxyError::TrimFailed { .. }
             | ProxyError::DecompressionBomb { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BodyIdleTimeout(_) | ProxyError::BodyTimeout(_) => {
-                StatusCode::REQUEST_TIMEOUT
-            }
+            ProxyError::BodyIdleTimeout(_)
+            | ProxyError::BodyTimeout(_)
+            | ProxyError::BodyTooSlow
+            | ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamBroken(_)
             | ProxyError::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::BufferBudgetExhausted | ProxyError::SpoolUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::BufferBudgetExhausted
+            | ProxyError::SpoolUnavailable(_)
+            | ProxyError::OverCapacity
+            | ProxyError::PerIpLimit => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -167,6 +206,14 @@ impl ProxyError {
             ProxyError::BodyIdleTimeout(_) => "body_idle_timeout",
             ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::BodyRead(_) => "body_read_failed",
+            ProxyError::BodyTooSlow => "body_too_slow",
+            ProxyError::BadFraming(_) => "bad_framing",
+            ProxyError::ClientAbort => "client_abort",
+            ProxyError::HeaderTooLarge => "header_too_large",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeaderTimeout => "header_timeout",
+            ProxyError::OverCapacity => "over_capacity",
+            ProxyError::PerIpLimit => "per_ip_limit",
             ProxyError::UpstreamConnect(_) => "upstream_connect_failed",
             ProxyError::UpstreamBroken(_) => "upstream_failed",
             ProxyError::UpstreamReset(_) => "upstream_reset",
@@ -188,6 +235,7 @@ impl ProxyError {
             | ProxyError::UpstreamResponseTimeout(_) => Culprit::Upstream,
             ProxyError::BufferBudgetExhausted
             | ProxyError::SpoolUnavailable(_)
+            | ProxyError::OverCapacity
             | ProxyError::Internal(_) => Culprit::Proxy,
             _ => Culprit::Sender,
         }
@@ -222,13 +270,23 @@ impl ProxyError {
                 | ProxyError::UpgradeRefused
                 | ProxyError::ForeignTarget
                 | ProxyError::BufferBudgetExhausted
+                | ProxyError::BodyTooSlow
+                | ProxyError::BadFraming(_)
+                | ProxyError::ClientAbort
+                | ProxyError::HeaderTooLarge
+                | ProxyError::BadRequest(_)
+                | ProxyError::HeaderTimeout
+                | ProxyError::OverCapacity
+                | ProxyError::PerIpLimit
         )
     }
 
     /// `Retry-After` seconds to suggest, for errors that are worth retrying.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            ProxyError::BufferBudgetExhausted => Some(1),
+            ProxyError::BufferBudgetExhausted
+            | ProxyError::OverCapacity
+            | ProxyError::PerIpLimit => Some(1),
             ProxyError::SpoolUnavailable(_) => Some(30),
             _ => None,
         }
@@ -243,6 +301,33 @@ impl ProxyError {
         })
         .to_string()
     }
+}
+
+/// What hyper refused on a connection before any request reached the service (an oversized
+/// or malformed head, a head that timed out, a sender gone mid-head), as the error the access
+/// log and the metrics name. `None`: nothing was refused (a clean close, an I/O error after
+/// the last response, a shutdown).
+pub fn connection_refusal(err: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_parse_too_large() {
+                return Some(ProxyError::HeaderTooLarge);
+            }
+            if h.is_parse() || h.is_parse_status() {
+                return Some(ProxyError::BadRequest(h.to_string()));
+            }
+            if h.is_timeout() {
+                return Some(ProxyError::HeaderTimeout);
+            }
+            if h.is_incomplete_message() {
+                return Some(ProxyError::ClientAbort);
+            }
+            return None;
+        }
+        current = e.source();
+    }
+    None
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: `proxy.toml` → validated [`config::Config`] (serde mirror, then validation).
 //! - [`server`]: accept loop, HTTP/1.1 + h2c, header timeout, connection cap, graceful shutdown.
+//! - [`shed`]: admission under load: per-client caps, eviction at the cap, pressure timeouts.
 //! - [`framing`]: follows HTTP/1 framing on the raw bytes to catch Content-Length + Transfer-Encoding.
 //! - [`proxy`]: the per-request pipeline that calls the stages below, top to bottom.
 //! - [`route`]: longest-prefix route matching on segment boundaries (pure).
@@ -29,6 +30,7 @@
 //! - [`incident`]: the 413 incident log, fingerprints of who rejected, learned limits, diagnosis.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`error`]: the one mapping from an error to a status, a culprit and an incident kind.
+//! - [`warn_limit`]: repeated WARN events collapsed to one line per interval with a count.
 //! - [`sizes`]: recent request sizes per route (an in-memory ring), for the console.
 //! - [`admin`]: health, readiness, metrics and reload on the admin listener.
 //! - [`console`]: the operator's console and its JSON API on the admin listener.
@@ -56,8 +58,10 @@ pub mod prepare;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod shed;
 pub mod sizes;
 pub mod spool;
 pub mod state;
 pub mod trim;
 pub mod verify;
+pub mod warn_limit;

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ProxyError;
+use crate::shed::{BodyKill, BodyProgress};
 
 /// A boxed, thread-safe error, as hyper's bodies use.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -91,7 +92,14 @@ pub enum BodyFailure {
     Idle(Duration),
     /// Not complete within the total body timeout.
     Deadline(Duration),
-    /// The sender's framing broke or the sender went away.
+    /// The sender's chunked framing broke.
+    Framing(String),
+    /// The sender went away before the body was complete.
+    Aborted,
+    /// Stopped by the shedding logic (see [`crate::shed`]): too slow under pressure, or
+    /// evicted to make room for a new connection.
+    TooSlow,
+    /// The body could not be read for another reason.
     Read(String),
 }
 
@@ -196,6 +204,8 @@ where
     timers: Option<(Timer, Timer)>,
     stats: Arc<BodyStats>,
     ended: bool,
+    /// This body's progress as the connection's shedding logic sees it.
+    progress: Option<Arc<BodyProgress>>,
 }
 
 impl<B> LimitedBody<B>
@@ -210,6 +220,12 @@ where
         if ended {
             stats.complete();
         }
+        // Inside a request handler, the body reports to its connection (see `crate::shed`).
+        let progress = if ended {
+            None
+        } else {
+            crate::shed::current_conn().map(|conn| conn.body_started())
+        };
         LimitedBody {
             inner: Some(inner),
             limits,
@@ -219,10 +235,14 @@ where
             timers: None,
             stats,
             ended,
+            progress,
         }
     }
 
     fn cut_off(&mut self, failure: BodyFailure) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(progress) = &self.progress {
+            progress.finish();
+        }
         if let Some(inner) = self.inner.take()
             && failure == BodyFailure::TooLarge
         {
@@ -249,6 +269,12 @@ where
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        if let Some(kill) = this.progress.as_ref().and_then(|p| p.killed(cx.waker())) {
+            return this.cut_off(match kill {
+                BodyKill::TooSlow => BodyFailure::TooSlow,
+                BodyKill::Idle(d) => BodyFailure::Idle(d),
+            });
+        }
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -262,6 +288,9 @@ where
                     }
                     if !data.is_empty() {
                         this.last_data = Instant::now();
+                        if let Some(progress) = &this.progress {
+                            progress.data(this.seen, this.last_data);
+                        }
                         if let Some((idle, _)) = this.timers.as_mut() {
                             idle.as_mut()
                                 .reset(this.last_data + this.limits.idle_timeout);
@@ -272,17 +301,23 @@ where
                 if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
                     this.ended = true;
                     this.stats.complete();
+                    if let Some(progress) = &this.progress {
+                        progress.finish();
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
                 let err: BoxError = err.into();
-                this.cut_off(BodyFailure::Read(err.to_string()))
+                this.cut_off(read_failure(&*err))
             }
             Poll::Ready(None) => {
                 this.inner = None;
                 this.ended = true;
                 this.stats.complete();
+                if let Some(progress) = &this.progress {
+                    progress.finish();
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -320,6 +355,9 @@ where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
 {
     fn drop(&mut self) {
+        if let Some(progress) = &self.progress {
+            progress.finish();
+        }
         // Dropped before its end: the receiver answered early (e.g. its own 413) or the upstream
         // request failed. Drain the rest so the sender reads our response, not a reset.
         if let Some(inner) = self.inner.take()
@@ -360,6 +398,40 @@ where
     });
 }
 
+/// Names why reading a sender's body failed: the sender went away (an unexpected end, a reset),
+/// its chunked framing was malformed, or something else.
+pub fn read_failure(err: &(dyn std::error::Error + 'static)) -> BodyFailure {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind;
+            match io.kind() {
+                ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe => return BodyFailure::Aborted,
+                ErrorKind::InvalidInput | ErrorKind::InvalidData => {
+                    return BodyFailure::Framing(io.to_string());
+                }
+                _ => {}
+            }
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
+        {
+            return BodyFailure::Aborted;
+        }
+        // An HTTP/2 sender that resets its stream (RST_STREAM) or the connection mid-body
+        // (h2's error, which hyper wraps, says so only in its text).
+        let text = e.to_string();
+        if text.contains("stream error received") || text.contains("connection error received") {
+            return BodyFailure::Aborted;
+        }
+        current = e.source();
+    }
+    BodyFailure::Read(err.to_string())
+}
+
 /// Converts a failure of the body into the error the sender gets.
 pub fn failure_to_error(failure: BodyFailure, max_body_bytes: u64) -> ProxyError {
     match failure {
@@ -368,6 +440,9 @@ pub fn failure_to_error(failure: BodyFailure, max_body_bytes: u64) -> ProxyError
         },
         BodyFailure::Idle(d) => ProxyError::BodyIdleTimeout(d),
         BodyFailure::Deadline(d) => ProxyError::BodyTimeout(d),
+        BodyFailure::Framing(why) => ProxyError::BadFraming(why),
+        BodyFailure::Aborted => ProxyError::ClientAbort,
+        BodyFailure::TooSlow => ProxyError::BodyTooSlow,
         BodyFailure::Read(why) => ProxyError::BodyRead(why),
     }
 }

@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// mimalloc instead of glibc malloc: hyper and the pipeline allocate and free many small
 /// buffers per request, and glibc's `malloc`/`free`/`malloc_consolidate` took about 9% of the
 /// proxy's CPU on 2 KiB POSTs (see benches/load/RESULTS.md).
@@ -11,7 +9,10 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = payload_guard::cli::Cli::parse();
+    let cli = match payload_guard::cli::parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return ExitCode::from(code),
+    };
     payload_guard::cli::init_tracing(cli.log_format);
     ExitCode::from(payload_guard::cli::run(cli))
 }

@@ -8,9 +8,15 @@
 //! rather than creating a new series per spelling.
 //!
 //! The output is the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]), which every scraper and a
-//! plain `curl` read.
+//! plain `curl` read, in a stable order: families as registered, series sorted by their labels
+//! (the registry keeps series in hash maps, whose order changes from one process to the next).
+//!
+//! Redelivery is counted where an attempt is settled (`deliver::count_redelivery`, after
+//! `deliver::settle`): [`Metrics::redelivery_attempt`] and [`Metrics::dead_lettered`]. The per-route spool gauges
+//! come from the scrape-time [`Snapshot`] ([`spool_route_readings`]).
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use crate::incident::Kind;
 
@@ -59,6 +65,104 @@ struct IncidentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    route: String,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeadLetterLabels {
+    route: String,
+    reason: &'static str,
+}
+
+/// How one redelivery attempt of a spooled payload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The receiver answered 2xx: the record is deleted.
+    Delivered,
+    /// No answer, or one worth retrying (408, 413, 429, 5xx): retried later, or dead-lettered
+    /// once `retry_for` is over.
+    Failed,
+    /// A final answer (another 4xx): dead-lettered.
+    Refused,
+}
+
+impl AttemptOutcome {
+    const ALL: [AttemptOutcome; 3] = [Self::Delivered, Self::Failed, Self::Refused];
+
+    /// The `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// Why a spooled payload moved to `dead/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The receiver refused it for good.
+    Refused,
+    /// `retry_for` ran out.
+    Expired,
+}
+
+impl DeadLetterReason {
+    const ALL: [DeadLetterReason; 2] = [Self::Refused, Self::Expired];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// One route's waiting spooled payloads, read at scrape time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolRouteReading {
+    /// The route's name.
+    pub route: String,
+    /// Records in `ready/` (waiting for redelivery, including those being delivered now).
+    pub records: u64,
+    /// Age of the oldest of them, from when it was received, in seconds.
+    pub oldest_age_seconds: f64,
+}
+
+/// The per-route readings of a spool's ready records (see
+/// [`crate::spool::SpoolStore::ready_by_route`]: the disk spool reads each record's metadata,
+/// the PostgreSQL spool answers with its last count).
+pub fn spool_route_readings(
+    spool: &crate::spool::Store,
+    now: SystemTime,
+) -> Vec<SpoolRouteReading> {
+    spool
+        .ready_by_route()
+        .into_iter()
+        .map(|(route, records, oldest)| SpoolRouteReading {
+            route,
+            records,
+            oldest_age_seconds: now.duration_since(oldest).map_or(0.0, |d| d.as_secs_f64()),
+        })
+        .collect()
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -71,7 +175,7 @@ struct SpoolLabels {
 type RouteHistograms = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 /// Readings owned by other parts of the proxy, taken right before each scrape.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// Incidents the writer dropped because its queue was full (a counter: never decreases).
     pub incidents_dropped: u64,
@@ -81,9 +185,13 @@ pub struct Snapshot {
     pub buffer_budget_bytes: u64,
     /// Client connections currently open.
     pub open_connections: u64,
+    /// The process's resident memory (RSS) in bytes, when the platform tells.
+    pub resident_bytes: Option<u64>,
     /// Spooled items per state (e.g. `("pending", 3)`); states are a fixed set chosen by the
     /// spool, not request data.
     pub spool_depth: Vec<(String, u64)>,
+    /// Waiting spooled payloads per route (see [`spool_route_readings`]).
+    pub spool_routes: Vec<SpoolRouteReading>,
 }
 
 /// One route's counters, as [`Metrics::route_counts`] reads them.
@@ -121,7 +229,12 @@ struct Inner {
     trims: Family<RouteLabels, Counter>,
     trimmed_bytes: Family<RouteLabels, Counter>,
     incidents: Family<IncidentLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    connections_shed: Family<ShedLabels, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
+    redelivery_attempts: Family<AttemptLabels, Counter>,
+    redelivered: Family<RouteLabels, Counter>,
+    dead_lettered: Family<DeadLetterLabels, Counter>,
     /// Recent body sizes per route, for the console (not exported to Prometheus).
     sizes: SizeRing,
 }
@@ -144,6 +257,11 @@ impl Metrics {
         let trimmed_bytes = Family::<RouteLabels, Counter>::default();
         let incidents = Family::<IncidentLabels, Counter>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let connections_shed = Family::<ShedLabels, Counter>::default();
+        let redelivery_attempts = Family::<AttemptLabels, Counter>::default();
+        let redelivered = Family::<RouteLabels, Counter>::default();
+        let dead_lettered = Family::<DeadLetterLabels, Counter>::default();
 
         // Counters get their `_total` suffix from the encoder.
         let mut registry = Registry::default();
@@ -183,9 +301,35 @@ impl Metrics {
             incidents.clone(),
         );
         registry.register(
+            "payload_guard_errors",
+            "Requests the proxy answered itself or that were abandoned, by route and error code \
+             (the access log's `error`; route `-` for refusals before routing)",
+            errors.clone(),
+        );
+        registry.register(
+            "payload_guard_connections_shed",
+            "Connections refused or closed to keep room for senders, by reason",
+            connections_shed.clone(),
+        );
+        registry.register(
             "payload_guard_config_reloads",
             "Configuration reloads, by result",
             config_reloads.clone(),
+        );
+        registry.register(
+            "payload_guard_redelivery_attempts",
+            "Redelivery attempts of spooled payloads, by route and outcome (delivered, failed, refused)",
+            redelivery_attempts.clone(),
+        );
+        registry.register(
+            "payload_guard_redelivered",
+            "Spooled payloads delivered by redelivery, by route",
+            redelivered.clone(),
+        );
+        registry.register(
+            "payload_guard_dead_lettered",
+            "Spooled payloads moved to dead/, by route and reason (refused, expired)",
+            dead_lettered.clone(),
         );
 
         let metrics = Metrics {
@@ -198,14 +342,46 @@ impl Metrics {
                 trims,
                 trimmed_bytes,
                 incidents,
+                errors,
+                connections_shed,
                 config_reloads,
+                redelivery_attempts,
+                redelivered,
+                dead_lettered,
                 sizes: SizeRing::new(),
             }),
         };
         // Both results exist from the start, so a first failed reload is an increase from 0.
         metrics.reload_counter("ok");
         metrics.reload_counter("failed");
+        for reason in crate::shed::ShedReason::ALL {
+            let _ = metrics.inner.connections_shed.get_or_create(&ShedLabels {
+                reason: reason.as_str(),
+            });
+        }
         metrics
+    }
+
+    /// Records one request the proxy answered itself (or that was abandoned), by its stable
+    /// error code (`ProxyError::code`); `route` is [`UNMATCHED_ROUTE`] before routing.
+    pub fn error(&self, route: &str, code: &'static str) {
+        self.inner
+            .errors
+            .get_or_create(&ErrorLabels {
+                route: route.to_owned(),
+                error: code,
+            })
+            .inc();
+    }
+
+    /// Records one connection shed (refused or closed) by the admission logic.
+    pub fn shed(&self, reason: crate::shed::ShedReason) {
+        self.inner
+            .connections_shed
+            .get_or_create(&ShedLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     fn reload_counter(&self, result: &'static str) -> Counter {
@@ -279,6 +455,38 @@ impl Metrics {
             .inc();
     }
 
+    /// Records one redelivery attempt of a spooled payload of `route` (a delivered one also
+    /// counts in `payload_guard_redelivered_total`).
+    pub fn redelivery_attempt(&self, route: &str, outcome: AttemptOutcome) {
+        let inner = &*self.inner;
+        inner
+            .redelivery_attempts
+            .get_or_create(&AttemptLabels {
+                route: route.to_owned(),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        if outcome == AttemptOutcome::Delivered {
+            inner
+                .redelivered
+                .get_or_create(&RouteLabels {
+                    route: route.to_owned(),
+                })
+                .inc();
+        }
+    }
+
+    /// Records one spooled payload of `route` moved to `dead/`.
+    pub fn dead_lettered(&self, route: &str, reason: DeadLetterReason) {
+        self.inner
+            .dead_lettered
+            .get_or_create(&DeadLetterLabels {
+                route: route.to_owned(),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
     /// Recent request body sizes per route (see [`SizeRing`]).
     pub fn sizes(&self) -> &SizeRing {
         &self.inner.sizes
@@ -335,7 +543,7 @@ impl Metrics {
         // writer.
         let _ = prometheus_text::encode(&mut out, &self.inner.registry);
         let _ = prometheus_text::encode(&mut out, &snapshot_registry(snapshot));
-        out
+        stable_order(&out)
     }
 
     /// Creates the zero series of a configured route (requests by status class, trims,
@@ -361,7 +569,57 @@ impl Metrics {
                 kind: kind.as_str(),
             });
         }
+        for outcome in AttemptOutcome::ALL {
+            let _ = inner.redelivery_attempts.get_or_create(&AttemptLabels {
+                route: route.to_owned(),
+                outcome: outcome.as_str(),
+            });
+        }
+        let _ = inner.redelivered.get_or_create(&labels);
+        for reason in DeadLetterReason::ALL {
+            let _ = inner.dead_lettered.get_or_create(&DeadLetterLabels {
+                route: route.to_owned(),
+                reason: reason.as_str(),
+            });
+        }
     }
+}
+
+/// The exposition with each family's series sorted by their labels (`le` aside, so a
+/// histogram's buckets keep their order) and families left in registration order.
+fn stable_order(text: &str) -> String {
+    fn series_key(line: &str) -> String {
+        let Some((_, rest)) = line.split_once('{') else {
+            return String::new();
+        };
+        let labels = rest.rsplit_once('}').map_or(rest, |(labels, _)| labels);
+        labels
+            .split(',')
+            .filter(|pair| !pair.starts_with("le="))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut samples: Vec<&str> = Vec::new();
+    let flush = |samples: &mut Vec<&str>, out: &mut String| {
+        // Stable: the lines of one series (sum, count, buckets) keep their relative order.
+        samples.sort_by_cached_key(|line| series_key(line));
+        for line in samples.drain(..) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut samples, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else if !line.is_empty() {
+            samples.push(line);
+        }
+    }
+    flush(&mut samples, &mut out);
+    out
 }
 
 /// A registry built per scrape from the readings owned elsewhere, so no shared state has to be
@@ -388,6 +646,13 @@ fn snapshot_registry(snapshot: &Snapshot) -> Registry {
         "Client connections currently open",
         ConstGauge::new(gauge_value(snapshot.open_connections)),
     );
+    if let Some(rss) = snapshot.resident_bytes {
+        registry.register(
+            "payload_guard_process_resident_bytes",
+            "Resident memory of the proxy process (RSS), including what the allocator keeps",
+            ConstGauge::new(gauge_value(rss)),
+        );
+    }
     let spool = Family::<SpoolLabels, Gauge>::default();
     for (state, depth) in &snapshot.spool_depth {
         spool
@@ -400,6 +665,29 @@ fn snapshot_registry(snapshot: &Snapshot) -> Registry {
         "payload_guard_spool_depth",
         "Spooled items, by state",
         spool,
+    );
+    let route_records = Family::<RouteLabels, Gauge>::default();
+    let route_oldest = Family::<RouteLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for reading in &snapshot.spool_routes {
+        let labels = RouteLabels {
+            route: reading.route.clone(),
+        };
+        route_records
+            .get_or_create(&labels)
+            .set(gauge_value(reading.records));
+        route_oldest
+            .get_or_create(&labels)
+            .set(reading.oldest_age_seconds);
+    }
+    registry.register(
+        "payload_guard_spool_route_depth",
+        "Spooled payloads waiting for redelivery (ready/), by route",
+        route_records,
+    );
+    registry.register(
+        "payload_guard_spool_oldest_age_seconds",
+        "Age of the oldest spooled payload waiting for redelivery, by route",
+        route_oldest,
     );
     registry
 }
@@ -536,6 +824,9 @@ mod tests {
         m.request("a", 413, 40 << 20, None, None);
         m.request("b", 502, 2048, Some(2048), Some(0.001));
         m.request(UNMATCHED_ROUTE, 404, 0, None, None);
+        m.error("a", "body_too_large");
+        m.error(UNMATCHED_ROUTE, "header_too_large");
+        m.shed(crate::shed::ShedReason::EvictSlowBody);
         m.trimmed("a", 2000);
         m.trimmed("a", 500);
         m.incident("a", Kind::OverMaxBody);
@@ -662,7 +953,13 @@ mod tests {
             buffer_in_use_bytes: 3 << 20,
             buffer_budget_bytes: 256 << 20,
             open_connections: 12,
+            resident_bytes: Some(40 << 20),
             spool_depth: vec![("pending".into(), 4), ("failed".into(), 1)],
+            spool_routes: vec![SpoolRouteReading {
+                route: "synthflow".into(),
+                records: 3,
+                oldest_age_seconds: 42.5,
+            }],
         };
         let s = parse(&m.encode(&snapshot));
         assert_eq!(value(&s, "payload_guard_incidents_dropped_total", &[]), 7.0);
@@ -675,10 +972,20 @@ mod tests {
             (256u64 << 20) as f64
         );
         assert_eq!(value(&s, "payload_guard_open_connections", &[]), 12.0);
+        assert_eq!(
+            value(&s, "payload_guard_process_resident_bytes", &[]),
+            (40u64 << 20) as f64
+        );
         let spool =
             |s: &[Sample], state| value(s, "payload_guard_spool_depth", &[("state", state)]);
         assert_eq!(spool(&s, "pending"), 4.0);
         assert_eq!(spool(&s, "failed"), 1.0);
+        let route = [("route", "synthflow")];
+        assert_eq!(value(&s, "payload_guard_spool_route_depth", &route), 3.0);
+        assert_eq!(
+            value(&s, "payload_guard_spool_oldest_age_seconds", &route),
+            42.5
+        );
 
         // The next scrape shows the next readings, not a sum; a state no longer reported is gone.
         let s = parse(&m.encode(&Snapshot {
@@ -732,8 +1039,16 @@ mod tests {
 
     #[test]
     fn every_family_is_typed_once() {
-        let text = traffic().encode(&Snapshot {
+        let m = traffic();
+        m.redelivery_attempt("a", AttemptOutcome::Delivered);
+        m.dead_lettered("a", DeadLetterReason::Expired);
+        let text = m.encode(&Snapshot {
             spool_depth: vec![("pending".into(), 1)],
+            spool_routes: vec![SpoolRouteReading {
+                route: "a".into(),
+                records: 1,
+                oldest_age_seconds: 1.0,
+            }],
             ..Snapshot::default()
         });
         let types: Vec<&str> = text
@@ -748,18 +1063,97 @@ mod tests {
             "payload_guard_trims_total counter",
             "payload_guard_trimmed_bytes_total counter",
             "payload_guard_incidents_total counter",
+            "payload_guard_errors_total counter",
+            "payload_guard_connections_shed_total counter",
             "payload_guard_config_reloads_total counter",
+            "payload_guard_redelivery_attempts_total counter",
+            "payload_guard_redelivered_total counter",
+            "payload_guard_dead_lettered_total counter",
             "payload_guard_incidents_dropped_total counter",
             "payload_guard_buffer_in_use_bytes gauge",
             "payload_guard_buffer_budget_bytes gauge",
             "payload_guard_open_connections gauge",
             "payload_guard_spool_depth gauge",
+            "payload_guard_spool_route_depth gauge",
+            "payload_guard_spool_oldest_age_seconds gauge",
         ];
         assert_eq!(types, expected);
         assert!(
             !text.contains("# EOF"),
             "the 0.0.4 text format has no EOF marker"
         );
+    }
+
+    #[test]
+    fn output_order_is_stable_and_sorted() {
+        let routes = ["zeta", "alpha", "mid", "beta", "omega", "gamma"];
+        let build = |order: &[&str]| {
+            let m = Metrics::new();
+            for r in order {
+                m.init_route(r);
+                m.request(r, 200, 10, Some(10), Some(0.01));
+                m.incident(r, Kind::Upstream413);
+            }
+            m.encode(&Snapshot::default())
+        };
+        let forward = build(&routes);
+        let mut reversed = routes;
+        reversed.reverse();
+        assert_eq!(forward, build(&reversed));
+        let seen: Vec<&str> = forward
+            .lines()
+            .filter(|l| l.starts_with("payload_guard_trims_total{"))
+            .collect();
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(seen, sorted);
+        assert_eq!(seen.len(), routes.len());
+        // A histogram's buckets stay in ascending order within their series.
+        let les: Vec<&str> = forward
+            .lines()
+            .filter(|l| {
+                l.starts_with("payload_guard_request_body_bytes_bucket{")
+                    && l.contains("route=\"mid\"")
+            })
+            .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(les.first(), Some(&"1024"), "{les:?}");
+        assert_eq!(les.last(), Some(&"+Inf"), "{les:?}");
+    }
+
+    #[test]
+    fn redelivery_is_counted_by_outcome() {
+        let m = Metrics::new();
+        m.init_route("a");
+        m.redelivery_attempt("a", AttemptOutcome::Failed);
+        m.redelivery_attempt("a", AttemptOutcome::Failed);
+        m.redelivery_attempt("a", AttemptOutcome::Delivered);
+        m.redelivery_attempt("a", AttemptOutcome::Refused);
+        m.dead_lettered("a", DeadLetterReason::Refused);
+        let s = parse(&m.encode(&Snapshot::default()));
+        let attempts = |outcome| {
+            value(
+                &s,
+                "payload_guard_redelivery_attempts_total",
+                &[("route", "a"), ("outcome", outcome)],
+            )
+        };
+        assert_eq!(attempts("failed"), 2.0);
+        assert_eq!(attempts("delivered"), 1.0);
+        assert_eq!(attempts("refused"), 1.0);
+        assert_eq!(
+            value(&s, "payload_guard_redelivered_total", &[("route", "a")]),
+            1.0
+        );
+        let dead = |reason| {
+            value(
+                &s,
+                "payload_guard_dead_lettered_total",
+                &[("route", "a"), ("reason", reason)],
+            )
+        };
+        assert_eq!(dead("refused"), 1.0);
+        assert_eq!(dead("expired"), 0.0);
     }
 
     #[test]

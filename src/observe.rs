@@ -79,10 +79,16 @@ impl Exchange {
     }
 }
 
+/// Milliseconds with at most three decimals (microsecond resolution): `0.641`, not
+/// `0.6405150000000001`. A number, so JSON logs keep it numeric.
+fn millis_3(elapsed: std::time::Duration) -> f64 {
+    (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
 impl Drop for Exchange {
     fn drop(&mut self) {
         let bytes_in = self.body.as_ref().map_or(0, |b| b.bytes());
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let duration_ms = millis_3(self.started.elapsed());
         let route = self.route.as_deref().unwrap_or("-");
         // No response was sent: nginx's 499 ("client closed request"), a 4xx, not a 5xx.
         let status = self.status.unwrap_or(499);
@@ -96,6 +102,19 @@ impl Drop for Exchange {
                 bytes_in,
                 self.forwarded_bytes,
                 self.upstream_secs,
+            );
+        }
+        if self.status.is_none() && self.error.is_none() {
+            // Abandoned: the sender went away before the response could be sent.
+            let err = ProxyError::ClientAbort;
+            self.error = Some((err.code(), err.culprit().as_str(), err.to_string()));
+        }
+        if let (Some(metrics), Some((code, _, _))) = (&self.metrics, &self.error) {
+            metrics.error(
+                self.route
+                    .as_deref()
+                    .unwrap_or(crate::metrics::UNMATCHED_ROUTE),
+                code,
             );
         }
         let outcome = if self.status.is_none() {
@@ -141,6 +160,48 @@ impl Drop for Exchange {
             ),
         }
     }
+}
+
+/// Writes the access-log line and counts the error of a connection refused before any request
+/// reached the pipeline: a head hyper refused (`header_too_large`, `bad_request`), timed out
+/// (`header_timeout`) or that the sender abandoned (`client_abort`), or a connection shed at
+/// accept (`over_capacity`, `per_ip_limit`). `responded`: whether an answer was written.
+pub fn connection_refused(
+    peer: SocketAddr,
+    err: &ProxyError,
+    responded: bool,
+    metrics: Option<&Metrics>,
+) {
+    if let Some(metrics) = metrics {
+        metrics.error(crate::metrics::UNMATCHED_ROUTE, err.code());
+    }
+    let status = if responded {
+        err.status().as_u16()
+    } else {
+        // No answer reached the sender: nginx's 499 when it left, else the status we meant.
+        match err {
+            ProxyError::ClientAbort => 499,
+            _ => err.status().as_u16(),
+        }
+    };
+    tracing::info!(
+        target: "access",
+        route = "-",
+        method = "-",
+        path = "-",
+        peer = %peer.ip(),
+        status,
+        bytes_in = 0u64,
+        bytes_out = 0u64,
+        upstream_status = 0u16,
+        duration_ms = 0.0f64,
+        request_id = "-",
+        outcome = if responded { "refused" } else { "closed" },
+        error = err.code(),
+        culprit = err.culprit().as_str(),
+        reason = %err,
+        "request"
+    );
 }
 
 /// A response body that counts the bytes sent and owns the [`Exchange`], so the access-log line
@@ -213,5 +274,26 @@ impl<B> Drop for ObservedBody<B> {
         if self.exchange.bytes_out == 0 && self.exchange.status.is_some() && self.empty_at_start {
             self.exchange.response_complete = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_have_three_decimals() {
+        assert_eq!(
+            super::millis_3(Duration::from_nanos(640_515)).to_string(),
+            "0.641"
+        );
+        assert_eq!(
+            super::millis_3(Duration::from_micros(12_000)).to_string(),
+            "12"
+        );
+        assert_eq!(
+            super::millis_3(Duration::from_nanos(1_443_824)).to_string(),
+            "1.444"
+        );
     }
 }

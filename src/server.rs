@@ -1,13 +1,17 @@
 //! Stage 1: accept connections. Takes a bound listener and a shutdown future (so tests pass
 //! `127.0.0.1:0` and production passes SIGTERM/ctrl-c), serves HTTP/1.1 and h2c through
-//! hyper-util's auto builder with the timeouts and limits hyper leaves to us, caps open
-//! connections, and drains in-flight requests on shutdown within the grace period.
+//! hyper-util's auto builder with the timeouts and limits hyper leaves to us, admits or sheds
+//! connections ([`crate::shed`]: a new connection never waits in the kernel's queue), writes
+//! an access line for what hyper refuses before the pipeline sees it, and drains in-flight
+//! requests on shutdown within the grace period.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -16,13 +20,33 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::{MAX_HEADERS, ServerConfig};
+use crate::error::ProxyError;
 use crate::forward::ConnUpstream;
 use crate::framing::{FramingFlags, FramingWatch};
+use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
+use crate::shed::{Admission, ConnTrack, PressureLimits, Refused};
+
+/// How often the pressure rules are applied to open connections.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// Refused connections being answered at once, at most; more are closed without an answer.
+const MAX_REFUSING: usize = 256;
+/// How long a refused connection is given to send its first bytes (to tell HTTP/2 from
+/// HTTP/1.1) before it is answered.
+const REFUSE_PEEK: Duration = Duration::from_millis(250);
+/// How often the allocator is given a chance to return freed memory (see [`allocator_tick`]).
+const ALLOCATOR_TICK: Duration = Duration::from_secs(1);
+/// The size of the allocation that gives it that chance: larger than mimalloc's largest
+/// "large" object, so it takes and frees a page of its own.
+const ALLOCATOR_TICK_BYTES: usize = 8 * 1024 * 1024;
+/// How long a refused connection is drained after the answer, so the sender reads the answer
+/// rather than a reset.
+const REFUSE_LINGER: Duration = Duration::from_secs(1);
 
 type HandlerFuture =
     std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
@@ -56,19 +80,21 @@ pub async fn serve(
     let server = proxy.current().config.server.clone();
     let local = listener.local_addr()?;
     let builder = Arc::new(connection_builder(&server));
-    let limit = Arc::new(Semaphore::new(server.max_connections));
+    let admission = Admission::new(
+        server.max_connections,
+        server.max_connections_per_ip,
+        server.body_min_rate_bytes,
+    );
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let metrics = proxy.shared().metrics.clone();
+    let sweeper = tokio::spawn(sweep(admission.clone(), proxy.clone()));
+    let warn_flusher = tokio::spawn(crate::warn_limit::flush_task());
+    let allocator = tokio::spawn(allocator_tick());
     let graceful = GracefulShutdown::new();
     let tls_at_start = server.tls.is_some();
     tokio::pin!(shutdown);
     tracing::info!(listen = %local, tls = tls_at_start, "payload-guard listening");
     loop {
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -83,6 +109,35 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let runtime = proxy.current();
+        let limits = &runtime.config.server;
+        admission.set_limits(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            limits.body_min_rate_bytes,
+        );
+        let admitted = match admission.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                metrics.shed(refused.reason());
+                match refusing.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let metrics = metrics.clone();
+                        tokio::spawn(async move {
+                            refuse(stream, peer, refused, tls_at_start, &metrics).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let err = refusal_error(refused);
+                        crate::observe::connection_refused(peer, &err, false, Some(&metrics));
+                    }
+                }
+                continue;
+            }
+        };
+        if let Some(reason) = admitted.evicted {
+            metrics.shed(reason);
+        }
         // The certificate of the config in force (re-read on reload); TLS on/off is fixed at start.
         let tls = runtime
             .config
@@ -102,11 +157,13 @@ pub async fn serve(
                 upstream: None,
             },
             watcher: graceful.watcher(),
+            track: admitted.track.clone(),
         };
         let open = OpenConnection::new(proxy.shared().open_connections.clone());
         let handshake_timeout = runtime.config.server.header_read_timeout;
         tokio::spawn(async move {
             let _open = open;
+            let _admitted = admitted;
             match tls {
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -122,18 +179,140 @@ pub async fn serve(
                 }
                 None => conn.serve(stream).await,
             }
-            drop(permit);
         });
     }
     drop(listener);
-    tracing::info!(grace = ?server.shutdown_grace, "shutting down: draining in-flight requests");
+    sweeper.abort();
+    warn_flusher.abort();
+    allocator.abort();
+    tracing::info!(grace = %humantime::format_duration(server.shutdown_grace), "shutting down: draining in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(server.shutdown_grace) => {
-            tracing::warn!(grace = ?server.shutdown_grace, "shutdown grace elapsed, closing remaining connections");
+            tracing::warn!(grace = %humantime::format_duration(server.shutdown_grace), "shutdown grace elapsed, closing remaining connections");
         }
     }
     Ok(())
+}
+
+/// Applies the pressure rules to open connections every [`SWEEP_EVERY`], with the timeouts of
+/// the configuration in force, and counts what was shed.
+async fn sweep(admission: Arc<Admission>, proxy: Proxy) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let server = &proxy.current().config.server;
+        let limits = PressureLimits::new(
+            server.header_read_timeout,
+            server.body_idle_timeout,
+            server.body_min_rate_bytes,
+        );
+        for reason in admission.sweep(&limits) {
+            proxy.shared().metrics.shed(reason);
+        }
+    }
+}
+
+/// Lets the allocator return freed memory to the system when the proxy goes idle.
+///
+/// mimalloc (the binary's allocator) returns freed pages to the OS only after a purge delay
+/// (1 s), and only when a later page is freed: once a load stops, nothing is freed any more and
+/// the pages it used stay resident. Allocating and freeing one untouched block of a page of its
+/// own every second is such a later free. The block is never written, so it costs no
+/// resident memory; with another allocator it is an mmap and an munmap.
+async fn allocator_tick() {
+    let mut tick = tokio::time::interval(ALLOCATOR_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        drop(std::hint::black_box(Vec::<u8>::with_capacity(
+            ALLOCATOR_TICK_BYTES,
+        )));
+    }
+}
+
+fn refusal_error(refused: Refused) -> ProxyError {
+    match refused {
+        Refused::PerIp => ProxyError::PerIpLimit,
+        Refused::Full => ProxyError::OverCapacity,
+    }
+}
+
+/// Answers a connection that is not admitted, at once: `503` with `Retry-After` and
+/// `Connection: close` for HTTP/1.1, `GOAWAY` for HTTP/2 (a TLS connection is closed without
+/// an answer: no handshake is spent on it). Then writes its access line.
+async fn refuse(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    refused: Refused,
+    tls: bool,
+    metrics: &Metrics,
+) {
+    let err = refusal_error(refused);
+    let mut responded = false;
+    if !tls {
+        let mut first = [0u8; 64];
+        let n = match tokio::time::timeout(REFUSE_PEEK, stream.read(&mut first)).await {
+            Ok(Ok(n)) => n,
+            _ => 0,
+        };
+        let answer = if first[..n].starts_with(b"PRI * HTTP/2.0") {
+            h2_goaway()
+        } else {
+            http1_refusal(&err)
+        };
+        responded = stream.write_all(&answer).await.is_ok();
+        let _ = stream.shutdown().await;
+        let _ = tokio::time::timeout(REFUSE_LINGER, async {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    crate::observe::connection_refused(peer, &err, responded, Some(metrics));
+}
+
+/// `503` with the error's JSON body, `Retry-After` and `Connection: close`.
+fn http1_refusal(err: &ProxyError) -> Vec<u8> {
+    let body = err.json_body(&uuid::Uuid::new_v4().to_string());
+    let status = err.status();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nretry-after: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        err.retry_after_secs().unwrap_or(1),
+        body.len(),
+        body
+    )
+    .into_bytes()
+}
+
+/// The server preface (an empty SETTINGS frame) and a GOAWAY with last stream 0 and
+/// NO_ERROR: no stream was processed, so the sender may retry elsewhere or later.
+fn h2_goaway() -> Vec<u8> {
+    let mut out = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    out.extend_from_slice(&[0, 0, 8, 0x7, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+    out
+}
+
+/// The process's resident set size in bytes (Linux: `VmRSS` of `/proc/self/status`).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Counts an open connection while alive.
@@ -158,6 +337,7 @@ struct Conn {
     proxy: Proxy,
     info: ConnInfo,
     watcher: hyper_util::server::graceful::Watcher,
+    track: Arc<ConnTrack>,
 }
 
 impl Conn {
@@ -170,13 +350,18 @@ impl Conn {
             proxy,
             info,
             watcher,
+            track,
         } = self;
         let peer = info.peer;
+        let metrics = proxy.shared().metrics.clone();
         let flags = Arc::new(FramingFlags::default());
-        let io = FramingWatch::new(io, flags.clone());
+        let io = FramingWatch::new(TrackedIo::new(io, track.clone()), flags.clone());
         let upstream = Arc::new(ConnUpstream::default());
+        let conn_track = track.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
+            let track = conn_track.clone();
+            let in_flight = track.request_started();
             let is_h1 = req.version() < http::Version::HTTP_2;
             let info = ConnInfo {
                 framing_conflict: is_h1 && flags.next_request_conflicts(),
@@ -185,15 +370,109 @@ impl Conn {
             };
             // Boxed so the compiler checks `Send` on concrete types (works around a
             // higher-ranked lifetime limitation with boxed error types in async fns).
-            let fut: HandlerFuture = Box::pin(async move { Ok(proxy.handle(req, info).await) });
+            let fut: HandlerFuture = Box::pin(crate::shed::with_conn(track, async move {
+                let response = proxy.handle(req, info).await;
+                drop(in_flight);
+                Ok(response)
+            }));
             fut
         });
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        if let Err(err) = watcher.watch(conn).await {
+        let result = tokio::select! {
+            result = watcher.watch(conn) => result,
+            () = track.closed() => {
+                tracing::debug!(peer = %peer, "connection shed");
+                return;
+            }
+        };
+        if let Err(err) = result {
             tracing::debug!(peer = %peer, error = %err, "connection closed with error");
+            let refusal =
+                crate::error::connection_refusal(&*err as &(dyn std::error::Error + 'static));
+            match refusal {
+                // hyper's header timeout also ends idle keep-alive connections: only a head
+                // that had begun is a refusal.
+                Some(ProxyError::HeaderTimeout | ProxyError::ClientAbort)
+                    if !track.inside_head() => {}
+                Some(err) => {
+                    let responded =
+                        matches!(err, ProxyError::HeaderTooLarge | ProxyError::BadRequest(_));
+                    crate::observe::connection_refused(peer, &err, responded, Some(&metrics));
+                }
+                None => {}
+            }
         }
+    }
+}
+
+/// Reports a connection's reads and writes to its [`ConnTrack`] (what the shedding logic
+/// judges idleness and request heads by).
+struct TrackedIo<T> {
+    inner: T,
+    track: Arc<ConnTrack>,
+}
+
+impl<T> TrackedIo<T> {
+    fn new(inner: T, track: Arc<ConnTrack>) -> Self {
+        TrackedIo { inner, track }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.track.on_read();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.track.on_write();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.track.on_write();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

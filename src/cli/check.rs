@@ -2,23 +2,24 @@
 
 use std::path::Path;
 
-use crate::config::units::human_bytes;
+use crate::config::units::both_forms;
 use crate::config::{Config, OnOversize, OnTrimFailure, Resign, RouteConfig};
 use crate::trim::{ActionSpec, Keep};
 
-use super::{EXIT_OK, EXIT_PROBLEMS};
+use super::EXIT_OK;
 
-/// Validates `path`; prints the routes (exit 0) or every error (exit 1).
+/// Validates `path`; prints the routes and any warnings (exit 0) or every mistake (exit 65;
+/// 66 when the file cannot be read).
 pub(super) fn check(path: &Path) -> u8 {
     match Config::load(path) {
         Ok(config) => {
+            if !config.warnings.is_empty() {
+                eprint!("{}", config.warnings.render());
+            }
             super::emit(&describe(&config));
             EXIT_OK
         }
-        Err(err) => {
-            eprintln!("{err}");
-            EXIT_PROBLEMS
-        }
+        Err(err) => super::config_failed(&err),
     }
 }
 
@@ -28,6 +29,19 @@ pub(super) fn describe(config: &Config) -> String {
     out.push_str(&format!("listen {}", config.server.listen));
     if let Some(admin) = config.server.admin_listen {
         out.push_str(&format!(", admin {admin}"));
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "buffer_budget {}, max_header_bytes {}",
+        both_forms(config.server.buffer_budget_bytes),
+        both_forms(config.server.max_header_bytes as u64)
+    ));
+    if config.spool.used {
+        out.push_str(&format!(
+            ", spool max_bytes {}, min_free {}",
+            both_forms(config.spool.max_bytes),
+            both_forms(config.spool.min_free)
+        ));
     }
     out.push('\n');
     let mut rows = vec![[
@@ -43,9 +57,9 @@ pub(super) fn describe(config: &Config) -> String {
             r.name.clone(),
             r.path_prefix.clone(),
             r.upstream.to_string(),
-            human_bytes(r.max_body_bytes),
+            both_forms(r.max_body_bytes),
             r.upstream_limit_bytes
-                .map_or_else(|| "unknown".to_string(), human_bytes),
+                .map_or_else(|| "unknown (learned)".to_string(), both_forms),
             match r.on_oversize {
                 OnOversize::Forward => "forward",
                 OnOversize::Reject => "reject",
@@ -148,7 +162,8 @@ fn describe_sender(r: &RouteConfig) -> Option<String> {
     Some(format!("signatures of {}: {}\n", r.name, parts.join("; ")))
 }
 
-fn describe_action(action: &ActionSpec) -> String {
+/// A rule's action in words (`truncate (keep head_tail, as much as fits)`).
+pub(super) fn describe_action(action: &ActionSpec) -> String {
     match action {
         ActionSpec::Truncate {
             keep, max_bytes, ..
@@ -159,7 +174,7 @@ fn describe_action(action: &ActionSpec) -> String {
                 Keep::HeadTail => "head_tail",
             };
             match max_bytes {
-                Some(max) => format!("truncate (keep {keep}, at most {})", human_bytes(*max)),
+                Some(max) => format!("truncate (keep {keep}, at most {})", both_forms(*max)),
                 None => format!("truncate (keep {keep}, as much as fits)"),
             }
         }

@@ -42,7 +42,7 @@ use crate::server;
 use crate::trim::testdata::synthflow_payload;
 use crate::verify::{Secret, Signed, Verifier};
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
+use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, emit};
 
 /// What the sample receiver accepts: body-parser's default `limit: "100kb"`, which counts
 /// 1024-byte kilobytes.
@@ -202,7 +202,7 @@ pub(super) fn demo(sender: Option<&str>) -> u8 {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("payload-guard demo: cannot start the async runtime: {err}");
-            return EXIT_ERROR;
+            return EXIT_SOFTWARE;
         }
     };
     match runtime.block_on(run(&scenario)) {
@@ -210,7 +210,7 @@ pub(super) fn demo(sender: Option<&str>) -> u8 {
         Ok(false) => EXIT_PROBLEMS,
         Err(err) => {
             eprintln!("payload-guard demo: {err:#}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::{Config, StoreBackend};
 use crate::incident::diagnose::{self, RouteInfo};
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_USAGE, OutputFormat, emit};
+use super::{EXIT_NOINPUT, EXIT_OK, EXIT_SOFTWARE, OutputFormat, emit};
 
 /// Prints the diagnosis of the incident log named by `config`.
 pub(super) fn diagnose(
@@ -18,10 +18,7 @@ pub(super) fn diagnose(
 ) -> u8 {
     let config = match Config::load(config) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return EXIT_USAGE;
-        }
+        Err(err) => return super::config_failed(&err),
     };
     let since = since.map(|d| SystemTime::now() - d);
     let (read, source) = match &config.incidents.backend {
@@ -31,7 +28,7 @@ pub(super) fn diagnose(
                 Ok(read) => (read, path.clone()),
                 Err(err) => {
                     eprintln!("payload-guard diagnose: {err}");
-                    return EXIT_ERROR;
+                    return EXIT_NOINPUT;
                 }
             }
         }
@@ -39,7 +36,7 @@ pub(super) fn diagnose(
             Ok((lines, source)) => (diagnose::read_lines(&lines, since, route), source),
             Err(err) => {
                 eprintln!("payload-guard diagnose: {err}");
-                return EXIT_ERROR;
+                return super::EXIT_UNAVAILABLE;
             }
         },
     };
@@ -57,15 +54,7 @@ pub(super) fn diagnose(
         }
         return EXIT_OK;
     }
-    let routes: Vec<RouteInfo> = config
-        .routes
-        .iter()
-        .map(|r| RouteInfo {
-            name: r.name.clone(),
-            max_body: r.max_body_bytes,
-            upstream_limit: r.upstream_limit_bytes,
-        })
-        .collect();
+    let routes: Vec<RouteInfo> = config.routes.iter().map(RouteInfo::of).collect();
     let report = diagnose::diagnose(&read.incidents, &routes);
     match format {
         OutputFormat::Text => emit(&diagnose::render_text(&report)),
@@ -73,7 +62,7 @@ pub(super) fn diagnose(
             Ok(json) => emit(&format!("{json}\n")),
             Err(err) => {
                 eprintln!("payload-guard diagnose: cannot encode the report: {err}");
-                return EXIT_ERROR;
+                return EXIT_SOFTWARE;
             }
         },
     }

@@ -14,16 +14,13 @@ use crate::prepare::Policy;
 use crate::state::limits::{RouteLearned, read_file, reset_in_file};
 use crate::trim::payload::Units;
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_USAGE, OutputFormat, emit};
+use super::{EXIT_DATAERR, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, OutputFormat, emit};
 
 /// Runs `payload-guard limits`.
 pub(super) fn limits(config_path: &Path, reset: Option<&str>, format: OutputFormat) -> u8 {
     let config = match Config::load(config_path) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return EXIT_USAGE;
-        }
+        Err(err) => return super::config_failed(&err),
     };
     let path = crate::state::limits_path(&config);
     if let Some(route) = reset {
@@ -46,7 +43,7 @@ pub(super) fn limits(config_path: &Path, reset: Option<&str>, format: OutputForm
             Ok(false) => {}
             Err(err) => {
                 eprintln!("payload-guard limits: {err}");
-                return EXIT_ERROR;
+                return EXIT_UNAVAILABLE;
             }
         }
         return match reset_in_file(&path, route) {
@@ -63,7 +60,7 @@ pub(super) fn limits(config_path: &Path, reset: Option<&str>, format: OutputForm
             }
             Err(err) => {
                 eprintln!("payload-guard limits: {err}");
-                EXIT_ERROR
+                EXIT_UNAVAILABLE
             }
         };
     }
@@ -71,7 +68,7 @@ pub(super) fn limits(config_path: &Path, reset: Option<&str>, format: OutputForm
         Ok(learned) => learned,
         Err(err) => {
             eprintln!("payload-guard limits: {err}");
-            return EXIT_ERROR;
+            return EXIT_DATAERR;
         }
     };
     let find = |name: &str| {

@@ -15,28 +15,58 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+// Exit codes: one scheme for every subcommand, after sysexits(3); README.md's "Exit codes"
+// table lists them and tests/it/cli.rs checks each.
+
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
-/// Exit code: the command ran and found problems.
+/// Exit code: the command ran and found problems (`trim`: cannot fit; `replay`: a payload was
+/// not delivered; `demo`: a step misbehaved).
 pub const EXIT_PROBLEMS: u8 = 1;
-/// Exit code: an error stopped the command.
-pub const EXIT_ERROR: u8 = 2;
-/// Exit code: bad usage or configuration.
+/// Exit code (EX_USAGE): bad command line (unknown option, missing argument, bad value).
 pub const EXIT_USAGE: u8 = 64;
+/// Exit code (EX_DATAERR): invalid input: a configuration with mistakes, a payload or record id
+/// that cannot be used.
+pub const EXIT_DATAERR: u8 = 65;
+/// Exit code (EX_NOINPUT): a file or record that does not exist or cannot be read.
+pub const EXIT_NOINPUT: u8 = 66;
+/// Exit code (EX_UNAVAILABLE): something needed is unavailable: an address already in use, a
+/// spool locked or not writable, a receiver that cannot be reached.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code (EX_SOFTWARE): an internal error (a bug: please report it).
+pub const EXIT_SOFTWARE: u8 = 70;
+
+/// Prints why the configuration could not be loaded (every mistake, with its line and caret)
+/// and returns the exit code: 66 when the file cannot be read, 65 when it has mistakes.
+pub(crate) fn config_failed(err: &crate::config::LoadError) -> u8 {
+    eprint!("{}", err.render());
+    if err.is_unreadable() {
+        EXIT_NOINPUT
+    } else {
+        EXIT_DATAERR
+    }
+}
+
+/// Parses the command line; help and `--version` exit 0, every other mistake exits 64
+/// (clap's own default is 2).
+pub fn parse_args() -> Result<Cli, u8> {
+    use clap::error::ErrorKind;
+    Cli::try_parse().map_err(|err| {
+        let _ = err.print();
+        match err.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => EXIT_OK,
+            _ => EXIT_USAGE,
+        }
+    })
+}
 
 /// payload-guard: a reverse proxy that keeps webhook payloads under receivers' size limits.
 #[derive(Debug, Parser)]
 #[command(name = "payload-guard", version, about, long_about = None)]
 pub struct Cli {
-    /// The configuration file.
-    #[arg(
-        long,
-        short,
-        global = true,
-        default_value = "proxy.toml",
-        value_name = "FILE"
-    )]
-    pub config: PathBuf,
+    /// The configuration file [default: proxy.toml].
+    #[arg(long, short, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Log format (level via RUST_LOG, default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -62,7 +92,8 @@ pub enum Command {
     /// Validate the configuration and print the effective routes.
     Check,
     /// Trim a payload by a route's rules: the bytes the proxy would forward go to stdout, a
-    /// report to stderr (exit 0: fits, 1: cannot fit, smallest result written, 2: bad input).
+    /// report to stderr (exit 0: fits, 1: cannot fit, smallest result written, 65: not JSON,
+    /// 66: no such file).
     Trim {
         /// The route whose rules and limit apply.
         #[arg(long)]
@@ -121,7 +152,7 @@ pub enum Command {
     /// Starts a sample receiver that refuses bodies over 100 KiB with 413 (as `express.json()`
     /// does), payload-guard in front of it with a trim route, and sends a small and a large
     /// Synthflow-shaped payload straight and through the proxy (exit 0: every step behaved as
-    /// expected, 1: one did not, 2: the demo could not be set up).
+    /// expected, 1: one did not, 69: the demo could not be set up). Takes no `--config`.
     Demo {
         /// Show another sender's payloads and signatures: synthflow, retell, elevenlabs, vapi,
         /// stripe, github or standard-webhooks (the route uses `sender = NAME`, verifies the
@@ -190,6 +221,9 @@ pub enum SpoolCommand {
         /// Age, like 30d or 12h.
         #[arg(long, value_parser = parse_duration)]
         older_than: std::time::Duration,
+        /// List what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -237,17 +271,27 @@ pub fn init_tracing(format: LogFormat) {
 
 /// Runs the parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> u8 {
+    let config = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("proxy.toml"));
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run::run(&cli.config),
-        Command::Check => check::check(&cli.config),
-        Command::Trim { route, file } => trim::trim(&cli.config, &route, file.as_deref()),
+        Command::Run => run::run(&config),
+        Command::Check => check::check(&config),
+        Command::Trim { route, file } => trim::trim(&config, &route, file.as_deref()),
         Command::Diagnose {
             since,
             route,
             format,
-        } => diagnose::diagnose(&cli.config, since, route.as_deref(), format),
+        } => diagnose::diagnose(&config, since, route.as_deref(), format),
+        Command::Demo { .. } if cli.config.is_some() => {
+            eprintln!(
+                "payload-guard demo: --config does not apply: the demo builds its own receiver, route and proxy on loopback (see your file with `payload-guard check --config FILE`)"
+            );
+            EXIT_USAGE
+        }
         Command::Demo { sender } => demo::demo(sender.as_deref()),
-        Command::Limits { reset, format } => limits::limits(&cli.config, reset.as_deref(), format),
+        Command::Limits { reset, format } => limits::limits(&config, reset.as_deref(), format),
         Command::Sign {
             route,
             timestamp,
@@ -255,7 +299,7 @@ pub fn run(cli: Cli) -> u8 {
             url,
             file,
         } => sign::sign(
-            &cli.config,
+            &config,
             &sign::Input {
                 route: &route,
                 file: &file,
@@ -270,7 +314,7 @@ pub fn run(cli: Cli) -> u8 {
             url,
             file,
         } => sign::verify(
-            &cli.config,
+            &config,
             &sign::Input {
                 route: &route,
                 file: &file,
@@ -279,13 +323,13 @@ pub fn run(cli: Cli) -> u8 {
             &headers,
         ),
         Command::Spool { command } => match command {
-            SpoolCommand::List { route, state } => {
-                spool::list(&cli.config, route.as_deref(), state)
-            }
-            SpoolCommand::Show { id, body } => spool::show(&cli.config, &id, body),
-            SpoolCommand::Purge { state, older_than } => {
-                spool::purge(&cli.config, state, older_than)
-            }
+            SpoolCommand::List { route, state } => spool::list(&config, route.as_deref(), state),
+            SpoolCommand::Show { id, body } => spool::show(&config, &id, body),
+            SpoolCommand::Purge {
+                state,
+                older_than,
+                dry_run,
+            } => spool::purge(&config, state, older_than, dry_run),
         },
         Command::Replay {
             route,
@@ -294,7 +338,7 @@ pub fn run(cli: Cli) -> u8 {
             dry_run,
             to,
         } => replay::replay(
-            &cli.config,
+            &config,
             replay::Selection {
                 route: route.as_deref(),
                 state,

@@ -18,7 +18,7 @@ use crate::proxy::Runtime;
 use crate::spool::{RecordId, State};
 use crate::state::{LearnedLimits, Persisted};
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
+use super::{EXIT_OK, EXIT_PROBLEMS, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, emit};
 
 /// What to replay.
 pub(super) struct Selection<'a> {
@@ -33,10 +33,7 @@ pub(super) struct Selection<'a> {
 pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
     let config = match Config::load(config) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return EXIT_USAGE;
-        }
+        Err(err) => return super::config_failed(&err),
     };
     if sel.state == State::Archive {
         eprintln!(
@@ -58,7 +55,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
         Ok(spool) => spool,
         Err(err) => {
             eprintln!("payload-guard replay: {err}");
-            return EXIT_ERROR;
+            return EXIT_UNAVAILABLE;
         }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -68,7 +65,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("payload-guard replay: cannot start the async runtime: {err}");
-            return EXIT_ERROR;
+            return EXIT_SOFTWARE;
         }
     };
     let mut ids: Vec<RecordId> = match sel.id {
@@ -83,7 +80,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
             Ok(entries) => entries.into_iter().map(|e| e.id).collect(),
             Err(err) => {
                 eprintln!("payload-guard replay: {err}");
-                return EXIT_ERROR;
+                return EXIT_UNAVAILABLE;
             }
         },
     };
@@ -118,7 +115,7 @@ pub(super) fn replay(config: &Path, sel: Selection<'_>) -> u8 {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("payload-guard replay: {err}");
-            return EXIT_ERROR;
+            return EXIT_UNAVAILABLE;
         }
     };
     let total = ids.len();

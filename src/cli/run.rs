@@ -13,16 +13,13 @@ use crate::admin::{Admin, reload, serve_admin};
 use crate::proxy::Proxy;
 use crate::server;
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_USAGE};
+use super::{EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE};
 
 /// Runs the proxy until a shutdown signal.
 pub(super) fn run(path: &Path) -> u8 {
     let config = match Config::load(path) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return EXIT_USAGE;
-        }
+        Err(err) => return super::config_failed(&err),
     };
     // One worker: tokio's current-thread scheduler does the same work without the
     // multi-thread scheduler's cross-thread queues and wake-ups (3-4 µs less per request in
@@ -40,15 +37,15 @@ pub(super) fn run(path: &Path) -> u8 {
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("cannot start the async runtime: {err}");
-            return EXIT_ERROR;
+            eprintln!("payload-guard: cannot start the async runtime: {err}");
+            return EXIT_SOFTWARE;
         }
     };
     match runtime.block_on(serve(config)) {
         Ok(()) => EXIT_OK,
         Err(err) => {
             eprintln!("payload-guard: {err:#}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }

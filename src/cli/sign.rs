@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::config::{Config, RouteConfig, VerifyConfig};
 use crate::verify::Signed;
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
+use super::{EXIT_DATAERR, EXIT_OK, EXIT_PROBLEMS, emit};
 
 /// What `sign` and `verify` read.
 pub(super) struct Input<'a> {
@@ -24,7 +24,7 @@ pub(super) struct Input<'a> {
     pub(super) url: Option<&'a str>,
 }
 
-/// Prints the headers a sender would send with the body; exit 0, or 2 on bad input.
+/// Prints the headers a sender would send with the body; exit 0, or 65 on bad input.
 pub(super) fn sign(
     config: &Path,
     input: &Input<'_>,
@@ -33,10 +33,7 @@ pub(super) fn sign(
 ) -> u8 {
     let config = match Config::load(config) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return EXIT_USAGE;
-        }
+        Err(err) => return super::config_failed(&err),
     };
     let result = (|| -> anyhow::Result<String> {
         let (route, v) = route_verify(&config, input.route)?;
@@ -78,20 +75,17 @@ pub(super) fn sign(
         }
         Err(err) => {
             eprintln!("payload-guard sign: {err:#}");
-            EXIT_ERROR
+            EXIT_DATAERR
         }
     }
 }
 
 /// Checks `headers` (`Name: value` each) against the body; exit 0 valid, 1 refused (with the
-/// reason), 2 on bad input.
+/// reason), 65 on bad input.
 pub(super) fn verify(config: &Path, input: &Input<'_>, headers: &[String]) -> u8 {
     let config = match Config::load(config) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return EXIT_USAGE;
-        }
+        Err(err) => return super::config_failed(&err),
     };
     let result = (|| -> anyhow::Result<Result<String, String>> {
         let (route, v) = route_verify(&config, input.route)?;
@@ -146,7 +140,7 @@ pub(super) fn verify(config: &Path, input: &Input<'_>, headers: &[String]) -> u8
         }
         Err(err) => {
             eprintln!("payload-guard verify: {err:#}");
-            EXIT_ERROR
+            EXIT_DATAERR
         }
     }
 }

@@ -10,38 +10,35 @@ use std::time::{Duration, SystemTime};
 use crate::config::Config;
 use crate::spool::{self, RecordId, State, Store};
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, emit};
+use super::{EXIT_NOINPUT, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE, emit};
 
 /// Loads the config and attaches to its spool (without the owner's lock or recovery).
-pub(super) fn attach(config: &Path, command: &str) -> Result<(Config, Store), u8> {
-    let config = Config::load(config).map_err(|err| {
-        eprintln!("{err}");
-        EXIT_USAGE
-    })?;
+fn attach(config: &Path) -> Result<(Config, Store), u8> {
+    let config = Config::load(config).map_err(|err| super::config_failed(&err))?;
     let spool = spool::store::open(&config.spool, false).map_err(|err| {
-        eprintln!("payload-guard {command}: {err}");
-        EXIT_ERROR
+        eprintln!("payload-guard spool: {err}");
+        EXIT_UNAVAILABLE
     })?;
     Ok((config, spool))
 }
 
 /// Runs one spool call to completion on a current-thread runtime.
-pub(super) fn block_on<T>(future: impl Future<Output = T>) -> Result<T, u8> {
+fn block_on<T>(future: impl Future<Output = T>) -> Result<T, u8> {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => Ok(rt.block_on(future)),
         Err(err) => {
-            eprintln!("payload-guard: cannot start the async runtime: {err}");
-            Err(EXIT_ERROR)
+            eprintln!("payload-guard spool: cannot start the async runtime: {err}");
+            Err(EXIT_SOFTWARE)
         }
     }
 }
 
 /// `spool list`: an aligned table of the records in `state`.
 pub(super) fn list(config: &Path, route: Option<&str>, state: State) -> u8 {
-    let (_, spool) = match attach(config, "spool list") {
+    let (_, spool) = match attach(config) {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -60,14 +57,14 @@ pub(super) fn list(config: &Path, route: Option<&str>, state: State) -> u8 {
         }
         Err(err) => {
             eprintln!("payload-guard spool list: {err}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }
 
 /// `spool show ID [--body]`: a record's metadata, or its exact body bytes.
 pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
-    let (_, spool) = match attach(config, "spool show") {
+    let (_, spool) = match attach(config) {
         Ok(v) => v,
         Err(code) => return code,
     };
@@ -89,11 +86,11 @@ pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
                 "payload-guard spool show: no record {id} in {}",
                 spool.location()
             );
-            return EXIT_PROBLEMS;
+            return EXIT_NOINPUT;
         }
         Err(err) => {
             eprintln!("payload-guard spool show: {err}");
-            return EXIT_ERROR;
+            return EXIT_UNAVAILABLE;
         }
     };
     if !body {
@@ -112,17 +109,50 @@ pub(super) fn show(config: &Path, id: &str, body: bool) -> u8 {
         }
         Err(err) => {
             eprintln!("payload-guard spool show: {err}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }
 
 /// `spool purge --state S --older-than D`: removes records received before now - D.
-pub(super) fn purge(config: &Path, state: State, older_than: Duration) -> u8 {
-    let (_, spool) = match attach(config, "spool purge") {
+pub(super) fn purge(config: &Path, state: State, older_than: Duration, dry_run: bool) -> u8 {
+    let (_, spool) = match attach(config) {
         Ok(v) => v,
         Err(code) => return code,
     };
+    if dry_run {
+        let cutoff = SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let listed = match block_on(spool.list(state, None)) {
+            Ok(listed) => listed,
+            Err(code) => return code,
+        };
+        return match listed {
+            Ok(entries) => {
+                let old: Vec<_> = entries
+                    .into_iter()
+                    .filter(|e| e.meta.received_at < cutoff)
+                    .collect();
+                let mut out = String::new();
+                if !old.is_empty() {
+                    out.push_str(&spool::render_list(&old, SystemTime::now()));
+                }
+                out.push_str(&format!(
+                    "would remove {} {state} record{} older than {} (dry run: nothing removed)\n",
+                    old.len(),
+                    if old.len() == 1 { "" } else { "s" },
+                    humantime::format_duration(older_than)
+                ));
+                emit(&out);
+                EXIT_OK
+            }
+            Err(err) => {
+                eprintln!("payload-guard spool purge: {err}");
+                EXIT_UNAVAILABLE
+            }
+        };
+    }
     let purged = match block_on(spool.purge(state, older_than)) {
         Ok(purged) => purged,
         Err(code) => return code,
@@ -138,7 +168,7 @@ pub(super) fn purge(config: &Path, state: State, older_than: Duration) -> u8 {
         }
         Err(err) => {
             eprintln!("payload-guard spool purge: {err}");
-            EXIT_ERROR
+            EXIT_UNAVAILABLE
         }
     }
 }

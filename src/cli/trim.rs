@@ -10,58 +10,48 @@ use crate::config::Config;
 use crate::config::units::human_bytes;
 use crate::trim::payload::{self, Encoding};
 
-use super::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
+use super::{EXIT_DATAERR, EXIT_NOINPUT, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE};
 
 /// Trims `file` (stdin when `None`) by `route`'s rules.
 pub(super) fn trim(config: &Path, route: &str, file: Option<&Path>) -> u8 {
     let config = match Config::load(config) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return EXIT_USAGE;
-        }
+        Err(err) => return super::config_failed(&err),
     };
     match run(&config, route, file) {
         Ok(true) => EXIT_OK,
         Ok(false) => EXIT_PROBLEMS,
-        Err(err) => {
+        Err((code, err)) => {
             eprintln!("payload-guard trim: {err:#}");
-            EXIT_ERROR
+            code
         }
     }
 }
 
-fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result<bool> {
-    let Some(route) = config.route(route_name) else {
-        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
-        bail!(
-            "no route named {route_name:?} in {} (routes: {})",
-            config.source.display(),
-            names.join(", ")
-        );
-    };
-    let Some(tc) = route.trim.as_ref() else {
-        bail!("route {route_name:?} has no trim rules: add [[routes.trim]] tables to it");
-    };
-    let units = tc.limit_counts.units();
-    let learned = crate::state::LearnedLimits::open(crate::state::limits_path(config));
-    let Some(limit) = learned.limit(route_name, units, route.upstream_limit_bytes) else {
-        bail!(
-            "route {route_name:?} has no upstream_limit (and none was learned yet): nothing to trim to"
-        );
-    };
+/// `Ok(fits)`, or the exit code and why: 64 for a route that cannot trim, 66 for an unreadable
+/// payload, 65 for one that is not JSON.
+fn run(
+    config: &Config,
+    route_name: &str,
+    file: Option<&Path>,
+) -> Result<bool, (u8, anyhow::Error)> {
+    let usage = |e: anyhow::Error| (EXIT_USAGE, e);
+    let (route, tc, units, limit) = route_for(config, route_name).map_err(usage)?;
     let mut body = Vec::new();
     match file {
         Some(path) => {
-            body =
-                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            body = std::fs::read(path)
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(|e| (EXIT_NOINPUT, e))?;
         }
         None => {
             std::io::stdin()
                 .read_to_end(&mut body)
-                .context("cannot read stdin")?;
+                .context("cannot read stdin")
+                .map_err(|e| (EXIT_NOINPUT, e))?;
         }
     }
+    let _ = route;
     let body = bytes::Bytes::from(body);
     let policy = crate::prepare::Policy {
         rules: &tc.rules,
@@ -80,10 +70,57 @@ fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result
                 "cannot trim {}",
                 file.map_or("stdin".into(), |p| p.display().to_string())
             )
-        })?;
+        })
+        .map_err(|e| (EXIT_DATAERR, e))?;
     let Some(shrunk) = shrunk.shrunk else {
-        bail!("the trim rules did not run on the payload");
+        return Err((
+            EXIT_DATAERR,
+            anyhow::anyhow!("the trim rules did not run on the payload"),
+        ));
     };
+    report(route_name, tc, &body, &shrunk, limit).map_err(|e| (EXIT_NOINPUT, e))?;
+    Ok(shrunk.fits)
+}
+
+/// The route, its trim settings, the units its limit counts and the limit to trim to.
+fn route_for<'a>(
+    config: &'a Config,
+    route_name: &str,
+) -> anyhow::Result<(
+    &'a crate::config::RouteConfig,
+    &'a crate::config::TrimConfig,
+    payload::Units,
+    u64,
+)> {
+    let Some(route) = config.route(route_name) else {
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        bail!(
+            "no route named {route_name:?} in {} (routes: {})",
+            config.source.display(),
+            names.join(", ")
+        );
+    };
+    let Some(tc) = route.trim.as_ref() else {
+        bail!("route {route_name:?} has no trim rules: add [[routes.trim]] tables to it");
+    };
+    let units = tc.limit_counts.units();
+    let learned = crate::state::LearnedLimits::open(crate::state::limits_path(config));
+    let Some(limit) = learned.limit(route_name, units, route.upstream_limit_bytes) else {
+        bail!(
+            "route {route_name:?} has no upstream_limit (and none was learned yet): nothing to trim to"
+        );
+    };
+    Ok((route, tc, units, limit))
+}
+
+/// Writes the trimmed bytes to stdout and the report to stderr.
+fn report(
+    route_name: &str,
+    tc: &crate::config::TrimConfig,
+    body: &[u8],
+    shrunk: &payload::Shrunk,
+    limit: u64,
+) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(&shrunk.body)
@@ -102,9 +139,20 @@ fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result
     }
     for a in &shrunk.applied {
         let rule = &tc.specs[a.rule];
+        let what = match a.marked {
+            // The marker's number is what was cut; the body shrank by that less the marker.
+            Some(cut) => format!(
+                "{cut} bytes removed (as its marker says), the body {} bytes smaller",
+                a.removed
+            ),
+            None => format!("{} bytes removed", a.removed),
+        };
         report.push_str(&format!(
-            "  rule {} ({} {:?}): {} removed {} bytes\n",
-            a.rule, rule.path, rule.action, a.path, a.removed
+            "  rule {} ({} {}): {}: {what}\n",
+            a.rule,
+            rule.path,
+            super::check::describe_action(&rule.action),
+            a.path,
         ));
     }
     report.push_str(if shrunk.fits {
@@ -113,5 +161,5 @@ fn run(config: &Config, route_name: &str, file: Option<&Path>) -> anyhow::Result
         "fits: no (the smallest result was written; the rules cannot reach the target)\n"
     });
     eprint!("{report}");
-    Ok(shrunk.fits)
+    Ok(())
 }

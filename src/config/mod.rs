@@ -2,8 +2,26 @@
 //!
 //! Loading is two steps, as in the style guide: [`raw`] is a serde mirror of the file with typed
 //! units and spans, [`validate`] turns it into the runtime [`Config`] and reports every mistake at
-//! once, each with the file, line, column and key at fault.
+//! once, each with the file, line, column and key at fault. `diagnostics` gets every syntax and
+//! type mistake out of serde (which stops at the first) and renders them all with a caret.
+//!
+//! # Adding a key
+//!
+//! 1. Add the field to its struct in [`raw`] as `Option<Spanned<T>>`, with `T` one of `bool`,
+//!    `i64`, `String`, `PathBuf`, `SocketAddr`, [`units::ByteSize`], [`units::Dur`] or a
+//!    `#[serde(rename_all = "snake_case")]` enum. Nothing else is needed for its parse errors:
+//!    unknown keys (with "did you mean" among the struct's fields), wrong types in plain words
+//!    ("expected a whole number"), unknown enum values (with "did you mean" among the
+//!    variants), the dotted key and the caret all come from serde's own error and the span. A
+//!    new unit type's `Visitor::expecting` text becomes its "expected ..." wording.
+//! 2. Read it in `validate` (route keys through `pick(&route.x, &defaults.x)`), and report
+//!    each wrong relation with `rep.at(Some(value.span()), key("x"), "what is wrong: the fix")`
+//!    where the key is the dotted path as in the file (`routes[0].x`); `rep.warn` for a valid
+//!    but doubtful value. Every mistake is collected; none stops the others.
+//! 3. Document it in README.md's tables; `tests/it/cli.rs` runs `check` on every TOML block
+//!    of README.md and deploy/.
 
+mod diagnostics;
 pub mod presets;
 pub mod raw;
 pub mod units;
@@ -11,6 +29,7 @@ mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +48,10 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Headers per request beyond which the request gets 431.
 pub const MAX_HEADERS: usize = 100;
+/// Default `[server] max_connections_per_ip`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
+/// Default `[server] body_min_rate`: 1 KiB/s.
+pub const DEFAULT_BODY_MIN_RATE_BYTES: u64 = 1024;
 /// Default `[server] buffer_budget`.
 pub const DEFAULT_BUFFER_BUDGET_BYTES: u64 = 256 * 1024 * 1024;
 
@@ -58,6 +81,8 @@ pub struct Config {
     pub incidents: IncidentsConfig,
     /// `[spool]` (used by routes with `spool`, `dead_letter` or `archive_originals`).
     pub spool: SpoolSettings,
+    /// What `check` warns about in a valid file (e.g. decimal size units).
+    pub warnings: ConfigErrors,
 }
 
 /// `[spool]`: where undeliverable payloads, dead letters and archived originals are kept, and
@@ -116,8 +141,14 @@ pub struct ServerConfig {
     pub body_idle_timeout: Duration,
     /// A body that is not complete within this gets 408.
     pub body_timeout: Duration,
-    /// Open connections beyond this wait in the accept queue.
+    /// Open connections at most; at the cap the worst open connection is evicted, or the new
+    /// one gets 503 (see [`crate::shed`]).
     pub max_connections: usize,
+    /// Open connections per client address (IPv6: per /64) at most; more get 503.
+    pub max_connections_per_ip: usize,
+    /// Bytes per second a request body must keep up after its first seconds when the proxy
+    /// is short of connections (see [`crate::shed`]).
+    pub body_min_rate_bytes: u64,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
     /// Request header section size beyond which the request gets 431.
@@ -277,6 +308,10 @@ pub struct ConfigError {
     pub key: String,
     /// What is wrong and how to fix it.
     pub message: String,
+    /// The bytes at fault, to put a caret under.
+    pub span: Option<Range<usize>>,
+    /// A warning: the file is valid but probably not what was meant.
+    pub warning: bool,
 }
 
 impl fmt::Display for ConfigError {
@@ -286,6 +321,9 @@ impl fmt::Display for ConfigError {
         } else {
             write!(f, "{}: ", self.file)?;
         }
+        if self.warning {
+            write!(f, "warning: ")?;
+        }
         if self.key.is_empty() {
             write!(f, "{}", self.message)
         } else {
@@ -294,13 +332,33 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Every mistake found in one configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+/// Every mistake found in one configuration file, in file order, with the file's text (to show
+/// the offending lines).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigErrors {
+    /// The mistakes (and, in [`Config::warnings`], the warnings).
+    pub errors: Vec<ConfigError>,
+    /// The file's text.
+    pub text: Arc<str>,
+}
+
+impl ConfigErrors {
+    /// Each mistake as `file:line:col: key: message`, then the offending line with a caret
+    /// under the value or key at fault (what `check` prints). `Display` gives the first lines
+    /// only, for logs and the `POST /reload` answer.
+    pub fn render(&self) -> String {
+        diagnostics::render(&self.text, &self.errors)
+    }
+
+    /// Whether there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, err) in self.0.iter().enumerate() {
+        for (i, err) in self.errors.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
@@ -316,7 +374,7 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {}: {}", path.display(), crate::config::io_words(source))]
     Read {
         /// The path given.
         path: PathBuf,
@@ -327,6 +385,41 @@ pub enum LoadError {
     /// The file was read but is not a valid configuration.
     #[error("{0}")]
     Invalid(#[from] ConfigErrors),
+}
+
+/// An I/O error in plain words, without Rust's `(os error 2)`.
+pub(crate) fn io_words(err: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::NotFound => {
+            "no such file (pass --config PATH, or run where proxy.toml is)".into()
+        }
+        ErrorKind::PermissionDenied => "permission denied".into(),
+        ErrorKind::IsADirectory => "it is a directory, not a file".into(),
+        ErrorKind::InvalidData => "not UTF-8 text".into(),
+        _ => {
+            let text = err.to_string();
+            match text.split_once(" (os error") {
+                Some((words, _)) => words.to_lowercase(),
+                None => text,
+            }
+        }
+    }
+}
+
+impl LoadError {
+    /// What `check`, `run` and the other commands print: every mistake with its line and caret.
+    pub fn render(&self) -> String {
+        match self {
+            LoadError::Read { .. } => format!("{self}\n"),
+            LoadError::Invalid(errors) => errors.render(),
+        }
+    }
+
+    /// Whether the file was missing or unreadable (exit 66) rather than invalid (exit 65).
+    pub fn is_unreadable(&self) -> bool {
+        matches!(self, LoadError::Read { .. })
+    }
 }
 
 impl Config {

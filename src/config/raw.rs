@@ -71,6 +71,8 @@ pub struct RawServer {
     pub body_idle_timeout: Option<Spanned<Dur>>,
     pub body_timeout: Option<Spanned<Dur>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub body_min_rate: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<Dur>>,
     pub max_header_bytes: Option<Spanned<ByteSize>>,
     pub max_concurrent_streams: Option<Spanned<i64>>,
@@ -185,6 +187,16 @@ pub enum OnTrimFailure {
     Reject,
     /// Send the smallest result reached.
     Forward,
+}
+
+impl OnTrimFailure {
+    /// The value as written in the file (`reject`, `forward`), for logs and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTrimFailure::Reject => "reject",
+            OnTrimFailure::Forward => "forward",
+        }
+    }
 }
 
 /// Which bytes `upstream_limit` counts when the body is compressed.

@@ -16,12 +16,12 @@ use super::raw::{
     OnOversize, OnSpoolResponse, RawAction, RawConfig, RawKeep, RawResign, RawRoute, RawSpool,
     RawVerify,
 };
-use super::units::Dur;
+use super::units::{ByteSize, Dur, both_forms, decimal_unit, parse_size, thousands};
 use super::{
-    Config, ConfigError, ConfigErrors, DEFAULT_BUFFER_BUDGET_BYTES, DEFAULT_MAX_413_RETRIES,
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure,
-    Resign, RouteConfig, ServerConfig, SpoolSettings, StoreBackend, TlsConfig, TrimConfig,
-    VerifyConfig,
+    Config, ConfigError, ConfigErrors, DEFAULT_BODY_MIN_RATE_BYTES, DEFAULT_BUFFER_BUDGET_BYTES,
+    DEFAULT_MAX_413_RETRIES, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_MAX_HEADER_BYTES, IncidentsConfig, LimitCounts, OnTrimFailure, Resign, RouteConfig,
+    ServerConfig, SpoolSettings, StoreBackend, TlsConfig, TrimConfig, VerifyConfig,
 };
 use crate::trim::{ActionSpec, DEFAULT_PROTECT, Keep, RuleOrigin, RuleSet, RuleSpec};
 use crate::verify::{Scheme, Secret, Verifier};
@@ -32,6 +32,8 @@ struct Reporter<'a> {
     text: &'a str,
     file: String,
     errors: Vec<ConfigError>,
+    /// Valid but probably not meant (decimal size units next to binary-counting receivers).
+    warnings: Vec<ConfigError>,
     /// Where secrets come from (the process environment, or a test's map).
     env: &'a Env<'a>,
 }
@@ -40,23 +42,57 @@ struct Reporter<'a> {
 pub(super) type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
 
 impl Reporter<'_> {
+    /// Records a mistake at `span` (the value or key at fault) under the dotted `key`.
     fn at(
         &mut self,
         span: Option<Range<usize>>,
         key: impl Into<String>,
         message: impl Into<String>,
     ) {
-        let (line, column) = match span {
+        let err = self.located(span, key.into(), message.into(), false);
+        self.errors.push(err);
+    }
+
+    /// Records a warning: the file stays valid.
+    fn warn(
+        &mut self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let err = self.located(span, key.into(), message.into(), true);
+        self.warnings.push(err);
+    }
+
+    fn located(
+        &self,
+        span: Option<Range<usize>>,
+        key: String,
+        message: String,
+        warning: bool,
+    ) -> ConfigError {
+        let (line, column) = match &span {
             Some(span) => line_col(self.text, span.start),
             None => (0, 0),
         };
-        self.errors.push(ConfigError {
+        ConfigError {
             file: self.file.clone(),
             line,
             column,
-            key: key.into(),
-            message: message.into(),
-        });
+            key,
+            message,
+            span,
+            warning,
+        }
+    }
+
+    /// The collected entries in file order (those with no place in the file last).
+    fn sorted(&self, mut errors: Vec<ConfigError>) -> ConfigErrors {
+        errors.sort_by_key(|e| (e.line == 0, e.line, e.column));
+        ConfigErrors {
+            errors,
+            text: Arc::from(self.text),
+        }
     }
 }
 
@@ -76,30 +112,58 @@ pub(super) fn validate(text: &str, path: &Path, env: &Env<'_>) -> Result<Config,
         text,
         file: path.display().to_string(),
         errors: Vec::new(),
+        warnings: Vec::new(),
         env,
     };
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(err) => {
-            let span = err.span();
-            let key = span
-                .clone()
-                .and_then(|s| text.get(s))
-                .filter(|s| !s.contains('\n') && s.len() < 80)
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default();
-            let message = err.message().trim().replace('\n', " ");
-            let message = if message.starts_with("unknown field") {
-                format!("{message} (check the spelling; see the config reference in README.md)")
-            } else {
-                message
-            };
-            rep.at(span, key, message);
-            return Err(ConfigErrors(rep.errors));
-        }
+    // Syntax and type errors first (every one, see `diagnostics`), then the relations between
+    // values on what did parse; an entry blanked for a parse error is not reported again (as
+    // "missing", say).
+    let (raw, parse_errors) = super::diagnostics::parse_all(text);
+    let mut located = Vec::with_capacity(parse_errors.len());
+    for e in &parse_errors {
+        located.push(rep.located(
+            Some(e.span.clone()),
+            e.key.clone(),
+            e.message.clone(),
+            false,
+        ));
+    }
+    let Some(raw) = raw else {
+        return Err(rep.sorted(located));
     };
+    let result = validate_raw(&raw, path, &mut rep);
+    let blanked: Vec<&str> = parse_errors
+        .iter()
+        .map(|e| e.key.as_str())
+        .filter(|k| !k.is_empty())
+        .collect();
+    let mut errors = std::mem::take(&mut rep.errors);
+    errors.retain(|e| {
+        !blanked.iter().any(|b| {
+            e.key == *b
+                || e.key
+                    .strip_prefix(b)
+                    .is_some_and(|rest| rest.starts_with(['.', '[']))
+        })
+    });
+    errors.extend(located);
+    match result {
+        Some(mut config) if errors.is_empty() => {
+            let warnings = std::mem::take(&mut rep.warnings);
+            config.warnings = rep.sorted(warnings);
+            Ok(config)
+        }
+        _ => {
+            errors.append(&mut rep.warnings);
+            Err(rep.sorted(errors))
+        }
+    }
+}
+
+/// The relations between values of a file that parsed; `None` when any is wrong.
+fn validate_raw(raw: &RawConfig, path: &Path, rep: &mut Reporter<'_>) -> Option<Config> {
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let server = validate_server(&raw, &base_dir, &mut rep);
+    let server = validate_server(raw, &base_dir, rep);
 
     let incidents = IncidentsConfig {
         path: raw
@@ -110,7 +174,7 @@ pub(super) fn validate(text: &str, path: &Path, env: &Env<'_>) -> Result<Config,
             .unwrap_or_else(|| base_dir.join("incidents.jsonl")),
         backend: raw.incidents.as_ref().map_or(StoreBackend::Disk, |i| {
             validate_backend(
-                &mut rep,
+                rep,
                 "incidents",
                 "file",
                 i.backend.as_ref(),
@@ -176,13 +240,12 @@ pub(super) fn validate(text: &str, path: &Path, env: &Env<'_>) -> Result<Config,
                         ),
                     );
         }
-        if let Some(cfg) = validate_route(index, table_span, route, &defaults, &base_dir, &mut rep)
-        {
+        if let Some(cfg) = validate_route(index, table_span, route, &defaults, &base_dir, rep) {
             routes.push(cfg);
         }
     }
 
-    let mut spool = validate_spool(raw.spool.as_ref(), &base_dir, &mut rep);
+    let mut spool = validate_spool(raw.spool.as_ref(), &base_dir, rep);
     spool.used = routes
         .iter()
         .any(|r| r.spool || r.dead_letter || r.archive_originals);
@@ -209,17 +272,14 @@ pub(super) fn validate(text: &str, path: &Path, env: &Env<'_>) -> Result<Config,
             ),
         );
     }
-    if rep.errors.is_empty() {
-        Ok(Config {
-            source: path.to_path_buf(),
-            server,
-            routes,
-            incidents,
-            spool,
-        })
-    } else {
-        Err(ConfigErrors(rep.errors))
-    }
+    rep.errors.is_empty().then(|| Config {
+        source: path.to_path_buf(),
+        server,
+        routes,
+        incidents,
+        spool,
+        warnings: ConfigErrors::default(),
+    })
 }
 
 fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
@@ -247,6 +307,33 @@ fn positive(
                 format!("must be between 1 and {max}, got {}", v.get_ref()),
             );
             default
+        }
+    }
+}
+
+/// A rate such as `"1KiB/s"`: a byte size per second, at least 1 byte.
+fn rate(rep: &mut Reporter<'_>, value: Option<&Spanned<String>>, key: &str) -> u64 {
+    let Some(v) = value else {
+        return DEFAULT_BODY_MIN_RATE_BYTES;
+    };
+    let parsed = v
+        .get_ref()
+        .trim()
+        .strip_suffix("/s")
+        .and_then(|size| super::units::parse_size(size).ok())
+        .filter(|bytes| *bytes >= 1);
+    match parsed {
+        Some(bytes) => bytes,
+        None => {
+            rep.at(
+                Some(v.span()),
+                key,
+                format!(
+                    "must be a size per second of at least 1 byte, like \"1KiB/s\", got {:?}",
+                    v.get_ref()
+                ),
+            );
+            DEFAULT_BODY_MIN_RATE_BYTES
         }
     }
 }
@@ -398,6 +485,14 @@ fn validate_server(raw: &RawConfig, base_dir: &Path, rep: &mut Reporter<'_>) -> 
             4096,
             1 << 20,
         ) as usize,
+        max_connections_per_ip: positive(
+            rep,
+            s.max_connections_per_ip.as_ref(),
+            "server.max_connections_per_ip",
+            DEFAULT_MAX_CONNECTIONS_PER_IP as i64,
+            1 << 20,
+        ) as usize,
+        body_min_rate_bytes: rate(rep, s.body_min_rate.as_ref(), "server.body_min_rate"),
         shutdown_grace: s
             .shutdown_grace
             .as_ref()
@@ -957,12 +1052,13 @@ fn validate_route(
                 Some(limit.span()),
                 key("upstream_limit"),
                 format!(
-                    "{} is larger than max_body ({}): raise max_body or lower upstream_limit",
-                    limit.get_ref(),
-                    super::units::ByteSize(max_body_bytes)
+                    "{} is larger than max_body, {}: raise max_body or lower upstream_limit",
+                    both_forms(limit.get_ref().0),
+                    both_forms(max_body_bytes)
                 ),
             );
         }
+        decimal_unit_warning(rep, limit, &key("upstream_limit"));
     }
 
     let preset = match pick(&route.sender, &defaults.sender) {
@@ -1360,6 +1456,30 @@ fn validate_trim(
     })
 }
 
+/// Warns when a receiver's limit is written with a decimal unit (`"1MB"`: 1,000,000 bytes):
+/// nginx (`1m`), Express (`'1mb'`) and Flask (`1 * 1024 * 1024`) count 1,048,576.
+fn decimal_unit_warning(rep: &mut Reporter<'_>, value: &Spanned<ByteSize>, key: &str) {
+    let written = rep.text.get(value.span()).unwrap_or("").trim_matches('"');
+    let Some(binary) = decimal_unit(written) else {
+        return;
+    };
+    let number = written.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c.is_whitespace());
+    let meant = format!("{number}{binary}");
+    let meant_bytes = parse_size(&meant).unwrap_or(value.get_ref().0);
+    let unit = written.trim_start_matches(number).trim();
+    rep.warn(
+        Some(value.span()),
+        key,
+        format!(
+            "\"{written}\" is {}; did you mean \"{meant}\", {}? Express and nginx count 1{} as {} bytes",
+            both_forms(value.get_ref().0),
+            both_forms(meant_bytes),
+            unit.to_ascii_lowercase(),
+            thousands(parse_size(&format!("1{binary}")).unwrap_or(0)),
+        ),
+    );
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -1579,19 +1699,22 @@ max_body = 100
     #[test]
     fn unknown_key_names_line_and_key() {
         let err = load("[server]\nlisten = \"127.0.0.1:1\"\nlisten_addr = 3\n").unwrap_err();
-        let e = &err.0[0];
+        let e = &err.errors[0];
         assert_eq!((e.line, e.column), (3, 1));
-        assert_eq!(e.key, "listen_addr");
-        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(e.key, "server.listen_addr");
+        assert!(e.message.contains("unknown key \"listen_addr\""), "{e}");
     }
 
     #[test]
     fn bad_size_and_duration_are_located() {
         let err = load(&format!("{MINIMAL}max_body = \"12 parsecs\"\n")).unwrap_err();
-        assert_eq!(err.0[0].line, 6, "{err}");
-        assert!(err.0[0].message.contains("invalid size"), "{err}");
+        assert_eq!(err.errors[0].line, 6, "{err}");
+        assert!(err.errors[0].message.contains("expected a size"), "{err}");
         let err = load(&format!("{MINIMAL}connect_timeout = \"soon\"\n")).unwrap_err();
-        assert!(err.0[0].message.contains("invalid duration"), "{err}");
+        assert!(
+            err.errors[0].message.contains("expected a duration"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1618,7 +1741,7 @@ upstream = "http://127.0.0.1:1/"
         let text = err.to_string();
         for needle in [
             "routes[0].upstream: unsupported scheme",
-            "routes[0].upstream_limit: 2 MiB is larger than max_body (1 MiB)",
+            "routes[0].upstream_limit: 2 MiB (2,097,152 bytes) is larger than max_body, 1 MiB (1,048,576 bytes)",
             "routes[1].path_prefix: \"a\" must start with '/'",
             "routes[1].upstream: \"http://127.0.0.1:1/?q=1\" has a query",
             "routes[2].path_prefix: duplicate path_prefix \"/a\"",

@@ -198,16 +198,7 @@ pub fn incidents(proxy: &Proxy, filter: &IncidentFilter) -> Result<IncidentsView
     let runtime = proxy.current();
     let path = &runtime.config.incidents.path;
     let read = diagnose::read_log(path, None, None).map_err(|e| e.to_string())?;
-    let infos: Vec<RouteInfo> = runtime
-        .config
-        .routes
-        .iter()
-        .map(|r| RouteInfo {
-            name: r.name.clone(),
-            max_body: r.max_body_bytes,
-            upstream_limit: r.upstream_limit_bytes,
-        })
-        .collect();
+    let infos: Vec<RouteInfo> = runtime.config.routes.iter().map(RouteInfo::of).collect();
     let mut routes: Vec<String> = infos.iter().map(|r| r.name.clone()).collect();
     for incident in &read.incidents {
         if !routes.contains(&incident.route) {

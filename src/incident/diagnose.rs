@@ -25,7 +25,13 @@
 //! - A trim rule "saves" a request that was over the receiver's limit (refused by the receiver,
 //!   or by the proxy without trimming) if cutting the field down to about [`TRIM_KEEP_BYTES`]
 //!   would bring the request under the route's effective limit, computed from its recorded
-//!   `top_fields`. Rules touching a protected path ([`PROTECTED_PATHS`]) are never suggested.
+//!   `top_fields`. Rules touching a protected path ([`PROTECTED_PATHS`]) or already covered by
+//!   one of the route's own rules are never suggested; requests without `top_fields` count as
+//!   not saved.
+//! - Settings of the route itself are corrected from the evidence: an `upstream_limit` at or
+//!   above a size the receiver refused (the line to paste is the learned limit; it "saves" the
+//!   receiver's 413s over it), and `limit_counts = "decoded"` when the receiver refused
+//!   compressed bodies whose wire size was under the limit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -38,6 +44,7 @@ use serde::Serialize;
 
 use super::learn::{Bracket, LimitLearner, effective_limit};
 use super::{Action, FieldBytes, Incident, Kind, Rejector};
+use crate::config::LimitCounts;
 
 /// Margin added to the observed p99 when recommending a receiver setting.
 pub const HEADROOM_PERCENT: u64 = 25;
@@ -214,7 +221,7 @@ pub fn read_log(
 }
 
 /// A configured route, as `diagnose` needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteInfo {
     /// The route's `name`.
     pub name: String,
@@ -222,6 +229,25 @@ pub struct RouteInfo {
     pub max_body: u64,
     /// Its configured `upstream_limit` in bytes.
     pub upstream_limit: Option<u64>,
+    /// The paths of its trim rules (a rule they cover is never suggested).
+    pub trim_paths: Vec<String>,
+    /// Its `limit_counts`, when it trims.
+    pub limit_counts: Option<LimitCounts>,
+}
+
+impl RouteInfo {
+    /// What `diagnose` needs of a configured route.
+    pub fn of(route: &crate::config::RouteConfig) -> RouteInfo {
+        RouteInfo {
+            name: route.name.clone(),
+            max_body: route.max_body_bytes,
+            upstream_limit: route.upstream_limit_bytes,
+            trim_paths: route.trim.as_ref().map_or_else(Vec::new, |t| {
+                t.specs.iter().map(|spec| spec.path.clone()).collect()
+            }),
+            limit_counts: route.trim.as_ref().map(|t| t.limit_counts),
+        }
+    }
 }
 
 /// The whole diagnosis; its JSON form is the stable `--format json` output.
@@ -266,6 +292,21 @@ pub struct RouteReport {
     pub remediation: Vec<Remediation>,
     /// The trim rule that would have saved the most requests, if any would.
     pub trim: Option<TrimSuggestion>,
+    /// Corrections to the route's own settings, most requests saved first.
+    pub settings: Vec<SettingFix>,
+}
+
+/// A correction to one of the route's settings, from the evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SettingFix {
+    /// The key (`upstream_limit`, `limit_counts`).
+    pub key: String,
+    /// The exact line to paste into the route's `[[routes]]` table.
+    pub line: String,
+    /// Requests the receiver refused that the setting would have kept from it.
+    pub saved: u64,
+    /// Why, in one sentence.
+    pub reason: String,
 }
 
 /// Incidents by kind.
@@ -399,6 +440,7 @@ struct Request<'a> {
     actions: Vec<Action>,
     limit: Option<u64>,
     max_body: Option<u64>,
+    encoding: Option<&'a str>,
 }
 
 impl Request<'_> {
@@ -481,6 +523,7 @@ fn route_report(
         request.actions.extend(incident.action);
         request.limit = request.limit.or(incident.upstream_limit);
         request.max_body = request.max_body.or(incident.max_body);
+        request.encoding = request.encoding.or(incident.content_encoding.as_deref());
     }
     // Log order, so that results do not depend on hash order.
     let requests: Vec<Request<'_>> = order.iter().filter_map(|id| requests.remove(id)).collect();
@@ -532,7 +575,122 @@ fn route_report(
         rejectors,
         learned,
         remediation,
-        trim: suggest_trim(name, &requests, limit),
+        trim: suggest_trim(
+            name,
+            &requests,
+            limit,
+            info.map_or(&[][..], |i| &i.trim_paths),
+        ),
+        settings: setting_fixes(info, configured_limit, &learned, limit, &requests),
+    }
+}
+
+/// Corrections to the route's own settings (see the module docs), most saved first.
+fn setting_fixes(
+    info: Option<&RouteInfo>,
+    configured: Option<u64>,
+    learned: &Bracket,
+    limit: Option<u64>,
+    requests: &[Request<'_>],
+) -> Vec<SettingFix> {
+    let refused = |r: &&Request<'_>| r.kinds.contains(&Kind::Upstream413);
+    let counts_wire = info.and_then(|i| i.limit_counts) == Some(LimitCounts::Wire);
+    // A compressed body refused under a wire-counted limit is explained by limit_counts.
+    let compressed = |r: &&Request<'_>| {
+        counts_wire
+            && r.encoding
+                .is_some_and(|e| !e.eq_ignore_ascii_case("identity"))
+    };
+    let mut fixes = Vec::new();
+    if let (Some(rejected), Some(suggested)) = (learned.smallest_rejected, limit)
+        && configured.is_none_or(|c| c >= rejected)
+        && suggested < rejected
+    {
+        let saved = requests
+            .iter()
+            .filter(refused)
+            .filter(|r| !compressed(r))
+            .filter(|r| r.size.is_some_and(|s| s > suggested))
+            .count() as u64;
+        let reason = match configured {
+            Some(c) => format!(
+                "upstream_limit is {} but the receiver refused {}: the limit in force is the learned one, make it the configured one",
+                exact_bytes(c),
+                exact_bytes(rejected)
+            ),
+            None => format!(
+                "upstream_limit is not set and the receiver refused {}: set it so every replica knows it from the first request",
+                exact_bytes(rejected)
+            ),
+        };
+        if saved > 0 {
+            fixes.push(SettingFix {
+                key: "upstream_limit".to_owned(),
+                line: format!("upstream_limit = \"{}\"", toml_size(suggested)),
+                saved,
+                reason,
+            });
+        }
+    }
+    if let Some(limit) = configured {
+        let compressed = requests
+            .iter()
+            .filter(refused)
+            .filter(compressed)
+            .filter(|r| r.size.is_some_and(|s| s <= limit))
+            .count() as u64;
+        if compressed > 0 {
+            fixes.push(SettingFix {
+                key: "limit_counts".to_owned(),
+                line: "limit_counts = \"decoded\"".to_owned(),
+                saved: compressed,
+                reason: format!(
+                    "the receiver refused {} under upstream_limit on the wire: it counts decoded bytes (Express's body-parser does)",
+                    plural(compressed, "compressed body", "compressed bodies")
+                ),
+            });
+        }
+    }
+    fixes.sort_by_key(|f| std::cmp::Reverse(f.saved));
+    fixes
+}
+
+/// A size as a TOML string: `"1MiB"`, `"100KiB"`, else bytes (`"1000000B"`).
+fn toml_size(bytes: u64) -> String {
+    if bytes > 0 && bytes.is_multiple_of(MIB) {
+        format!("{}MiB", bytes / MIB)
+    } else if bytes > 0 && bytes.is_multiple_of(1024) {
+        format!("{}KiB", bytes / 1024)
+    } else {
+        format!("{bytes}B")
+    }
+}
+
+/// `1 request`, `2 requests`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Whether the trim rule `rule` (a rule path, `*` within a key) acts on `path` or an ancestor
+/// of it, so suggesting `path` would repeat it.
+fn rule_covers(rule: &str, path: &str) -> bool {
+    let rule: Vec<&str> = rule.split('.').collect();
+    let path: Vec<&str> = path.split('.').collect();
+    rule.len() <= path.len() && rule.iter().zip(&path).all(|(r, p)| glob(r, p))
+}
+
+/// `*` matches any run of characters (within one key).
+fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(text) = text.strip_prefix(head) else {
+                return false;
+            };
+            (0..=text.len())
+                .filter(|&i| text.is_char_boundary(i))
+                .any(|i| glob(rest, &text[i..]))
+        }
     }
 }
 
@@ -746,18 +904,23 @@ fn suggest_trim(
     route: &str,
     requests: &[Request<'_>],
     limit: Option<u64>,
+    existing: &[String],
 ) -> Option<TrimSuggestion> {
     let limit = limit?;
-    let over: Vec<(u64, &[FieldBytes])> = requests
+    let failed: Vec<&Request<'_>> = requests
         .iter()
-        .filter(|r| r.failed_over_limit() && !r.top_fields.is_empty())
+        .filter(|r| r.failed_over_limit() && r.size.is_some_and(|s| s > limit))
+        .collect();
+    let over: Vec<(u64, &[FieldBytes])> = failed
+        .iter()
+        .filter(|r| !r.top_fields.is_empty())
         .filter_map(|r| r.size.map(|size| (size, r.top_fields)))
-        .filter(|(size, _)| *size > limit)
         .collect();
     let mut candidates: Vec<Candidate> = over
         .iter()
         .flat_map(|(_, fields)| fields.iter().filter_map(|f| Candidate::for_leaf(&f.path)))
         .filter(|c| !c.touches_protected())
+        .filter(|c| !existing.iter().any(|rule| rule_covers(rule, c.path())))
         .collect();
     candidates.sort();
     candidates.dedup();
@@ -790,7 +953,7 @@ fn suggest_trim(
         }
         .to_owned(),
         saved,
-        over_limit: over.len() as u64,
+        over_limit: failed.len() as u64,
         toml: trim_toml(route, &best),
     })
 }
@@ -917,9 +1080,9 @@ fn render_route(out: &mut String, r: &RouteReport) {
     row(
         "incidents",
         format!(
-            "{} in {} requests: {}",
+            "{} in {}: {}",
             r.incidents,
-            r.requests,
+            plural(r.requests, "request", "requests"),
             Kind::ALL
                 .iter()
                 .map(|k| format!("{} {}", k.as_str(), r.by_kind.get(*k)))
@@ -941,12 +1104,12 @@ fn render_route(out: &mut String, r: &RouteReport) {
         row(
             "body size",
             format!(
-                "p50 {}, p95 {}, p99 {}, max {} ({} requests)",
+                "p50 {}, p95 {}, p99 {}, max {} ({})",
                 human_bytes(s.p50),
                 human_bytes(s.p95),
                 human_bytes(s.p99),
                 human_bytes(s.max),
-                s.samples
+                plural(s.samples, "request", "requests")
             ),
         );
     }
@@ -1000,11 +1163,25 @@ fn render_route(out: &mut String, r: &RouteReport) {
             }
         }
     }
+    for fix in &r.settings {
+        let _ = writeln!(
+            out,
+            "  set {}: would have saved {} of {} the receiver refused; {}",
+            fix.key,
+            fix.saved,
+            plural(r.by_kind.upstream_413, "request", "requests"),
+            fix.reason
+        );
+        let _ = writeln!(out, "    {}", fix.line);
+    }
     if let Some(t) = &r.trim {
         let _ = writeln!(
             out,
-            "  trim: {} {} would have saved {} of {} requests over the limit",
-            t.action, t.path, t.saved, t.over_limit
+            "  trim: {} {} would have saved {} of {} over the limit",
+            t.action,
+            t.path,
+            t.saved,
+            plural(t.over_limit, "request", "requests")
         );
         for line in t.toml.lines() {
             let _ = writeln!(out, "    {line}");
@@ -1027,11 +1204,13 @@ mod tests {
                 name: "synthflow".into(),
                 max_body: 32 * MIB,
                 upstream_limit: Some(MIB),
+                ..RouteInfo::default()
             },
             RouteInfo {
                 name: "retell".into(),
                 max_body: 32 * MIB,
                 upstream_limit: None,
+                ..RouteInfo::default()
             },
         ]
     }
@@ -1273,6 +1452,112 @@ mod tests {
         // 6.4 MiB + 25% = 8.0 MiB exactly: no extra MiB.
         assert_eq!(recommended_bytes(6_710_886), 8 * MIB);
         assert_eq!(recommended_bytes(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn never_suggests_a_rule_the_route_has() {
+        let read = read_log(Path::new(LOG), None, None).unwrap();
+        let mut routes = routes();
+        routes[0].trim_paths = vec!["call.transcript".into()];
+        let report = diagnose(&read.incidents, &routes);
+        let r = &report.routes[1];
+        assert_ne!(
+            r.trim.as_ref().map(|t| t.path.as_str()),
+            Some("call.transcript")
+        );
+        // A glob on a key covers it too; an ancestor rule covers its descendants.
+        assert!(rule_covers("call.*script", "call.transcript"));
+        assert!(rule_covers("call", "call.turns[*].text"));
+        assert!(rule_covers("call.turns[*].text", "call.turns[*].text"));
+        assert!(!rule_covers("call.transcript", "call.turns[*].text"));
+        assert!(!rule_covers("analysis.*_feedback", "analysis.summary"));
+    }
+
+    #[test]
+    fn upstream_limit_is_corrected_from_the_receivers_413s() {
+        let read = read_log(Path::new(LOG), None, None).unwrap();
+        let mut routes = routes();
+        // Configured above what nginx refused (1,100,000 bytes).
+        routes[0].upstream_limit = Some(2 * MIB);
+        let report = diagnose(&read.incidents, &routes);
+        let fix = &report.routes[1].settings[0];
+        assert_eq!(fix.key, "upstream_limit");
+        assert_eq!(fix.line, "upstream_limit = \"1MiB\"");
+        assert_eq!(fix.saved, 3);
+        assert!(
+            fix.reason.contains("refused 1100000 bytes"),
+            "{}",
+            fix.reason
+        );
+        // Configured under the refusals: nothing to correct.
+        assert!(fixture_report().routes[1].settings.is_empty());
+        // Not configured: the learned limit, to paste.
+        let retell = &fixture_report().routes[0];
+        let learned = toml_size(retell.effective_limit.unwrap());
+        assert_eq!(
+            retell.settings[0].line,
+            format!("upstream_limit = \"{learned}\"")
+        );
+        let text = render_text(&report);
+        assert!(
+            text.contains(
+                "  set upstream_limit: would have saved 3 of 3 requests the receiver refused;"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("\n    upstream_limit = \"1MiB\"\n"), "{text}");
+    }
+
+    #[test]
+    fn limit_counts_is_suggested_when_compressed_bodies_were_refused() {
+        let mut refused = Incident::new(Kind::Upstream413, "express", "r1");
+        refused.content_encoding = Some("gzip".into());
+        refused.body_bytes = Some(60_000);
+        refused.upstream_limit = Some(100 * 1024);
+        refused.rejector = Some(Rejector::Express);
+        let routes = [RouteInfo {
+            name: "express".into(),
+            max_body: 32 * MIB,
+            upstream_limit: Some(100 * 1024),
+            trim_paths: vec!["call.transcript".into()],
+            limit_counts: Some(LimitCounts::Wire),
+        }];
+        let report = diagnose(&[refused.clone()], &routes);
+        let fixes = &report.routes[0].settings;
+        let fix = fixes.iter().find(|f| f.key == "limit_counts").unwrap();
+        assert_eq!(fix.line, "limit_counts = \"decoded\"");
+        assert_eq!(fix.saved, 1);
+        assert!(
+            fix.reason.contains("1 compressed body under"),
+            "{}",
+            fix.reason
+        );
+        // Already decoded, or not compressed: nothing to say.
+        let decoded = [RouteInfo {
+            limit_counts: Some(LimitCounts::Decoded),
+            ..routes[0].clone()
+        }];
+        let report = diagnose(&[refused.clone()], &decoded);
+        assert!(
+            report.routes[0]
+                .settings
+                .iter()
+                .all(|f| f.key != "limit_counts")
+        );
+        refused.content_encoding = None;
+        let report = diagnose(&[refused], &routes);
+        assert!(
+            report.routes[0]
+                .settings
+                .iter()
+                .all(|f| f.key != "limit_counts")
+        );
+        // One request reads as one request.
+        let text = render_text(&report);
+        assert!(
+            text.contains("(1 request)") && text.contains("in 1 request:"),
+            "{text}"
+        );
     }
 
     #[test]

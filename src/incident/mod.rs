@@ -28,6 +28,7 @@
 //! | `peer` | string | the sender's IP address |
 //! | `user_agent` | string | the sender's `User-Agent` |
 //! | `content_type` | string | the request's `Content-Type` |
+//! | `content_encoding` | string | the request's `Content-Encoding` (`gzip`, `deflate`), when it had one |
 //! | `content_length` | integer | the request's `Content-Length` header, when it had one |
 //! | `body_bytes` | integer | body bytes the proxy saw (for `over_max_body` cut off early, this is what was read before the cut) |
 //! | `max_body` | integer | the route's `max_body` in bytes |
@@ -210,6 +211,9 @@ pub struct Incident {
     /// Request `Content-Type`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
+    /// Request `Content-Encoding` (so `diagnose` can tell compressed bodies apart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_encoding: Option<String>,
     /// Request `Content-Length` header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_length: Option<u64>,
@@ -271,6 +275,7 @@ impl Incident {
             peer: None,
             user_agent: None,
             content_type: None,
+            content_encoding: None,
             content_length: None,
             body_bytes: None,
             max_body: None,

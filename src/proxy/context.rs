@@ -83,7 +83,7 @@ impl<'a> RequestCtx<'a> {
             .learned
             .limit(&cfg.name, units, cfg.upstream_limit_bytes);
         if limit != cfg.upstream_limit_bytes {
-            tracing::debug!(route = %cfg.name, limit = ?limit, "using the receiver limit learned from its 413s");
+            tracing::debug!(route = %cfg.name, limit = limit, "using the receiver limit learned from its 413s");
         }
         let is_h1 = parts.version < http::Version::HTTP_2;
         let host = get(header::HOST).or_else(|| parts.uri.authority().map(|a| a.to_string()));
@@ -166,6 +166,7 @@ impl<'a> RequestCtx<'a> {
         inc.peer = Some(self.peer.ip());
         inc.user_agent.clone_from(&self.user_agent);
         inc.content_type.clone_from(&self.content_type);
+        inc.content_encoding.clone_from(&self.content_encoding);
         inc.content_length = self.declared;
         inc.max_body = Some(self.cfg.max_body_bytes);
         inc.upstream_limit = self.limit;

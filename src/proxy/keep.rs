@@ -202,7 +202,7 @@ async fn dead_letter(
         meta.last_error = Some(format!("receiver refused it: {status}"));
         match kept.commit(state, State::Dead, meta).await {
             Ok(id) => {
-                tracing::warn!(route = %ctx.cfg.name, id = %id, status, "refused payload kept as a dead letter")
+                crate::warn_limited!(ctx.cfg.name, "refused payload kept as a dead letter", id = %id, status)
             }
             Err(err) => {
                 tracing::error!(route = %ctx.cfg.name, error = %err, status, "cannot keep the dead letter")

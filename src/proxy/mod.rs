@@ -198,11 +198,15 @@ impl Shared {
             buffer_in_use_bytes: self.budget.in_use(),
             buffer_budget_bytes: self.budget.limit(),
             open_connections: self.open_connections.load(Ordering::Relaxed),
+            resident_bytes: crate::server::resident_bytes(),
             spool_depth: self.spool.as_ref().map_or_else(Vec::new, |s| {
                 crate::spool::State::ALL
                     .iter()
                     .map(|state| (state.as_str().to_string(), s.spool.depth(*state) as u64))
                     .collect()
+            }),
+            spool_routes: self.spool.as_ref().map_or_else(Vec::new, |s| {
+                crate::metrics::spool_route_readings(&s.spool, std::time::SystemTime::now())
             }),
         }
     }

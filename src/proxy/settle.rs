@@ -1,6 +1,7 @@
 //! Phase 6, settle: what happened to a request is written down once, from its outcome, here.
 //! Each incident is recorded (log file, metrics) with one line in the proxy's own log; a
-//! failure of the receiver or of the proxy gets one WARN line; the access log is filled in
+//! failure of the receiver or of the proxy gets one WARN line (repeats of a kind on a route
+//! collapsed by [`crate::warn_limit`]); the access log is filled in
 //! (it is written when the response body is done, with the request metrics).
 
 use bytes::Bytes;
@@ -27,7 +28,7 @@ impl RequestCtx<'_> {
         if let Err(err) = result
             && err.culprit() != Culprit::Sender
         {
-            tracing::warn!(route = %self.cfg.name, request_id = %self.request_id, error = err.code(), reason = %err, "request failed");
+            crate::warn_limited!(self.cfg.name, "request failed", request_id = %self.request_id, error = err.code(), reason = %err);
         }
         // The console's size histograms: the payload's size as sent, also when it was refused
         // on its Content-Length before a byte was read (a request without either has none).
@@ -63,6 +64,10 @@ pub fn log_incident(inc: &Incident) {
     let rejector = inc.rejector.as_ref().map_or("", |r| r.as_str());
     let call_id = inc.call_id.as_deref().unwrap_or("");
     let upstream_status = inc.upstream_status.unwrap_or(0);
+    // Repeats of the same kind on the same route are counted and summarised (see warn_limit).
+    if !crate::warn_limit::warnings().admit(message, &inc.route) {
+        return;
+    }
     tracing::warn!(route = %inc.route, request_id = %inc.request_id, call_id, kind = inc.kind.as_str(), action, bytes = size.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), upstream_status, rejector, reason, "{message}");
 }
 

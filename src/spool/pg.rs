@@ -76,6 +76,8 @@ struct Inner {
     replica: String,
     usage: AtomicU64,
     depth: [AtomicUsize; 3],
+    /// Ready records per route at the last refresh: (route, records, oldest received).
+    ready_by_route: std::sync::Mutex<Vec<(String, u64, SystemTime)>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -101,6 +103,7 @@ impl PgStore {
                 replica: replica_name(),
                 usage: AtomicU64::new(0),
                 depth: Default::default(),
+                ready_by_route: Default::default(),
             }),
         })
     }
@@ -658,10 +661,28 @@ impl SpoolStore for PgStore {
                     .await
                     .map_err(|e| self.err(&e))?
                     .get(0);
-                Ok((rows, used))
+                let routes = client
+                    .query(
+                        "SELECT route, count(*), min(received_at) FROM payload_guard_spool
+                         WHERE state = 'ready' GROUP BY route ORDER BY route",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| self.err(&e))?;
+                Ok((rows, used, routes))
             })
             .await;
-        let Ok((rows, used)) = counted else { return };
+        let Ok((rows, used, routes)) = counted else {
+            return;
+        };
+        *self
+            .inner
+            .ready_by_route
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = routes
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get(2)))
+            .collect();
         let mut depth = [0usize; 3];
         for row in rows {
             if let Ok(state) = row.get::<_, &str>(0).parse::<State>() {
@@ -672,6 +693,14 @@ impl SpoolStore for PgStore {
             slot.store(value, Ordering::Release);
         }
         self.inner.usage.store(used as u64, Ordering::Release);
+    }
+
+    fn ready_by_route(&self) -> Vec<(String, u64, SystemTime)> {
+        self.inner
+            .ready_by_route
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn usage(&self) -> u64 {

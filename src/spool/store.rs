@@ -92,6 +92,11 @@ pub trait SpoolStore: Send + Sync + fmt::Debug {
     /// Recounts depth and usage from the store (after other processes changed it).
     async fn refresh(&self);
 
+    /// Per route: ready records and when the oldest was received (for `/metrics`, which is
+    /// answered without waiting: the disk spool reads the records' metadata, the PostgreSQL
+    /// spool answers with its count from the last [`refresh`](SpoolStore::refresh)).
+    fn ready_by_route(&self) -> Vec<(String, u64, SystemTime)>;
+
     /// Bytes held by records, as last counted.
     fn usage(&self) -> u64;
 
@@ -303,6 +308,27 @@ impl SpoolStore for DiskStore {
 
     async fn refresh(&self) {
         // The disk spool counts as it goes, and rescans by itself when it finds itself full.
+    }
+
+    fn ready_by_route(&self) -> Vec<(String, u64, SystemTime)> {
+        let entries = match self.spool.list(State::Ready, None) {
+            Ok(entries) => entries,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list the spool for its metrics");
+                return Vec::new();
+            }
+        };
+        let mut by_route: Vec<(String, u64, SystemTime)> = Vec::new();
+        for entry in entries {
+            match by_route.iter_mut().find(|r| r.0 == entry.meta.route) {
+                Some(r) => {
+                    r.1 += 1;
+                    r.2 = r.2.min(entry.meta.received_at);
+                }
+                None => by_route.push((entry.meta.route, 1, entry.meta.received_at)),
+            }
+        }
+        by_route
     }
 
     fn usage(&self) -> u64 {

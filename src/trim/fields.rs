@@ -183,3 +183,141 @@ mod tests {
         );
     }
 }
+
+/// Bytes of a streamed body's head that [`top_fields_of_head`] is meant to see: streamed
+/// bodies are never held whole, so their incidents sample this much of the start.
+pub const HEAD_SAMPLE_BYTES: usize = 64 * 1024;
+
+/// Like [`top_fields`], for the first bytes of a JSON body that may be cut anywhere (a
+/// streamed body's head, at most [`HEAD_SAMPLE_BYTES`]): every leaf seen so far counts with the
+/// bytes seen, a value cut off counts with what arrived. Never fails: a head that stops being
+/// JSON ends the walk there.
+pub fn top_fields_of_head(head: &[u8], n: usize) -> Vec<FieldSize> {
+    /// One open container: an object (with the key its next value goes under) or an array.
+    enum Open {
+        Object { key: Option<String> },
+        Array,
+    }
+    let path_of = |stack: &[Open]| {
+        let mut path = String::new();
+        for open in stack {
+            match open {
+                Open::Object { key: Some(key) } => push_step(&mut path, Step::Key(key)),
+                Open::Object { key: None } => {}
+                Open::Array => push_step(&mut path, Step::AnyIndex),
+            }
+        }
+        path
+    };
+    let mut sizes: HashMap<String, usize> = HashMap::new();
+    let mut stack: Vec<Open> = Vec::new();
+    // In an object, whether the next string is a key.
+    let mut want_key = false;
+    let mut i = 0;
+    while i < head.len() {
+        let b = head[i];
+        match b {
+            b' ' | b'\t' | b'\n' | b'\r' | b':' => i += 1,
+            b',' => {
+                want_key = matches!(stack.last(), Some(Open::Object { .. }));
+                i += 1;
+            }
+            b'{' => {
+                if stack.len() >= super::MAX_DEPTH {
+                    break;
+                }
+                stack.push(Open::Object { key: None });
+                want_key = true;
+                i += 1;
+            }
+            b'[' => {
+                if stack.len() >= super::MAX_DEPTH {
+                    break;
+                }
+                stack.push(Open::Array);
+                want_key = false;
+                i += 1;
+            }
+            b'}' | b']' => {
+                stack.pop();
+                want_key = false;
+                i += 1;
+            }
+            b'"' => {
+                let start = i;
+                i += 1;
+                while i < head.len() && head[i] != b'"' {
+                    i += if head[i] == b'\\' { 2 } else { 1 };
+                }
+                let end = (i + 1).min(head.len());
+                if want_key && i < head.len() {
+                    let mut key = Vec::new();
+                    decode_key(&head[start + 1..i], &mut key);
+                    if let Some(Open::Object { key: slot }) = stack.last_mut() {
+                        *slot = Some(String::from_utf8_lossy(&key).into_owned());
+                    }
+                    want_key = false;
+                } else if !want_key {
+                    *sizes.entry(path_of(&stack)).or_default() += end - start;
+                }
+                i = end;
+            }
+            _ => {
+                // A number, true, false or null: up to the next delimiter.
+                let start = i;
+                while i < head.len()
+                    && !matches!(head[i], b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')
+                {
+                    i += 1;
+                }
+                if want_key {
+                    break; // not JSON any more
+                }
+                *sizes.entry(path_of(&stack)).or_default() += i - start;
+            }
+        }
+    }
+    let mut fields: Vec<FieldSize> = sizes
+        .into_iter()
+        .map(|(path, bytes)| FieldSize { path, bytes })
+        .collect();
+    fields.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path)));
+    fields.truncate(n);
+    fields
+}
+
+#[cfg(test)]
+mod head_tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_body_gives_the_same_fields_as_top_fields() {
+        let body = br#"{"call":{"call_id":"c1","transcript":"hello world","turns":[{"text":"a"},{"text":"bcd"}]},"n":12,"ok":true,"x":null,"a.b":"q"}"#;
+        let mut want = top_fields(body, 10).unwrap();
+        let mut got = top_fields_of_head(body, 10);
+        want.sort_by(|a, b| a.path.cmp(&b.path));
+        got.sort_by(|a, b| a.path.cmp(&b.path));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_cut_head_counts_what_arrived() {
+        let body = br#"{"call":{"call_id":"c1","transcript":"0123456789"#;
+        let got = top_fields_of_head(body, 5);
+        assert_eq!(got[0].path, "call.transcript");
+        assert_eq!(got[0].bytes, 11); // the opening quote and ten digits
+        assert_eq!(
+            got[1],
+            FieldSize {
+                path: "call.call_id".into(),
+                bytes: 4
+            }
+        );
+        // Cut inside a key, an escape or a number: no panic, what came before stands.
+        for cut in 0..body.len() {
+            let _ = top_fields_of_head(&body[..cut], 5);
+        }
+        assert!(top_fields_of_head(b"", 5).is_empty());
+        assert!(top_fields_of_head(b"not json", 5).len() <= 1);
+    }
+}

@@ -55,7 +55,7 @@ mod proptests;
 
 use std::fmt;
 
-pub use self::fields::{FieldSize, string_at, top_fields};
+pub use self::fields::{FieldSize, HEAD_SAMPLE_BYTES, string_at, top_fields, top_fields_of_head};
 pub use self::rewrite::trim;
 pub use self::scan::MAX_DEPTH;
 
@@ -376,6 +376,9 @@ pub struct Applied {
     pub rule: usize,
     /// Bytes the edit took off the body (net of any marker inserted).
     pub removed: usize,
+    /// The number a marker inserted by the edit shows: the raw bytes cut from the string
+    /// (`removed` plus the marker's own length). `None` when the edit inserted no marker.
+    pub marked: Option<usize>,
 }
 
 /// Why a body could not be trimmed.

@@ -47,6 +47,7 @@ pub(crate) fn trim_tape(tape: &Tape<'_>, rules: &RuleSet, target: usize) -> Trim
                 break 'rules;
             }
             let before = editor.total;
+            editor.last_marked = None;
             let changed = match &rule.action {
                 Action::Truncate {
                     keep,
@@ -64,6 +65,7 @@ pub(crate) fn trim_tape(tape: &Tape<'_>, rules: &RuleSet, target: usize) -> Trim
                     path: concrete_path(tape, node),
                     rule: rule_index,
                     removed: before - editor.total,
+                    marked: editor.last_marked.take(),
                 });
             }
         }
@@ -111,6 +113,11 @@ impl Marker {
     pub(crate) fn len(&self, digits: usize) -> usize {
         let literal: usize = self.parts.iter().map(Vec::len).sum();
         literal + (self.parts.len() - 1) * digits
+    }
+
+    /// Whether the marker shows the count (`{removed}`).
+    fn has_placeholder(&self) -> bool {
+        self.parts.len() > 1
     }
 
     fn render(&self, removed: usize) -> Vec<u8> {
@@ -192,6 +199,8 @@ struct Editor<'t, 'a> {
     containers: HashMap<u32, ContainerState>,
     /// Current output size.
     total: usize,
+    /// The count the last marker inserted shows (for [`Applied::marked`]).
+    last_marked: Option<usize>,
 }
 
 impl<'t, 'a> Editor<'t, 'a> {
@@ -203,6 +212,7 @@ impl<'t, 'a> Editor<'t, 'a> {
             strings: HashMap::new(),
             containers: HashMap::new(),
             total: tape.body.len(),
+            last_marked: None,
         }
     }
 
@@ -276,6 +286,9 @@ impl<'t, 'a> Editor<'t, 'a> {
         };
         self.strings.insert(node, pieces);
         self.add_delta(node, new_len as isize - old_len as isize);
+        if marker.has_placeholder() {
+            self.last_marked = Some(cut.removed());
+        }
         true
     }
 
@@ -755,6 +768,8 @@ mod tests {
         );
         assert_eq!(text, expect);
         assert_eq!(out.applied[0].removed, 40);
+        // The report's count and the marker's agree: 44 cut, 40 net of the 4-byte marker.
+        assert_eq!(out.applied[0].marked, Some(44));
     }
 
     #[test]

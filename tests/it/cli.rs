@@ -44,12 +44,12 @@ fn check_reports_every_error_with_file_line_and_key() {
     )
     .unwrap();
     let out = run(&["check", "--config"], &[&path]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(65));
     let err = String::from_utf8_lossy(&out.stderr);
     let file = path.display().to_string();
     assert!(
         err.contains(&format!(
-            "{file}:6:18: routes[0].upstream_limit: 2 KiB is larger than max_body"
+            "{file}:6:18: routes[0].upstream_limit: 2 KiB (2,048 bytes) is larger than max_body"
         )),
         "{err}"
     );
@@ -63,19 +63,80 @@ fn check_reports_every_error_with_file_line_and_key() {
     );
 }
 
+/// The exit-code table of README.md ("Exit codes"), one row at a time.
 #[test]
-fn run_with_a_bad_config_exits_64_and_version_works() {
-    let out = bin()
-        .args(["--config", "/nonexistent/proxy.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("cannot read config file /nonexistent/proxy.toml")
-    );
+fn exit_codes_follow_one_table() {
+    let code = |args: &[&str]| {
+        let out = bin().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    // 0: help and version.
+    assert_eq!(code(&["--help"]).0, Some(0));
     let out = bin().arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("payload-guard "));
+    // 64: bad command line (clap's own default would be 2), and demo with --config.
+    for args in [
+        &["--no-such-flag"][..],
+        &["check", "extra"],
+        &["diagnose", "--since", "soon"],
+        &["spool", "purge", "--state", "dead"],
+        &["demo", "--config", "proxy.toml"],
+    ] {
+        let (got, stderr) = code(args);
+        assert_eq!(got, Some(64), "{args:?}: {stderr}");
+    }
+    // 66: no config file, for every command that reads one.
+    let missing = "/nonexistent/proxy.toml";
+    for args in [
+        &["--config", missing][..],
+        &["check", "--config", missing],
+        &["diagnose", "--config", missing],
+        &["trim", "--route", "a", "--config", missing],
+        &["spool", "list", "--config", missing],
+        &["replay", "--config", missing],
+    ] {
+        let (got, stderr) = code(args);
+        assert_eq!(got, Some(66), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot read config file /nonexistent/proxy.toml: no such file")
+                && !stderr.contains("os error"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // 65: a config with mistakes, for every command that reads one.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nmax_connections = \"many\"\n").unwrap();
+    let bad = bad.to_str().unwrap();
+    for args in [
+        &["--config", bad][..],
+        &["check", "--config", bad],
+        &["diagnose", "--config", bad],
+        &["spool", "list", "--config", bad],
+    ] {
+        let (got, stderr) = code(args);
+        assert_eq!(got, Some(65), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("server.max_connections: expected a whole number"),
+            "{stderr}"
+        );
+    }
+    // 69: the listener's address is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{}\"\n[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:9/\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let (got, stderr) = code(&["--config", config.to_str().unwrap()]);
+    assert_eq!(got, Some(69), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
 }
 
 /// A config with a trim route whose receiver limit is 100 KiB.
@@ -122,8 +183,28 @@ fn trim_writes_the_forwarded_bytes_and_a_report() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["call"]["call_id"], "1732630000000x222222222222222222");
     let report = String::from_utf8_lossy(&out.stderr);
-    assert!(report.contains("rule 1 (call.transcript"), "{report}");
+    assert!(
+        report.contains("rule 1 (call.transcript truncate (keep head_tail"),
+        "{report}"
+    );
     assert!(report.contains("fits: yes"), "{report}");
+    // The report's count is the marker's number.
+    let body = String::from_utf8_lossy(&out.stdout);
+    let marked = body
+        .split("[... ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("a marker in the trimmed transcript");
+    assert!(
+        report.contains(&format!(
+            "call.transcript: {marked} bytes removed (as its marker says)"
+        )),
+        "{report}"
+    );
+    assert!(
+        !report.contains("Truncate {") && !report.contains("Some("),
+        "{report}"
+    );
 
     // Same through stdin; small payloads come back byte-identical.
     let small = payload_guard::trim::testdata::synthflow_payload(20_000, 8);
@@ -159,20 +240,25 @@ fn trim_exit_codes_for_unfit_and_bad_input() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fits: no"));
-    // Invalid JSON and unknown routes -> exit 2 with a message.
+    // Invalid JSON -> 65, a missing payload file -> 66, an unknown route -> 64.
     std::fs::write(&file, "{\"call\": ").unwrap();
     let out = run(
         &["trim", "--route", "synthflow", "--config"],
         &[&config, &file],
     );
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(65));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("invalid JSON"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let out = run(
+        &["trim", "--route", "synthflow", "--config"],
+        &[&config, &dir.path().join("absent.json")],
+    );
+    assert_eq!(out.status.code(), Some(66));
     let out = run(&["trim", "--route", "nope", "--config"], &[&config, &file]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no route named \"nope\""));
 }
 
@@ -280,4 +366,401 @@ async fn run_with_one_worker_thread_serves_and_stops_on_sigterm() {
     .await
     .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// Compares `got` with the golden file `tests/it/golden/<name>` (`UPDATE_GOLDEN=1` rewrites it).
+fn golden(name: &str, got: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/it/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    if want != got {
+        let first = want
+            .lines()
+            .zip(got.lines())
+            .position(|(w, g)| w != g)
+            .unwrap_or(want.lines().count().min(got.lines().count()));
+        panic!(
+            "{name} differs from line {}:\n--- want\n{want}\n--- got\n{got}\n(UPDATE_GOLDEN=1 rewrites the file)",
+            first + 1
+        );
+    }
+}
+
+/// `check` run in the golden folder on one of its files: (exit code, stdout, stderr).
+fn check_golden(file: &str) -> (Option<i32>, String, String) {
+    let out = bin()
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/golden"))
+        .args(["check", "--config", file])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_reports_one_mistake_of_each_class_in_file_order() {
+    let (code, stdout, stderr) = check_golden("check_every_class.toml");
+    assert_eq!(code, Some(65), "{stderr}");
+    assert_eq!(stdout, "");
+    golden("check_every_class.txt", &stderr);
+    // Each mistake is one `file:line:col: key: message` line followed by its caret.
+    let heads: Vec<(usize, usize)> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("check_every_class.toml:"))
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        })
+        .collect();
+    assert!(heads.len() >= 12, "{stderr}");
+    assert!(heads.is_sorted(), "not in file order: {heads:?}");
+    for needle in [
+        "did you mean \"upstream_limit\"?",
+        "did you mean \"truncate\"?",
+        "expected a whole number",
+        "expected true or false",
+        "expected a size like \"32MiB\"",
+        "invalid TOML",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?}:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("i64") && !stderr.contains("invalid type"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_shows_sizes_in_both_forms_and_warns_on_decimal_units() {
+    let (code, stdout, stderr) = check_golden("check_warning.toml");
+    assert_eq!(code, Some(0), "{stderr}");
+    golden("check_warning.stdout.txt", &stdout);
+    golden("check_warning.stderr.txt", &stderr);
+}
+
+/// The ```toml blocks of a Markdown file.
+fn toml_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// Every configuration the documentation shows passes `check`, run as a user would: the
+/// shipped proxy.toml, the ```toml blocks of README.md and deploy/README.md (fragments such
+/// as one `[[routes.trim]]` table go into a minimal route), and deploy/*.toml.
+#[test]
+fn every_config_in_the_docs_passes_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut configs: Vec<(String, String)> = vec![(
+        "proxy.toml".into(),
+        std::fs::read_to_string(root.join("proxy.toml")).unwrap(),
+    )];
+    for doc in ["README.md", "deploy/README.md"] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        let blocks = toml_blocks(&text);
+        assert!(!blocks.is_empty(), "{doc} shows no ```toml block");
+        for (i, block) in blocks.into_iter().enumerate() {
+            let whole = block.contains("[[routes]]") || block.contains("[server]");
+            let config = if whole {
+                block
+            } else {
+                format!(
+                    "[[routes]]\nname = \"doc\"\npath_prefix = \"/doc\"\nupstream = \"http://127.0.0.1:3000/\"\nupstream_limit = \"1MiB\"\n{block}"
+                )
+            };
+            configs.push((format!("{doc} block {}", i + 1), config));
+        }
+    }
+    for entry in std::fs::read_dir(root.join("deploy")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            configs.push((
+                path.display().to_string(),
+                std::fs::read_to_string(&path).unwrap(),
+            ));
+        }
+    }
+    for (name, config) in configs {
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, &config).unwrap();
+        let out = bin()
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("SYNTHFLOW_WEBHOOK_SECRET", "a-webhook-secret")
+            .env("GUARD_RESIGN_SECRET", "a-resign-secret")
+            .env(
+                "PAYLOAD_GUARD_ADMIN_TOKEN",
+                "0123456789abcdef0123456789abcdef",
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{name}:\n{config}\n{stderr}");
+        assert!(!stderr.contains("warning"), "{name}: {stderr}");
+    }
+}
+
+/// README.md's set-up promises: the install command, and what the shipped proxy.toml does
+/// without a receiver on its upstream (502 with `upstream_connect_failed`).
+#[tokio::test]
+async fn the_readme_set_up_holds_without_a_receiver() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let set_up = &readme[readme.find("## Set up").unwrap()..readme.find("## Quickstart").unwrap()];
+    for command in [
+        "cargo install --locked --path .",
+        "cargo test",
+        "payload-guard --config proxy.toml",
+        "skipped: nginx not installed; apt-get install -y nginx-light",
+    ] {
+        assert!(set_up.contains(command), "Set up lacks {command:?}");
+    }
+    // The shipped file, on ephemeral ports, with nothing listening where its receiver would be.
+    let nobody = crate::support::free_addr();
+    let shipped = std::fs::read_to_string(root.join("proxy.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
+        .replace("127.0.0.1:3000", &nobody.to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, shipped).unwrap();
+    let mut child = bin()
+        .args(["--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().expect("proxy exited").unwrap();
+            if let Some(pos) = line.find("payload-guard listening listen=") {
+                let rest = &line[pos + "payload-guard listening listen=".len()..];
+                let addr: std::net::SocketAddr = rest[..rest.find(' ').unwrap_or(rest.len())]
+                    .parse()
+                    .unwrap();
+                // Keep draining so the proxy never blocks on a full pipe.
+                std::thread::spawn(move || for _ in lines {});
+                return addr;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let got = crate::support::send(
+        addr,
+        http::Request::post(format!("http://{addr}/hooks/synthflow"))
+            .header("content-type", "application/json")
+            .body(crate::support::full("{\"call\":{\"call_id\":\"c1\"}}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["error"], "upstream_connect_failed");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The `check` output README.md shows ("Configuration") is what `check` prints for such a file.
+#[test]
+fn the_readme_check_example_is_real_output() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let from = readme
+        .find("each as `file:line:col: key: message`")
+        .unwrap();
+    let block = &readme[from..];
+    let block = &block[block.find("```\n").unwrap() + 4..];
+    let shown = &block[..block.find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        "[server]\nlisten = \"127.0.0.1:8080\"\nheader_read_timeout = \"10s\"\nbody_timeout = \"5m\"\nmax_connections = \"many\"\n\n[[routes]]\nname = \"synthflow\"\npath_prefix = \"/hooks/synthflow\"\nupstream = \"http://127.0.0.1:3000/webhook\"\nmax_body = \"32MiB\"\nconnect_timeout = \"5s\"\nresponse_timeout = \"60s\"\npreserve_host = false\nupstream_limt = \"1MiB\"\non_oversize = \"shrink\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .current_dir(dir.path())
+        .args(["check", "--config", "proxy.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), shown);
+}
+
+/// What a user reads (logs of a refused, a forwarded-and-refused, a trimmed and a failed
+/// request, and the shutdown) shows values, never Rust's `Some(..)`, `None` or enum names.
+#[tokio::test]
+async fn logs_show_values_not_rust_debug_forms() {
+    use crate::support::{Behavior, Receiver, free_addr, full, send};
+    use std::io::BufRead;
+    let receiver = Receiver::start(Behavior::LimitEarly(2000)).await;
+    let nobody = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+[[routes]]
+name = "a"
+path_prefix = "/a"
+upstream = "http://{r}/"
+max_body = "4KiB"
+upstream_limit = "3KiB"
+[[routes]]
+name = "b"
+path_prefix = "/b"
+upstream = "http://{r}/"
+upstream_limit = "1KiB"
+[[routes.trim]]
+path = "x"
+action = "truncate"
+[[routes]]
+name = "c"
+path_prefix = "/c"
+upstream = "http://{nobody}/"
+"#,
+            r = receiver.addr
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = rx.recv().await.expect("proxy exited");
+        let found = line
+            .split("payload-guard listening listen=")
+            .nth(1)
+            .map(|rest| rest.split(' ').next().unwrap().parse().unwrap());
+        lines.push(line);
+        if let Some(addr) = found {
+            break addr;
+        }
+    };
+    let post = |path: &str, body: Vec<u8>| {
+        http::Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap()
+    };
+    let json = |n: usize| format!("{{\"x\":\"{}\"}}", "a".repeat(n)).into_bytes();
+    assert_eq!(send(addr, post("/a", json(5000))).await.status, 413);
+    assert_eq!(send(addr, post("/a", json(3500))).await.status, 413);
+    assert_eq!(send(addr, post("/b", json(3000))).await.status, 200);
+    assert_eq!(send(addr, post("/c", json(10))).await.status, 502);
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    while let Some(line) = rx.recv().await {
+        lines.push(line);
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let text = lines.join("\n");
+    for needle in [
+        "body over max_body",
+        "receiver answered 413",
+        "payload trimmed",
+        "status=502",
+        "grace=30s",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+    }
+    for debug in [
+        "Some(",
+        "None",
+        "=Reject",
+        "=Forward",
+        "{ keep",
+        "Truncate {",
+    ] {
+        assert!(!text.contains(debug), "{debug:?} in:\n{text}");
+    }
+}
+
+/// deploy/payload-guard.service: its `check` commands are valid command lines for this binary,
+/// and it keeps the configuration exit codes from restart-looping.
+#[test]
+fn the_systemd_unit_checks_with_valid_commands() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/payload-guard.service"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[[routes]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"http://127.0.0.1:3000/\"\n",
+    )
+    .unwrap();
+    let checks: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.split_once('=').filter(|(k, _)| k.starts_with("Exec")))
+        .map(|(_, command)| command)
+        .filter(|c| c.ends_with(" check"))
+        .collect();
+    assert_eq!(checks.len(), 2, "{unit}");
+    for command in checks {
+        let args: Vec<String> = command
+            .split_whitespace()
+            .skip(1)
+            .map(|a| a.replace("/etc/payload-guard/proxy.toml", config.to_str().unwrap()))
+            .collect();
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let prevent = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("RestartPreventExitStatus="))
+        .unwrap();
+    for code in ["64", "65", "66"] {
+        assert!(prevent.split_whitespace().any(|c| c == code), "{prevent}");
+    }
 }

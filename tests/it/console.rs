@@ -479,7 +479,7 @@ async fn console_in_chromium_draws_limits_and_replays_by_click() {
             panic!("the console browser test needs {why}")
         }
         Err(why) => {
-            println!("skipped: {why}");
+            crate::support::print_skip(&format!("skipped: {why}"));
             return;
         }
     };

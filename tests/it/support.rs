@@ -511,3 +511,152 @@ pub fn payload(size: usize) -> Vec<u8> {
     out.extend_from_slice(tail);
     out
 }
+
+/// Whether the tests run under CI (`CI=true`, as GitHub Actions, GitLab and `.ci/run` set it):
+/// a missing real component is then a failure instead of a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// What to do about a real component a test needs (nginx, Werkzeug, Express, PostgreSQL,
+/// Chromium): the component when `found`; else, outside CI, `None` after one line on stderr
+/// (`skipped: nginx not installed; apt-get install -y nginx-light`) so the test returns early
+/// and passes; under `CI=true`, a panic with the same words.
+///
+/// ```ignore
+/// let Some(nginx) = require_component("nginx", "apt-get install -y nginx-light",
+///     find_program(&["nginx", "/usr/sbin/nginx"])) else { return };
+/// ```
+#[track_caller]
+pub fn require_component<T>(what: &str, install: &str, found: Option<T>) -> Option<T> {
+    match missing_component(in_ci(), what, install, found.is_some()) {
+        ComponentVerdict::Run => found,
+        ComponentVerdict::Skip(line) => {
+            print_skip(&line);
+            None
+        }
+        ComponentVerdict::Fail(line) => panic!("{line} (CI=true: a missing component fails)"),
+    }
+}
+
+/// Prints a skip line (`skipped: ...`) where the person running `cargo test` sees it: straight
+/// to the process's stderr, because libtest captures `println!`/`eprintln!` of passing tests
+/// and a skip nobody sees is a silent drop. The test's name comes first.
+pub fn print_skip(line: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "{test}: {line}");
+}
+
+/// The decision of [`require_component`], pure so both outcomes are tested.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ComponentVerdict {
+    Run,
+    Skip(String),
+    Fail(String),
+}
+
+pub fn missing_component(ci: bool, what: &str, install: &str, found: bool) -> ComponentVerdict {
+    let line = format!("skipped: {what} not installed; {install}");
+    match (found, ci) {
+        (true, _) => ComponentVerdict::Run,
+        (false, false) => ComponentVerdict::Skip(line),
+        (false, true) => ComponentVerdict::Fail(line),
+    }
+}
+
+/// The first of `candidates` that is an executable: an absolute path as is, a bare name
+/// looked up on `PATH`.
+pub fn find_program(candidates: &[&str]) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    candidates.iter().find_map(|c| {
+        let c = Path::new(c);
+        if c.is_absolute() {
+            return executable(c).then(|| c.to_path_buf());
+        }
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(c))
+            .find(|p| executable(p))
+    })
+}
+
+/// `python3`'s path when it can import `module` (e.g. `werkzeug`).
+pub fn python_with_module(module: &str) -> Option<std::path::PathBuf> {
+    let python = find_program(&["python3"])?;
+    let imports = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    imports.then_some(python)
+}
+
+#[cfg(test)]
+mod component_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_component_skips_outside_ci_and_fails_under_ci() {
+        let skip = "skipped: nginx not installed; apt-get install -y nginx-light".to_string();
+        let cases = [
+            (false, true, ComponentVerdict::Run),
+            (true, true, ComponentVerdict::Run),
+            (false, false, ComponentVerdict::Skip(skip.clone())),
+            (true, false, ComponentVerdict::Fail(skip)),
+        ];
+        for (ci, found, want) in cases {
+            let got = missing_component(ci, "nginx", "apt-get install -y nginx-light", found);
+            assert_eq!(got, want, "ci={ci} found={found}");
+        }
+    }
+
+    /// Run only as a child of the test below (`--ignored`), with or without `CI`.
+    #[test]
+    #[ignore = "run by a_missing_component_prints_one_line_or_fails_the_run"]
+    fn needs_a_component_that_is_never_installed() {
+        let Some(()) =
+            require_component("frobnicator", "apt-get install -y frobnicator", None::<()>)
+        else {
+            return;
+        };
+        unreachable!("the component is never found");
+    }
+
+    #[test]
+    fn a_missing_component_prints_one_line_or_fails_the_run() {
+        let run = |ci: Option<&str>| {
+            let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+            cmd.args([
+                "--ignored",
+                "--exact",
+                "support::component_tests::needs_a_component_that_is_never_installed",
+            ]);
+            match ci {
+                Some(v) => cmd.env("CI", v),
+                None => cmd.env_remove("CI"),
+            };
+            cmd.output().unwrap()
+        };
+        let line = "skipped: frobnicator not installed; apt-get install -y frobnicator";
+        let skipped = run(None);
+        let stderr = String::from_utf8_lossy(&skipped.stderr);
+        assert!(skipped.status.success(), "{stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.contains(line)).count(),
+            1,
+            "one skip line expected: {stderr}"
+        );
+        let failed = run(Some("true"));
+        let out = String::from_utf8_lossy(&failed.stdout);
+        assert!(!failed.status.success(), "{out}");
+        assert!(out.contains(line) && out.contains("CI=true"), "{out}");
+    }
+}
