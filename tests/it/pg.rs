@@ -63,10 +63,17 @@ pub fn available() -> bool {
                     .status()
                     .is_ok_and(|s| s.success()));
     if !ok {
+        let line = "skipped: PostgreSQL not installed; apt-get install -y postgresql";
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("PostgreSQL is not installed: apt-get install -y postgresql (.ci/run does)");
+            panic!("{line} (under CI=true a missing component fails; .ci/run installs it)");
         }
-        eprintln!("skipped: PostgreSQL not installed; apt-get install -y postgresql");
+        // Straight to stderr, as `support::print_skip` does: libtest captures eprintln!.
+        use std::io::Write;
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a test")
+            .to_string();
+        let _ = writeln!(std::io::stderr(), "{test}: {line}");
     }
     ok
 }
