@@ -513,6 +513,10 @@ fn every_config_in_the_docs_passes_check() {
                 "PAYLOAD_GUARD_ADMIN_TOKEN",
                 "0123456789abcdef0123456789abcdef",
             )
+            .env(
+                "PAYLOAD_GUARD_DATABASE_URL",
+                "postgres://payload_guard:a-password@db.internal/payload_guard",
+            )
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
