@@ -53,6 +53,8 @@ pub(super) struct RequestCtx<'a> {
     pub(super) target: Target,
     // What happened.
     pub(super) stats: Option<Arc<BodyStats>>,
+    /// The first bytes of a streamed JSON body (for incidents' `top_fields`).
+    pub(super) head: Option<Arc<std::sync::Mutex<Vec<u8>>>>,
     pub(super) call_id: Option<String>,
     pub(super) top_fields: Vec<FieldBytes>,
     pub(super) incidents: Vec<Incident>,
@@ -118,6 +120,7 @@ impl<'a> RequestCtx<'a> {
             headers: parts.headers,
             request_id,
             stats: None,
+            head: None,
             call_id: None,
             top_fields: Vec::new(),
             incidents: Vec::new(),

@@ -22,7 +22,29 @@ impl RequestCtx<'_> {
         result: &Result<Response<UpstreamBody>, ProxyError>,
         exchange: &mut Exchange,
     ) {
-        for incident in std::mem::take(&mut self.incidents) {
+        let head_fields = self
+            .head
+            .as_ref()
+            .filter(|_| self.incidents.iter().any(|i| i.top_fields.is_empty()))
+            .map(|head| {
+                let head = head
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                crate::trim::top_fields_of_head(&head, crate::incident::TOP_FIELDS)
+                    .into_iter()
+                    .map(|f| crate::incident::FieldBytes {
+                        path: f.path,
+                        bytes: f.bytes as u64,
+                    })
+                    .collect::<Vec<_>>()
+            });
+        for mut incident in std::mem::take(&mut self.incidents) {
+            // A streamed body's incidents name the fields of its head (sampled as it passed).
+            if incident.top_fields.is_empty()
+                && let Some(fields) = &head_fields
+            {
+                incident.top_fields.clone_from(fields);
+            }
             super::record_incident(self.shared, incident);
         }
         if let Err(err) = result

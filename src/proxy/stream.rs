@@ -1,8 +1,12 @@
 //! Phase 3, stream: the body goes to the receiver as it arrives, through [`LimitedBody`], and is
 //! never held whole. The receiver's answer is read (bounded), judged and relayed.
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use http::Response;
 use http_body_util::BodyExt;
@@ -15,6 +19,7 @@ use crate::forward::{self, UpstreamBody};
 use crate::incident::{Action, Kind};
 use crate::judge::{self, Verdict};
 use crate::limit::{self, BodyFailure, BodyStats, LimitedBody};
+use crate::trim::HEAD_SAMPLE_BYTES;
 use crate::trim::payload::{self, Encoding};
 
 /// Streams the body to the receiver, never holding it whole.
@@ -41,7 +46,22 @@ pub(super) async fn stream(
     let limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone());
     let key = ctx.idempotency_key();
     deliver::set_idempotency_key(&mut ctx.target.headers, &key);
-    let req = ctx.target.clone().into_request(limited.boxed_unsync());
+    // An uncompressed JSON body keeps a copy of its head, so its incidents can name the
+    // fields that dominate it without the body ever being held whole.
+    let sampled = payload::is_json(ctx.content_type.as_deref())
+        && payload::encoding(ctx.content_encoding.as_deref()) == Ok(Encoding::Identity);
+    let body = if sampled {
+        let head = Arc::new(Mutex::new(Vec::new()));
+        ctx.head = Some(head.clone());
+        HeadSample {
+            inner: limited,
+            head,
+        }
+        .boxed_unsync()
+    } else {
+        limited.boxed_unsync()
+    };
+    let req = ctx.target.clone().into_request(body);
     let started = tokio::time::Instant::now();
     let sent = forward::send(
         ctx.route.client(),
@@ -126,6 +146,43 @@ pub(super) async fn stream(
         _ => {}
     }
     answered.relay()
+}
+
+/// A streamed body that copies its first [`HEAD_SAMPLE_BYTES`] into `head` as they pass.
+struct HeadSample<B> {
+    inner: B,
+    head: Arc<Mutex<Vec<u8>>>,
+}
+
+impl<B> http_body::Body for HeadSample<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+            let room = HEAD_SAMPLE_BYTES.saturating_sub(head.len());
+            head.extend_from_slice(&data[..data.len().min(room)]);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Resolves with an error when the body stalls past `body_timeout`, or when the receiver sends

@@ -237,3 +237,26 @@ async fn retry_on_413_trims_and_resends_once() {
     assert_eq!(u413["retry"]["status"], 200);
     assert_eq!(u413["retry"]["bytes"], second.len());
 }
+
+/// A streamed payload (a route without trim rules) is never held whole, but its incidents
+/// still name the fields that dominate it, from the head of the body sampled as it passed.
+#[tokio::test]
+async fn streamed_payloads_incidents_name_their_largest_fields() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let proxy = start_proxy(config(
+        &one_route("upstream_limit = \"10KiB\"", ""),
+        receiver.addr,
+    ))
+    .await;
+    let got = proxy.post_json(synthflow_payload(50_000, 3)).await;
+    assert_eq!(got.status, 200);
+    receiver.next().await;
+    let incidents = proxy.incidents().await;
+    assert_eq!(incidents.len(), 1, "{incidents:#?}");
+    assert_eq!(incidents[0]["action"], "forwarded");
+    assert_eq!(
+        incidents[0]["top_fields"][0]["path"], "call.transcript",
+        "{:#}",
+        incidents[0]
+    );
+}
