@@ -602,9 +602,7 @@ pub fn classify(err: &UpstreamError, route: &RouteConfig) -> ProxyError {
         UpstreamError::Connect(err) if err.kind() == std::io::ErrorKind::TimedOut => {
             ProxyError::UpstreamConnectTimeout(route.connect_timeout)
         }
-        UpstreamError::Connect(err) => {
-            ProxyError::UpstreamConnect(format!("client error (Connect): {}", error_chain(err)))
-        }
+        UpstreamError::Connect(err) => ProxyError::UpstreamConnect(connect_failure(route, err)),
         UpstreamError::Exchange(err) => broken(err),
     }
 }
@@ -642,7 +640,7 @@ pub fn classify_error(err: &hyper_util::client::legacy::Error, route: &RouteConf
         if has_io_kind(err, std::io::ErrorKind::TimedOut) || chain.contains("timed out") {
             return ProxyError::UpstreamConnectTimeout(route.connect_timeout);
         }
-        return ProxyError::UpstreamConnect(chain);
+        return ProxyError::UpstreamConnect(connect_failure(route, err));
     }
     broken(err)
 }
@@ -660,6 +658,36 @@ pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
         source = s.source();
     }
     text
+}
+
+/// "cannot connect to the receiver at HOST:PORT: connection refused", in plain words.
+fn connect_failure(route: &RouteConfig, err: &(dyn StdError + 'static)) -> String {
+    let authority = route
+        .upstream
+        .authority()
+        .map_or_else(|| route.upstream.to_string(), |a| a.to_string());
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    let mut io = None;
+    while let Some(s) = source {
+        if let Some(e) = s.downcast_ref::<std::io::Error>() {
+            io = Some(e);
+        }
+        source = s.source();
+    }
+    let why = match io {
+        Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused (is the receiver running?)".to_string()
+        }
+        Some(e) => {
+            let text = e.to_string();
+            text.split(" (os error")
+                .next()
+                .unwrap_or(&text)
+                .to_lowercase()
+        }
+        None => error_chain(err),
+    };
+    format!("cannot connect to the receiver at {authority}: {why}")
 }
 
 fn has_io_kind(err: &(dyn StdError + 'static), kind: std::io::ErrorKind) -> bool {

@@ -26,6 +26,13 @@ async fn refused_upstream_gets_502() {
     let got = proxy.post("{}").await;
     assert_eq!(got.status, 502, "{:?}", got.body);
     assert_eq!(got.json()["error"], "upstream_connect_failed");
+    assert_eq!(
+        got.json()["message"],
+        format!(
+            "upstream connection failed: cannot connect to the receiver at {free}: connection refused (is the receiver running?)"
+        ),
+        "plain words, no client internals"
+    );
 }
 
 #[tokio::test]
