@@ -9,8 +9,7 @@
 //! ([`commit`]) and redelivers them per route in arrival order with backoff
 //! ([`redeliver_due`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -19,7 +18,6 @@ use http::{HeaderMap, Method, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::config::SpoolSettings;
 use crate::error::ProxyError;
 use crate::forward::{self, ConnUpstream, Target, UpstreamBody};
 use crate::incident::IncidentLog;
@@ -28,10 +26,9 @@ use crate::judge::{self, Answer, Verdict};
 use crate::limit::BodyError;
 use crate::metrics::{AttemptOutcome, DeadLetterReason, Metrics};
 use crate::prepare::{self, Policy, Prepared};
-use crate::proxy::{RouteRuntime, Runtime, Shared};
-use crate::spool::{
-    ClaimedRecord, Meta, RecordId, RetryPolicy, SpoolConfig, SpoolError, State, Store,
-};
+use crate::runtime::{RouteRuntime, Runtime, Shared};
+pub use crate::spool::state::{SpoolState, policy, spool_config};
+use crate::spool::{ClaimedRecord, Meta, RecordId, SpoolError, State, Store};
 use crate::state::LearnedLimits;
 use crate::trim::Document;
 use crate::trim::payload::{self, Encoding, Units};
@@ -42,83 +39,6 @@ pub const ANSWER_BYTES: usize = 1024 * 1024;
 
 /// `Idempotency-Key`, the same on every attempt of a payload.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// The spool and how it is drained, shared by the proxy's routes.
-#[derive(Clone)]
-pub struct SpoolState {
-    /// The spool (a directory, or PostgreSQL shared by replicas).
-    pub spool: Store,
-    /// Backoff and give-up policy.
-    pub policy: RetryPolicy,
-    /// The `[spool]` settings.
-    pub settings: SpoolSettings,
-    /// Routes whose redelivery is held until a time (after any failure: the receiver, the
-    /// disk, a metadata update), so nothing is retried faster than the backoff allows.
-    held: Arc<Mutex<HashMap<String, SystemTime>>>,
-}
-
-impl SpoolState {
-    /// Opens the spool as its owner (a spool directory is locked and recovered; recovery logs
-    /// what it found).
-    pub fn open(settings: &SpoolSettings) -> Result<SpoolState, SpoolError> {
-        let spool = crate::spool::store::open(settings, true)?;
-        Ok(SpoolState {
-            spool,
-            policy: policy(settings),
-            settings: settings.clone(),
-            held: Arc::default(),
-        })
-    }
-
-    /// A spool another process owns (for `payload-guard replay` while the proxy runs).
-    pub fn attached(spool: Store, settings: &SpoolSettings) -> SpoolState {
-        SpoolState {
-            spool,
-            policy: policy(settings),
-            settings: settings.clone(),
-            held: Arc::default(),
-        }
-    }
-
-    fn held_until(&self, route: &str) -> Option<SystemTime> {
-        self.held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(route)
-            .copied()
-    }
-
-    fn hold(&self, route: &str, until: SystemTime) {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let at = held.entry(route.to_string()).or_insert(until);
-        *at = (*at).max(until);
-    }
-
-    fn release_hold(&self, route: &str) {
-        self.held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(route);
-    }
-}
-
-/// The spool configuration from `[spool]`.
-pub fn spool_config(settings: &SpoolSettings) -> SpoolConfig {
-    SpoolConfig {
-        dir: settings.dir.clone(),
-        max_bytes: settings.max_bytes,
-        min_free: settings.min_free,
-    }
-}
-
-/// The retry policy from `[spool]`.
-pub fn policy(settings: &SpoolSettings) -> RetryPolicy {
-    RetryPolicy {
-        retry_initial: settings.retry_initial,
-        retry_max: settings.retry_max,
-        retry_for: settings.retry_for,
-    }
-}
 
 /// Commits a record durably; returns once it is (fsynced, or its transaction committed).
 pub async fn commit(
@@ -208,7 +128,7 @@ impl Answered {
         let mut parts = self.parts;
         forward::strip_hop_by_hop(&mut parts.headers);
         parts.version = http::Version::HTTP_11;
-        Response::from_parts(parts, crate::proxy::prefixed_body(self.prefix, self.rest))
+        Response::from_parts(parts, forward::prefixed_body(self.prefix, self.rest))
     }
 
     /// Fills an `upstream_413` incident from the answer: who refused, the snippet.
@@ -291,7 +211,7 @@ pub struct Services<'a> {
 impl Services<'_> {
     /// Records an incident: counted, written to the log, and said once in the proxy's log.
     pub fn record(&self, incident: Incident) {
-        crate::proxy::log_incident(&incident);
+        incident::log_line(&incident);
         self.metrics.incident(&incident.route, incident.kind);
         if let Some(log) = self.incidents {
             log.record(incident);
@@ -989,15 +909,18 @@ pub async fn settle(
 
 /// Runs redelivery rounds every `redeliver_interval` until the process ends, and purges
 /// archived originals older than `archive_for` once an hour.
-pub fn spawn_redelivery(proxy: crate::proxy::Proxy, state: SpoolState) {
+/// `current` gives the runtime in force (it changes on reload).
+pub fn spawn_redelivery<F>(current: F, shared: Arc<Shared>, state: SpoolState)
+where
+    F: Fn() -> Arc<Runtime> + Send + 'static,
+{
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(state.settings.redeliver_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_purge = tokio::time::Instant::now();
         loop {
             tick.tick().await;
-            let report =
-                redeliver_due(proxy.current(), proxy.shared_arc(), SystemTime::now()).await;
+            let report = redeliver_due(current(), shared.clone(), SystemTime::now()).await;
             if report != RoundReport::default() {
                 tracing::info!(
                     delivered = report.delivered,

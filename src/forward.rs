@@ -15,6 +15,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
@@ -701,6 +702,52 @@ fn has_io_kind(err: &(dyn StdError + 'static), kind: std::io::ErrorKind) -> bool
         source = s.source();
     }
     false
+}
+
+/// A body that yields `prefix`, then the rest of the original body.
+pub fn prefixed_body(prefix: Bytes, rest: Option<UpstreamBody>) -> UpstreamBody {
+    match rest {
+        None => Full::new(prefix)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+        Some(rest) if prefix.is_empty() => rest,
+        Some(rest) => {
+            let head = http_body_util::Full::new(prefix).map_err(|never| match never {});
+            StreamThen {
+                head: Some(head.boxed_unsync()),
+                rest,
+            }
+            .boxed_unsync()
+        }
+    }
+}
+
+/// `head`, then `rest`.
+struct StreamThen {
+    head: Option<UpstreamBody>,
+    rest: UpstreamBody,
+}
+
+impl http_body::Body for StreamThen {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        if let Some(head) = self.head.as_mut() {
+            match std::pin::Pin::new(head).poll_frame(cx) {
+                std::task::Poll::Ready(None) => self.head = None,
+                other => return other,
+            }
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none() && self.rest.is_end_stream()
+    }
 }
 
 #[cfg(test)]

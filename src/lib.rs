@@ -8,6 +8,8 @@
 //! - [`server`]: accept loop, HTTP/1.1 + h2c, header timeout, connection cap, graceful shutdown.
 //! - [`shed`]: admission under load: per-client caps, eviction at the cap, pressure timeouts.
 //! - [`framing`]: follows HTTP/1 framing on the raw bytes to catch Content-Length + Transfer-Encoding.
+//! - [`runtime`]: what a running proxy serves with: the routes' runtime (replaced on reload) and
+//!   the state shared across reloads.
 //! - [`proxy`]: the per-request pipeline that calls the stages below, top to bottom.
 //! - [`route`]: longest-prefix route matching on segment boundaries (pure).
 //! - [`limit`]: `Content-Length` pre-check, then a counting body with idle and total timeouts.
@@ -57,6 +59,7 @@ pub mod observe;
 pub mod prepare;
 pub mod proxy;
 pub mod route;
+pub mod runtime;
 pub mod server;
 pub mod shed;
 pub mod sizes;

@@ -301,19 +301,7 @@ fn h2_goaway() -> Vec<u8> {
     out
 }
 
-/// The process's resident set size in bytes (Linux: `VmRSS` of `/proc/self/status`).
-pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line
-        .trim_start_matches("VmRSS:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024)
-}
+pub use crate::metrics::resident_bytes;
 
 /// Counts an open connection while alive.
 struct OpenConnection(Arc<AtomicU64>);

@@ -88,7 +88,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             // Not fatal: spool routes answer 503 and /readyz says so until it is reachable.
             tracing::error!(spool = %state.spool.location(), error = %err, "spool not ready yet; retrying on every use");
         }
-        crate::deliver::spawn_redelivery(proxy.clone(), state);
+        let current = proxy.clone();
+        crate::deliver::spawn_redelivery(move || current.current(), proxy.shared_arc(), state);
     }
     ready.store(true, Ordering::Release);
     let result = server::serve(listener, proxy.clone(), server::shutdown_signal()).await;

@@ -69,6 +69,33 @@ pub use self::fingerprint::{Rejector, fingerprint};
 pub use self::learn::{Bracket, LimitLearner, effective_limit};
 pub use self::writer::IncidentLog;
 
+/// The one log line of an incident: INFO for a payload trimmed to fit, WARN otherwise.
+pub fn log_line(inc: &Incident) {
+    let size = inc.payload_bytes();
+    let action = inc.action.map_or("-", Action::as_str);
+    let reason = inc.reason.as_deref().unwrap_or("");
+    if inc.kind == Kind::OverUpstreamLimit && inc.action == Some(Action::Trimmed) {
+        tracing::info!(route = %inc.route, request_id = %inc.request_id, call_id = inc.call_id.as_deref().unwrap_or(""), kind = inc.kind.as_str(), bytes = size.unwrap_or(0), after = inc.bytes_after.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), "payload trimmed");
+        return;
+    }
+    let message = match inc.kind {
+        Kind::OverMaxBody => "body over max_body",
+        Kind::OverUpstreamLimit => "payload over the receiver's limit",
+        Kind::Upstream413 => "receiver answered 413",
+        Kind::BufferBudgetExhausted => "buffer budget exhausted",
+        Kind::SpoolRefused => "the spool could not take the payload",
+        Kind::DuplicateConflict => "payload id seen before with a different body",
+    };
+    let rejector = inc.rejector.as_ref().map_or("", |r| r.as_str());
+    let call_id = inc.call_id.as_deref().unwrap_or("");
+    let upstream_status = inc.upstream_status.unwrap_or(0);
+    // Repeats of the same kind on the same route are counted and summarised (see warn_limit).
+    if !crate::warn_limit::warnings().admit(message, &inc.route) {
+        return;
+    }
+    tracing::warn!(route = %inc.route, request_id = %inc.request_id, call_id, kind = inc.kind.as_str(), action, bytes = size.unwrap_or(0), limit = inc.upstream_limit.unwrap_or(0), upstream_status, rejector, reason, "{message}");
+}
+
 /// How many bytes of the receiver's 413 body go into `upstream_snippet`.
 pub const SNIPPET_BYTES: usize = 256;
 

@@ -47,6 +47,7 @@ mod recover;
 mod render;
 mod space;
 mod staging;
+pub mod state;
 pub mod store;
 #[cfg(test)]
 mod tests;
