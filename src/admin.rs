@@ -223,11 +223,9 @@ fn limits(admin: &Admin) -> Response<Full<Bytes>> {
 
 /// `POST /limits/reset?route=NAME`: forgets what was learned for a route.
 fn reset_limits(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
-    let route = query
-        .unwrap_or("")
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("route="))
-        .map(percent_decode);
+    let route = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "route")
+        .map(|(_, v)| v.into_owned());
     let Some(route) = route.as_deref().filter(|r| !r.is_empty()) else {
         return json(
             StatusCode::BAD_REQUEST,
@@ -246,34 +244,6 @@ fn reset_limits(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
         StatusCode::OK,
         serde_json::json!({"status": "reset", "route": route, "had_evidence": had}),
     )
-}
-
-/// Decodes `%XX` escapes of a query value (invalid escapes stay as they are).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `GET /originals/<id>`: the exact untrimmed bytes of an archived original.

@@ -180,16 +180,7 @@ fn reset_running(config: &Config, route: &str) -> Result<bool, String> {
         .and_then(|name| std::env::var(name).ok())
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let query: String = route
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
+    let query: String = form_urlencoded::byte_serialize(route.as_bytes()).collect();
     let request = format!(
         "POST /limits/reset?route={query} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );

@@ -48,8 +48,11 @@ pub(super) async fn stream(
     deliver::set_idempotency_key(&mut ctx.target.headers, &key);
     // An uncompressed JSON body keeps a copy of its head, so its incidents can name the
     // fields that dominate it without the body ever being held whole.
-    let sampled = payload::is_json(ctx.content_type.as_deref())
-        && payload::encoding(ctx.content_encoding.as_deref()) == Ok(Encoding::Identity);
+    // Compressed (or in an encoding the proxy cannot read): its decoded size is unknown here.
+    let compressed = payload::encoding(ctx.content_encoding.as_deref())
+        .ok()
+        .is_none_or(|e| e != Encoding::Identity);
+    let sampled = payload::is_json(ctx.content_type.as_deref()) && !compressed;
     let body = if sampled {
         let head = Arc::new(Mutex::new(Vec::new()));
         ctx.head = Some(head.clone());
@@ -107,9 +110,6 @@ pub(super) async fn stream(
     ctx.forwarded_bytes = size;
     let answered = Answered::read(response, size).await;
     ctx.upstream_status = answered.answer.status;
-    let compressed = payload::encoding(ctx.content_encoding.as_deref())
-        .ok()
-        .is_none_or(|e| e != Encoding::Identity);
     match judge::judge(&answered.answer) {
         Verdict::Delivered if complete => {
             if let Some(size) = size
