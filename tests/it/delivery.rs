@@ -547,3 +547,85 @@ async fn a_reload_that_needs_the_spool_is_refused_and_kinds_are_zeroed() {
         "the old config stays"
     );
 }
+
+/// The README's promise, as a user runs it: the built binary with the shipped `proxy.toml`
+/// (its route says the receiver takes 1 MiB) in front of a real Express whose
+/// `express.json()` takes 100kb. A 300 KB payload is refused, trimmed lower and resent within
+/// the same request; a 2 MB one is trimmed below what was learned before Express sees it;
+/// a small one passes byte-identical. Every call id arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() {
+    use std::io::{BufRead, BufReader};
+    let Some(mut express) = Express::start("100kb").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
+        .replace("127.0.0.1:3000", &express.addr.to_string());
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, shipped).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        .arg("--config")
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Ready signal: the "listening" line names the bound address.
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("proxy exited").unwrap();
+            if let Some(pos) = line.find("payload-guard listening listen=") {
+                let rest = &line[pos + "payload-guard listening listen=".len()..];
+                break rest[..rest.find(' ').unwrap_or(rest.len())]
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap();
+            }
+        };
+        // Keep reading so the proxy never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        addr
+    })
+    .await
+    .unwrap();
+    let post_to = |body: Vec<u8>| {
+        send(
+            addr,
+            Request::post(format!("http://{addr}/hooks/synthflow"))
+                .header("content-type", "application/json")
+                .body(full(body))
+                .unwrap(),
+        )
+    };
+    for (i, size) in [300_000usize, 2_000_000, 20_000].into_iter().enumerate() {
+        let id = format!("1732630000000x2222222222222222{i:02}");
+        let body = payload_with_id(size, 40 + i as u64, &id);
+        let got = post_to(body.clone()).await;
+        assert_eq!(got.status, 200, "payload {i}: {:?}", got.body);
+        let delivered = loop {
+            let seen = express.next().await;
+            if seen.status == 200 {
+                break seen;
+            }
+            assert_eq!(seen.status, 413, "payload {i}");
+            assert_eq!(i, 0, "only the first payload meets a 413");
+        };
+        assert!(
+            delivered.bytes.unwrap() <= 102_400,
+            "payload {i}: {delivered:?}"
+        );
+        assert_eq!(delivered.call_id.as_deref(), Some(id.as_str()));
+        if size < 100_000 {
+            assert_eq!(delivered.sha256.as_deref(), Some(sha256(&body).as_str()));
+            assert_eq!(delivered.trimmed, None);
+        } else {
+            assert!(delivered.trimmed.is_some(), "payload {i} was trimmed");
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
