@@ -54,6 +54,7 @@ pub mod framing;
 pub mod incident;
 pub mod judge;
 pub mod limit;
+pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod prepare;

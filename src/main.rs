@@ -14,5 +14,7 @@ fn main() -> ExitCode {
         Err(code) => return ExitCode::from(code),
     };
     payload_guard::cli::init_tracing(cli.log_format);
-    ExitCode::from(payload_guard::cli::run(cli))
+    let code = payload_guard::cli::run(cli);
+    payload_guard::logging::flush();
+    ExitCode::from(code)
 }

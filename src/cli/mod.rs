@@ -255,18 +255,9 @@ pub(crate) fn emit(text: &str) {
     }
 }
 
-/// Sets up the tracing subscriber (stderr, `RUST_LOG` or `info`).
+/// Sets up the tracing subscriber (see [`crate::logging`]).
 pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+    crate::logging::init(format == LogFormat::Json);
 }
 
 /// Runs the parsed command line; returns the process exit code.

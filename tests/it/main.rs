@@ -11,6 +11,7 @@ mod forwarding;
 mod hardening;
 mod incidents;
 mod limits;
+mod logging;
 mod nginx;
 mod ops;
 mod overload;

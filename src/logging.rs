@@ -1,0 +1,428 @@
+//! The process's log output: the tracing subscriber on stderr, made cheap enough to leave the
+//! per-request access line on by default.
+//!
+//! Three things cost more than the rest of a small request's user-space work when every
+//! request writes an INFO line through the stock formatter:
+//! - the text formatter styles every field name through `nu_ansi_term` even when colours are
+//!   off: [`PlainFields`] writes `name=value` directly when stderr is not a terminal;
+//! - the timestamp is formatted from scratch for every line: [`CachedTime`] keeps the
+//!   `YYYY-MM-DDTHH:MM:SS` part of the current second;
+//! - every line was one `write(2)` to stderr: [`BufferedStderr`] gathers lines and writes them
+//!   together, at the latest [`FLUSH_EVERY`] after the first one was logged, at once for WARN and
+//!   ERROR lines (and everything before them), and when the process ends ([`flush`]).
+
+use std::fmt::{self, Write as _};
+use std::io::Write;
+use std::sync::{Mutex, Once, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing::{Level, Metadata};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+
+/// The longest an INFO line waits in the buffer before it is written.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Lines are written as soon as this much is waiting.
+const FLUSH_BYTES: usize = 32 * 1024;
+
+/// Sets up the tracing subscriber: stderr, `RUST_LOG` or `info`, text lines or (`json`) one
+/// JSON object a line.
+pub fn init(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_timer(CachedTime)
+        .with_writer(BufferedStderr);
+    let _ = match (json, ansi) {
+        (false, true) => builder.try_init(),
+        (false, false) => builder.fmt_fields(PlainFields).try_init(),
+        (true, _) => builder.json().flatten_event(true).try_init(),
+    };
+    install_panic_flush();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+static BUFFER: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static FLUSHER: Once = Once::new();
+
+/// Writes out whatever log lines are waiting. Called when the process ends.
+pub fn flush() {
+    let mut buf = BUFFER.lock().unwrap_or_else(PoisonError::into_inner);
+    write_out(&mut buf);
+}
+
+fn write_out(buf: &mut Vec<u8>) {
+    if buf.is_empty() {
+        return;
+    }
+    // Nowhere to report a failed write to stderr: the lines are dropped, as the stock
+    // writer would.
+    let _ = std::io::stderr().lock().write_all(buf);
+    buf.clear();
+    if buf.capacity() > 4 * FLUSH_BYTES {
+        buf.shrink_to(2 * FLUSH_BYTES);
+    }
+}
+
+/// A panic's message goes straight to stderr: write the lines logged before it first.
+fn install_panic_flush() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut buf) = BUFFER.try_lock() {
+                write_out(&mut buf);
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// The log writer: stderr, with INFO and below gathered for at most [`FLUSH_EVERY`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BufferedStderr;
+
+/// Receives one formatted line (the formatter writes each event with one `write_all`).
+pub struct LineWriter {
+    urgent: bool,
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut buf = BUFFER.lock().unwrap_or_else(PoisonError::into_inner);
+        buf.extend_from_slice(line);
+        if self.urgent || buf.len() >= FLUSH_BYTES {
+            write_out(&mut buf);
+        } else {
+            FLUSHER.call_once(start_flusher);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A thread that writes waiting lines every [`FLUSH_EVERY`]; it sleeps otherwise.
+fn start_flusher() {
+    let spawned = std::thread::Builder::new()
+        .name("log-flush".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(FLUSH_EVERY);
+                flush();
+            }
+        });
+    if spawned.is_err() {
+        // No thread: nothing may wait, write every line at once from now on.
+        URGENT_ALWAYS.store(true, std::sync::atomic::Ordering::Relaxed);
+        flush();
+    }
+}
+
+static URGENT_ALWAYS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl<'a> MakeWriter<'a> for BufferedStderr {
+    type Writer = LineWriter;
+
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter { urgent: true }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> LineWriter {
+        LineWriter {
+            urgent: *meta.level() <= Level::WARN
+                || URGENT_ALWAYS.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timestamps
+
+/// RFC 3339 UTC timestamps with microseconds (`2026-11-30T04:34:10.376663Z`), the same text as
+/// the stock timer; the date and time of the current second are formatted once a second.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CachedTime;
+
+thread_local! {
+    static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+impl FormatTime for CachedTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        let now = SystemTime::now();
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        SECOND.with(|cell| {
+            let mut cached = cell.borrow_mut();
+            if cached.0 != secs {
+                let full =
+                    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
+                        .to_string();
+                // "YYYY-MM-DDTHH:MM:SSZ": keep all but the zone.
+                cached.1 = full.trim_end_matches('Z').to_string();
+                cached.0 = secs;
+            }
+            w.write_str(&cached.1)?;
+            let micros = since.subsec_micros();
+            let mut frac = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
+            let mut n = micros;
+            for slot in frac[1..7].iter_mut().rev() {
+                *slot = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+            // Only ASCII digits, '.' and 'Z' were written.
+            w.write_str(std::str::from_utf8(&frac).map_err(|_| fmt::Error)?)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fields
+
+/// The text formatter's fields without terminal styling: `message name=value ...`, values as
+/// the stock formatter writes them (strings quoted, `%` values as displayed), control
+/// characters in the message escaped as the stock formatter does.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlainFields;
+
+impl<'w> FormatFields<'w> for PlainFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = PlainVisitor {
+            writer,
+            empty: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'w> {
+    writer: Writer<'w>,
+    empty: bool,
+    result: fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    /// Writes the separator and `name=` (nothing for the message); false when it must stop.
+    fn start(&mut self, field: &Field) -> bool {
+        if self.result.is_err() {
+            return false;
+        }
+        let name = field.name();
+        if name.starts_with("log.") {
+            return false;
+        }
+        if self.empty {
+            self.empty = false;
+        } else if let Err(e) = self.writer.write_char(' ') {
+            self.result = Err(e);
+            return false;
+        }
+        if name != "message" {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            self.result = self
+                .writer
+                .write_str(name)
+                .and_then(|()| self.writer.write_char('='));
+        }
+        self.result.is_ok()
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.start(field) {
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.start(field) {
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.start(field) {
+            self.result = self.writer.write_str(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else if self.start(field) {
+            self.result = write!(self.writer, "{value:?}");
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if !self.start(field) {
+            return;
+        }
+        let mut out = Escaping(&mut self.writer);
+        self.result = write!(out, "{value}");
+        if let Some(first) = value.source() {
+            let name = field.name();
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            self.result = self.result.and_then(|()| write!(out, " {name}.sources=["));
+            let mut source = Some(first);
+            let mut sep = "";
+            while let (Ok(()), Some(err)) = (self.result, source) {
+                self.result = write!(out, "{sep}{err}");
+                sep = ", ";
+                source = err.source();
+            }
+            self.result = self.result.and_then(|()| out.write_char(']'));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if !self.start(field) {
+            return;
+        }
+        self.result = if field.name() == "message" {
+            write!(Escaping(&mut self.writer), "{value:?}")
+        } else {
+            write!(self.writer, "{value:?}")
+        };
+    }
+}
+
+/// Escapes the control characters a terminal would act on (as the stock formatter does for
+/// messages and errors).
+struct Escaping<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Escaping<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(|c: char| {
+            matches!(
+                c,
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+            )
+        }) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or('\u{fffd}');
+            match c {
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' => {
+                    write!(self.0, "\\x{:02x}", c as u32)?
+                }
+                c => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    /// Captures what a formatter writes.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<StdMutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Capture {
+        type Writer = Capture;
+        fn make_writer(&'a self) -> Capture {
+            self.clone()
+        }
+    }
+
+    fn render(plain: bool, emit: impl FnOnce()) -> String {
+        let out = Capture::default();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .with_writer(out.clone());
+        if plain {
+            tracing::subscriber::with_default(builder.fmt_fields(PlainFields).finish(), emit);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), emit);
+        }
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    fn access_line() {
+        let method = http::Method::POST;
+        tracing::info!(
+            target: "access",
+            route = "bench",
+            method = %method,
+            path = %"/bench",
+            status = 200u16,
+            bytes_in = 1881u64,
+            duration_ms = 0.353f64,
+            delta = -3i64,
+            ok = true,
+            outcome = "complete",
+            reason = %"the sender closed \"the\" connection",
+            "request"
+        );
+    }
+
+    #[test]
+    fn plain_fields_write_what_the_stock_formatter_writes_without_colours() {
+        assert_eq!(render(true, access_line), render(false, access_line));
+        let line = render(true, access_line);
+        assert!(
+            line.contains("request route=\"bench\" method=POST path=/bench status=200 bytes_in=1881 duration_ms=0.353 delta=-3 ok=true outcome=\"complete\" reason=the sender closed \"the\" connection"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_messages_are_escaped_like_the_stock_formatter() {
+        let emit = || tracing::warn!("bell\x07 and \x1b[31mred\u{85}");
+        let plain = render(true, emit);
+        assert_eq!(plain, render(false, emit));
+        assert!(
+            plain.contains("bell\\x07 and \\x1b[31mred\\u{85}"),
+            "{plain}"
+        );
+    }
+
+    #[test]
+    fn cached_timestamps_are_rfc3339_with_microseconds() {
+        let mut s = String::new();
+        CachedTime.format_time(&mut Writer::new(&mut s)).unwrap();
+        let mut again = String::new();
+        CachedTime
+            .format_time(&mut Writer::new(&mut again))
+            .unwrap();
+        for t in [&s, &again] {
+            assert_eq!(t.len(), "2026-11-30T04:34:10.376663Z".len(), "{t}");
+            assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T' && t.as_bytes()[19] == b'.');
+            let parsed = humantime::parse_rfc3339(t).expect("parses as RFC 3339");
+            let off = SystemTime::now().duration_since(parsed).unwrap_or_default();
+            assert!(off < Duration::from_secs(60), "{t} is not now");
+        }
+        assert!(again >= s, "{again} before {s}");
+    }
+}

@@ -1,0 +1,124 @@
+//! The log a user gets from the binary: the INFO access line of each request is written while
+//! the proxy runs (lines are gathered for at most 100 ms, not until exit), WARN lines at once,
+//! and nothing is lost when the proxy stops.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// Waits (bounded) for the next stderr line that contains `needle`.
+fn line_with(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no log line with {needle:?}: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn access_lines_are_written_while_the_proxy_runs_and_none_is_lost_at_exit() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    // The second route's receiver is not running: a 502 and its WARN line.
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"hook\"\npath_prefix = \"/hook\"\nupstream = \"http://{}/in\"\n\n[[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"http://{}/in\"\n",
+            receiver.addr,
+            free_addr()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = line_with(&lines, "listen=");
+    let addr: std::net::SocketAddr = ready[ready.find("listen=").unwrap() + 7..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    for n in 0..3 {
+        let got = send(
+            addr,
+            http::Request::post(format!("http://{addr}/hook/{n}"))
+                .header("content-type", "application/json")
+                .body(full(bytes::Bytes::from(format!("{{\"n\":{n}}}"))))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        assert_eq!(receiver.next().await.uri.path(), format!("/in/{n}"));
+        // The line arrives while the proxy still runs.
+        let line = line_with(&lines, "INFO access: request");
+        assert!(
+            line.contains(&format!("path=/hook/{n} "))
+                && line.contains("status=200")
+                && line.contains("outcome=\"complete\""),
+            "{line}"
+        );
+        assert!(
+            !line.contains('\x1b'),
+            "no terminal colours in a file: {line}"
+        );
+    }
+
+    let got = send(
+        addr,
+        http::Request::post(format!("http://{addr}/down/x"))
+            .body(full(bytes::Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 502);
+    let warn = line_with(&lines, " WARN ");
+    assert!(warn.contains("down"), "{warn}");
+
+    // A last request, then SIGTERM: its access line is written before the process ends.
+    let got = send(
+        addr,
+        http::Request::post(format!("http://{addr}/hook/last"))
+            .body(full(bytes::Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    // Stopped as a user would: `kill -TERM`.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("INFO access: request") && l.contains("path=/hook/last ")),
+        "the last access line is missing after exit:\n{}",
+        rest.join("\n")
+    );
+}
