@@ -87,7 +87,7 @@ pub fn build_client(route: &RouteConfig) -> Result<UpstreamClient, ProxyError> {
 }
 
 /// Where a request goes: method, upstream URI and the headers as rewritten for the receiver.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Target {
     /// The request method.
     pub method: http::Method,

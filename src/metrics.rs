@@ -237,6 +237,19 @@ struct Inner {
     dead_lettered: Family<DeadLetterLabels, Counter>,
     /// Recent body sizes per route, for the console (not exported to Prometheus).
     sizes: SizeRing,
+    /// Each route's per-request series, resolved once (see [`Metrics::request`]).
+    route_series: std::sync::RwLock<std::collections::HashMap<String, Arc<RouteSeries>>>,
+}
+
+/// The series [`Metrics::request`] updates for one route, each created on first use (a series
+/// appears in `/metrics` when it first counts something, as before).
+#[derive(Debug, Default)]
+struct RouteSeries {
+    /// By status class, `1xx` to `5xx`.
+    requests: [std::sync::OnceLock<Counter>; 5],
+    request_body_bytes: std::sync::OnceLock<Histogram>,
+    forwarded_body_bytes: std::sync::OnceLock<Histogram>,
+    upstream_duration_seconds: std::sync::OnceLock<Histogram>,
 }
 
 impl Default for Metrics {
@@ -349,6 +362,7 @@ impl Metrics {
                 redelivered,
                 dead_lettered,
                 sizes: SizeRing::new(),
+                route_series: Default::default(),
             }),
         };
         // Both results exist from the start, so a first failed reload is an increase from 0.
@@ -403,32 +417,57 @@ impl Metrics {
         upstream_secs: Option<f64>,
     ) {
         let inner = &*self.inner;
-        inner
-            .requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                status_class: status_class(status),
+        let series = self.route_series(route);
+        let class = status_class(status);
+        let index = STATUS_CLASSES
+            .iter()
+            .position(|c| *c == class)
+            .unwrap_or(STATUS_CLASSES.len() - 1);
+        series.requests[index]
+            .get_or_init(|| {
+                inner.requests.get_or_create_owned(&RequestLabels {
+                    route: route.to_owned(),
+                    status_class: class,
+                })
             })
             .inc();
-        let labels = RouteLabels {
+        let labels = || RouteLabels {
             route: route.to_owned(),
         };
-        inner
+        series
             .request_body_bytes
-            .get_or_create(&labels)
+            .get_or_init(|| inner.request_body_bytes.get_or_create_owned(&labels()))
             .observe(body_bytes as f64);
         if let Some(forwarded) = forwarded_bytes {
-            inner
+            series
                 .forwarded_body_bytes
-                .get_or_create(&labels)
+                .get_or_init(|| inner.forwarded_body_bytes.get_or_create_owned(&labels()))
                 .observe(forwarded as f64);
         }
         if let Some(secs) = upstream_secs {
-            inner
+            series
                 .upstream_duration_seconds
-                .get_or_create(&labels)
+                .get_or_init(|| inner.upstream_duration_seconds.get_or_create_owned(&labels()))
                 .observe(secs);
         }
+    }
+
+    /// `route`'s per-request series: one map lookup per request instead of a label set built
+    /// (two strings allocated) and hashed for each of four families.
+    fn route_series(&self, route: &str) -> Arc<RouteSeries> {
+        let map = &self.inner.route_series;
+        if let Some(series) = map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(route)
+        {
+            return series.clone();
+        }
+        map.write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(route.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Records one trimmed body and how many bytes trimming removed.
@@ -703,6 +742,9 @@ fn upstream_histogram() -> Histogram {
 
 /// The `status_class` label; codes outside 100..=599 (which `http` allows up to 999) count as
 /// server errors.
+/// The status classes, in [`RouteSeries::requests`] order.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 fn status_class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",

@@ -123,7 +123,10 @@ impl Proxy {
         );
         exchange.metrics = Some(self.shared.metrics.clone());
         let is_h1 = req.version() < Version::HTTP_2;
-        let result = pipeline(&rt, &self.shared, req, &conn, &mut exchange).await;
+        // Boxed where it starts: the pipeline's state is the bulk of the request's future, and
+        // the service future is moved several times before it is first polled (into the
+        // connection-tracking scope, then onto the heap); boxed here, it is written once.
+        let result = Box::pin(pipeline(&rt, &self.shared, req, &conn, &mut exchange)).await;
         let mut response = match result {
             Ok(response) => response,
             Err(err) => error_response(&err, &request_id, is_h1, &mut exchange),

@@ -64,7 +64,8 @@ pub(super) async fn stream(
     } else {
         limited.boxed_unsync()
     };
-    let req = ctx.target.clone().into_request(body);
+    // Taken, not cloned: a streamed body is sent once.
+    let req = std::mem::take(&mut ctx.target).into_request(body);
     let started = tokio::time::Instant::now();
     let sent = forward::send(
         ctx.route.client(),
