@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::config::{MAX_HEADERS, ServerConfig};
+use crate::config::ServerConfig;
 use crate::error::ProxyError;
 use crate::forward::ConnUpstream;
 use crate::framing::{FramingFlags, FramingWatch};
@@ -39,6 +39,9 @@ const MAX_REFUSING: usize = 256;
 /// How long a refused connection is given to send its first bytes (to tell HTTP/2 from
 /// HTTP/1.1) before it is answered.
 const REFUSE_PEEK: Duration = Duration::from_millis(250);
+// hyper's built-in header limit, which the server relies on (see `connection_builder`).
+const _: () = assert!(crate::config::MAX_HEADERS == 100);
+
 /// How often the allocator is given a chance to return freed memory (see [`allocator_tick`]).
 const ALLOCATOR_TICK: Duration = Duration::from_secs(1);
 /// The size of the allocation that gives it that chance: larger than mimalloc's largest
@@ -59,7 +62,9 @@ pub fn connection_builder(server: &ServerConfig) -> Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
         .max_buf_size(server.max_header_bytes.max(8192))
-        .max_headers(MAX_HEADERS)
+        // Not `.max_headers(MAX_HEADERS)`: hyper's own limit is the same 100 (tests send 101),
+        // kept in arrays on the stack, while an explicit limit makes it allocate and fill two
+        // arrays for every request it parses.
         .keep_alive(true);
     builder
         .http2()
