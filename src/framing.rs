@@ -53,6 +53,23 @@ enum State {
     Passthrough,
 }
 
+/// Parses a request head at the start of `buf`: its length, the state after it and whether it
+/// had both framing headers; `None` while it is incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, State, bool)>, ()> {
+    // Left uninitialised: httparse writes the headers it finds (128 of them zeroed on every
+    // request cost more than the parse).
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(head_len)) => {
+            let (next, conflict) = after_head(req.headers);
+            Ok(Some((head_len, next, conflict)))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
 /// An I/O wrapper that follows request framing on the bytes hyper reads.
 pub struct FramingWatch<T> {
     inner: T,
@@ -79,13 +96,17 @@ impl<T> FramingWatch<T> {
             match self.state {
                 State::Passthrough => return,
                 State::Head => {
+                    // The common case, a whole head in one read, is parsed where it lies;
+                    // only a head split over reads is gathered in `pending`.
                     let before = self.pending.len();
-                    self.pending.extend_from_slice(data);
-                    let mut headers = [httparse::EMPTY_HEADER; 128];
-                    let mut req = httparse::Request::new(&mut headers);
-                    match req.parse(&self.pending) {
-                        Ok(httparse::Status::Complete(head_len)) => {
-                            let (next, conflict) = after_head(req.headers);
+                    let parsed = if before == 0 {
+                        parse_head(data)
+                    } else {
+                        self.pending.extend_from_slice(data);
+                        parse_head(&self.pending)
+                    };
+                    match parsed {
+                        Ok(Some((head_len, next, conflict))) => {
                             if conflict {
                                 let _ = self.flags.conflicting.compare_exchange(
                                     0,
@@ -99,13 +120,16 @@ impl<T> FramingWatch<T> {
                             self.requests += 1;
                             self.state = next;
                         }
-                        Ok(httparse::Status::Partial) => {
+                        Ok(None) => {
+                            if before == 0 {
+                                self.pending.extend_from_slice(data);
+                            }
                             if self.pending.len() > MAX_HEAD_BYTES {
                                 self.pass();
                             }
                             return;
                         }
-                        Err(_) => {
+                        Err(()) => {
                             self.pass();
                             return;
                         }
