@@ -39,6 +39,12 @@ const MAX_REFUSING: usize = 256;
 /// How long a refused connection is given to send its first bytes (to tell HTTP/2 from
 /// HTTP/1.1) before it is answered.
 const REFUSE_PEEK: Duration = Duration::from_millis(250);
+/// The most hyper reads from a sender's connection at once. Its read buffer is also its head
+/// limit, so `max_header_bytes` (64 KiB by default) is checked by the pipeline instead
+/// (`proxy::admit`), and bodies are read in up to 256 KiB: a 1 MiB POST took 20% less CPU
+/// (user and kernel) than with 64 KiB reads, 16 KiB reads took 45% more.
+pub const READ_BUFFER_BYTES: usize = 256 * 1024;
+
 // hyper's built-in header limit, which the server relies on (see `connection_builder`).
 const _: () = assert!(crate::config::MAX_HEADERS == 100);
 
@@ -61,7 +67,7 @@ pub fn connection_builder(server: &ServerConfig) -> Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
-        .max_buf_size(server.max_header_bytes.max(8192))
+        .max_buf_size(server.max_header_bytes.max(READ_BUFFER_BYTES))
         // Not `.max_headers(MAX_HEADERS)`: hyper's own limit is the same 100 (tests send 101),
         // kept in arrays on the stack, while an explicit limit makes it allocate and fill two
         // arrays for every request it parses.

@@ -26,6 +26,11 @@ pub(super) fn admit(rt: &Runtime, parts: &Parts, conn: &ConnInfo) -> Result<Admi
     if conn.framing_conflict {
         return Err(ProxyError::AmbiguousLength);
     }
+    if parts.version < http::Version::HTTP_2
+        && head_bytes(parts) > rt.config.server.max_header_bytes
+    {
+        return Err(ProxyError::HeaderTooLarge);
+    }
     if parts.method == Method::CONNECT {
         return Err(ProxyError::ConnectRefused);
     }
@@ -67,6 +72,24 @@ pub(super) fn precheck(ctx: &mut RequestCtx<'_>) -> Result<(), ProxyError> {
             Err(err)
         }
     }
+}
+
+/// The size of an HTTP/1 request head as sent: request line, header lines, blank line.
+///
+/// hyper refuses heads past its read buffer, which is larger than `max_header_bytes` (see
+/// `server::READ_BUFFER_BYTES`), so the configured limit is checked here.
+fn head_bytes(parts: &Parts) -> usize {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path().len(), |pq| pq.as_str().len());
+    let line = parts.method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    line + fields + 2
 }
 
 /// Whether an absolute-form target names this listener (the only absolute form we accept).

@@ -89,6 +89,29 @@ async fn oversized_or_too_many_headers_get_431() {
 }
 
 #[tokio::test]
+async fn the_default_header_limit_holds_although_bodies_are_read_in_larger_blocks() {
+    // hyper reads up to 256 KiB at once; the 64 KiB default limit is checked by the proxy.
+    let receiver = Receiver::start(Behavior::Ok).await;
+    let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
+    let head = |kib: usize| {
+        format!(
+            "POST /hooks/test HTTP/1.1\r\nhost: x\r\nx-big: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+            "a".repeat(kib * 1024)
+        )
+    };
+    let response = raw_exchange(proxy.addr, head(60).as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    for kib in [70, 200, 300] {
+        let response = raw_exchange(proxy.addr, head(kib).as_bytes()).await;
+        assert!(
+            response.starts_with("HTTP/1.1 431"),
+            "{kib} KiB: {response}"
+        );
+    }
+    assert_eq!(receiver.started.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn connect_absolute_form_and_upgrade_are_refused() {
     let receiver = Receiver::start(Behavior::Ok).await;
     let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
