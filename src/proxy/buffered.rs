@@ -51,17 +51,32 @@ pub(super) async fn buffered(
         _ => None,
     };
     let decoded_ok = decoded.as_ref().and_then(|d| d.as_ref().ok());
+
+    // Scan once: on trim routes the scan serves the payload's id, the incident's facts, the
+    // trim and every resend; elsewhere the id is read with a scan of its own, once.
+    let parsed = match (&policy, decoded_ok) {
+        (Some(_), Some(decoded)) => {
+            Some(parse_within_budget(ctx, &wire, decoded, &mut reservation)?)
+        }
+        _ => None,
+    };
+    let doc = parsed.as_ref().and_then(|p| p.as_ref().ok());
+    ctx.call_id = match doc {
+        Some(doc) => doc.string_at(&cfg.id_path),
+        None => decoded_ok.and_then(|d| crate::trim::string_at(d, &cfg.id_path)),
+    };
+
     let mut verified = None;
     if let Some(v) = &cfg.verify {
         let call_id = match (decoded_ok, v.verifier.scheme().needs_call_id()) {
-            (Some(json), true) => crate::trim::string_at(json, &cfg.id_path),
+            (Some(_), true) => ctx.call_id.as_deref(),
             _ => None,
         };
         let url = v.sender_url(&cfg.path_prefix, &ctx.path_and_query);
         let signed = crate::verify::Signed {
             headers: &ctx.target.headers,
             body: &wire,
-            call_id: call_id.as_deref(),
+            call_id,
             url: url.as_deref(),
             now: SystemTime::now(),
         };
@@ -72,7 +87,6 @@ pub(super) async fn buffered(
     }
     // `resign = "same"` re-signs a trimmed body with the sender's id and timestamp.
     let policy = policy.map(|p| p.stamped(verified.as_ref()));
-    ctx.call_id = decoded_ok.and_then(|d| crate::trim::string_at(d, &cfg.id_path));
 
     // Dedupe: an exact repeat of a delivered payload is answered here.
     let hash = cfg.dedupe.map(|_| body_hash(&wire));
@@ -99,14 +113,6 @@ pub(super) async fn buffered(
     let key = ctx.idempotency_key();
     deliver::set_idempotency_key(&mut ctx.target.headers, &key);
 
-    // Parse once: the scan serves the incident's facts, the trim and every resend.
-    let parsed = match (&policy, decoded_ok) {
-        (Some(_), Some(decoded)) => {
-            Some(parse_within_budget(ctx, &wire, decoded, &mut reservation)?)
-        }
-        _ => None,
-    };
-    let doc = parsed.as_ref().and_then(|p| p.as_ref().ok());
     if let Some(doc) = doc {
         ctx.top_fields = doc
             .top_fields(incident::TOP_FIELDS)
@@ -145,18 +151,14 @@ pub(super) async fn buffered(
     };
     let base = ctx.incident(Kind::Upstream413);
     let started = tokio::time::Instant::now();
-    let delivered = deliver::deliver_whole(
-        &Destination {
-            route: ctx.route,
-            upstream: ctx.upstream,
-            services: ctx.shared.services(),
-            target: &ctx.target,
-            base: &base,
-        },
-        &whole,
-        first,
-    )
-    .await;
+    let dest = Destination {
+        route: ctx.route,
+        upstream: ctx.upstream,
+        services: ctx.shared.services(),
+        target: &ctx.target,
+        base: &base,
+    };
+    let delivered = deliver::deliver_whole(&dest, &whole, first).await;
     ctx.upstream_secs = Some(started.elapsed().as_secs_f64());
     ctx.incidents.extend(delivered.incidents.iter().cloned());
     ctx.forwarded_bytes = Some(delivered.sent_bytes);
