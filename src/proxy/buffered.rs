@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 use super::context::RequestCtx;
 use super::{full_body, keep, stream};
-use crate::buffer::{self, CollectError, Reservation};
+use crate::buffer::{self, CollectError, Reservation, Slot, SlotClaim};
 use crate::config::{OnOversize, OnTrimFailure};
 use crate::deliver::{self, Destination, Whole};
 use crate::error::ProxyError;
@@ -33,6 +33,13 @@ pub(super) async fn buffered(
     body: Incoming,
     encoding: Option<Encoding>,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
+    // A body declared large waits for a slot before it is read (and before it reserves).
+    let declared_large = ctx.declared.is_some_and(|d| d > buffer::LARGE_BODY_BYTES);
+    let slot = match declared_large {
+        true => ctx.shared.slots.acquire(buffer::SLOT_WAIT).await,
+        false => None,
+    };
+    let claim = SlotClaim::new(ctx.shared.slots.clone(), slot, declared_large);
     let mut reservation = match ctx.shared.budget.reserve(ctx.declared.unwrap_or(0)) {
         Ok(r) => r,
         Err(_) => {
@@ -40,7 +47,7 @@ pub(super) async fn buffered(
             return Err(ctx.budget_exhausted(0));
         }
     };
-    let wire = collect(ctx, body, &mut reservation).await?;
+    let (wire, slot) = collect(ctx, body, &mut reservation, claim).await?;
     let cfg = ctx.cfg;
     let policy = Policy::of(cfg);
     let json = payload::is_json(ctx.content_type.as_deref());
@@ -158,7 +165,7 @@ pub(super) async fn buffered(
         target: &ctx.target,
         base: &base,
     };
-    let delivered = deliver::deliver_whole(&dest, &whole, first).await;
+    let delivered = hold_slot_while(slot, deliver::deliver_whole(&dest, &whole, first)).await;
     ctx.upstream_secs = Some(started.elapsed().as_secs_f64());
     ctx.incidents.extend(delivered.incidents.iter().cloned());
     ctx.forwarded_bytes = Some(delivered.sent_bytes);
@@ -173,18 +180,36 @@ pub(super) async fn buffered(
     keep::settle_whole(ctx, delivered, wire, remember).await
 }
 
-/// Reads the whole body under the budget.
+/// Runs `work` keeping `slot` until it is done or the slot's deadline has passed, whichever
+/// comes first: a slow receiver does not keep the next large body waiting.
+async fn hold_slot_while<T>(slot: Option<Slot>, work: impl Future<Output = T>) -> T {
+    let Some(slot) = slot else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        done = &mut work => done,
+        () = tokio::time::sleep_until(slot.deadline) => {
+            drop(slot);
+            work.await
+        }
+    }
+}
+
+/// Reads the whole body under the budget (a large one in a slot, see [`buffer::BodySlots`]).
 async fn collect(
     ctx: &mut RequestCtx<'_>,
     body: Incoming,
     reservation: &mut Reservation,
-) -> Result<Bytes, ProxyError> {
+    claim: SlotClaim,
+) -> Result<(Bytes, Option<Slot>), ProxyError> {
     let stats = Arc::new(BodyStats::default());
     ctx.stats = Some(stats.clone());
     let limited = LimitedBody::new(body, ctx.limits(ctx.cfg.max_body_bytes), stats.clone());
     let capacity = ctx.declared.unwrap_or(0) as usize;
-    match buffer::collect(limited, capacity, reservation).await {
-        Ok(wire) => Ok(wire),
+    match buffer::collect_slotted(limited, capacity, reservation, claim).await {
+        Ok(collected) => Ok(collected),
         Err(CollectError::Budget(_)) => Err(ctx.budget_exhausted(stats.bytes())),
         Err(CollectError::Body(_)) => {
             let failure = stats
