@@ -72,8 +72,10 @@ pub(super) async fn buffered(
         _ => None,
     };
     let doc = parsed.as_ref().and_then(|p| p.as_ref().ok());
-    ctx.call_id = match doc {
-        Some(doc) => doc.string_at(&cfg.id_path),
+    ctx.call_id = match &parsed {
+        Some(Ok(doc)) => doc.string_at(&cfg.id_path),
+        // Not JSON: another scan would fail the same way.
+        Some(Err(_)) => None,
         None => decoded_ok.and_then(|d| crate::trim::string_at(d, &cfg.id_path)),
     };
 
