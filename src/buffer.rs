@@ -7,13 +7,26 @@
 //! blocks of [`BLOCK_BYTES`] (each reserved before it is allocated) and joined once at the end,
 //! with the join's copy reserved too. A growing buffer that doubles would hold up to three
 //! times the body while it reallocates, outside any count.
+//!
+//! The budget bounds bytes; [`BodySlots`] bounds how many *large* bodies (over
+//! [`LARGE_BODY_BYTES`]) are held in memory at once. A large body waits for a slot before it is
+//! read past its first [`LARGE_BODY_BYTES`], so the rest of it waits in the kernel (or the
+//! sender) instead of in the proxy's memory; with 8 senders of 5 MiB at once, one body per
+//! worker thread is held rather than eight. The slot is kept while the body arrives, is trimmed
+//! and is delivered (the 413 ladder needs the original until the receiver has answered).
+//! Neither a slow sender nor a slow receiver can stall the others: a slot is held at most
+//! [`SLOT_GRACE`], after which the body goes on without it, and a request that waits
+//! [`SLOT_WAIT`] for a slot reads its body without one. Bodies without a slot are held as
+//! before, within the budget.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::Body;
 use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::limit::BodyError;
 
@@ -24,6 +37,99 @@ use crate::limit::BodyError;
 pub const BLOCK_BYTES: usize = 1024 * 1024;
 /// The first block of a body of unknown length: most webhooks fit in it.
 pub const MIN_BLOCK_BYTES: usize = 16 * 1024;
+
+/// Bodies over this many bytes are read into memory only with a [`BodySlots`] slot (when one
+/// comes within [`SLOT_WAIT`]). 1 MiB: most webhooks are far smaller and never wait.
+pub const LARGE_BODY_BYTES: u64 = 1024 * 1024;
+/// How long a large body waits for a slot before it is read without one.
+pub const SLOT_WAIT: Duration = Duration::from_millis(500);
+/// How long a large body may hold its slot: one that is not received, trimmed and answered by
+/// then (a slow sender or a slow receiver) gives it up and goes on without one.
+pub const SLOT_GRACE: Duration = Duration::from_millis(500);
+
+/// How many large bodies are read and trimmed in memory at once (see the module docs).
+#[derive(Debug)]
+pub struct BodySlots {
+    semaphore: Arc<Semaphore>,
+    slots: usize,
+}
+
+/// A slot of [`BodySlots`]; given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// When the slot must be given up ([`SLOT_GRACE`] after it was taken).
+    pub deadline: tokio::time::Instant,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            _permit: permit,
+            deadline: tokio::time::Instant::now() + SLOT_GRACE,
+        }
+    }
+}
+
+impl BodySlots {
+    /// `slots` slots (at least one).
+    pub fn new(slots: usize) -> Arc<BodySlots> {
+        let slots = slots.max(1);
+        Arc::new(BodySlots {
+            semaphore: Arc::new(Semaphore::new(slots)),
+            slots,
+        })
+    }
+
+    /// The number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Slots free right now.
+    pub fn available(&self) -> usize {
+        self.semaphore.available_permits()
+    }
+
+    /// A slot, waiting for one at most `wait`; `None` when none came in time.
+    pub async fn acquire(&self, wait: Duration) -> Option<Slot> {
+        if let Ok(permit) = self.semaphore.clone().try_acquire_owned() {
+            return Some(Slot::new(permit));
+        }
+        match tokio::time::timeout(wait, self.semaphore.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Some(Slot::new(permit)),
+            // Timed out (the semaphore is never closed).
+            _ => None,
+        }
+    }
+}
+
+/// A body's claim on a slot while it is collected (see [`collect_slotted`]).
+#[derive(Debug)]
+pub struct SlotClaim {
+    slots: Arc<BodySlots>,
+    slot: Option<Slot>,
+    /// A slot was asked for already (it is asked for once).
+    asked: bool,
+}
+
+impl SlotClaim {
+    /// A claim on `slots`: `slot` when the caller already holds one (a body declared large
+    /// waits for it before a byte is read), else one is asked for when the body grows past
+    /// [`LARGE_BODY_BYTES`].
+    pub fn new(slots: Arc<BodySlots>, slot: Option<Slot>, asked: bool) -> SlotClaim {
+        SlotClaim {
+            asked: asked || slot.is_some(),
+            slots,
+            slot,
+        }
+    }
+
+    /// The slot, when the body holds one.
+    pub fn into_slot(self) -> Option<Slot> {
+        self.slot
+    }
+}
 
 /// The global budget for buffered bodies.
 #[derive(Debug)]
@@ -155,6 +261,52 @@ where
         }
     }
     gather.finish(reservation)
+}
+
+/// [`collect`] for a body that may be large: before it is read past [`LARGE_BODY_BYTES`] it
+/// waits (at most [`SLOT_WAIT`]) for a slot, unless it holds one already; a slot it holds is
+/// given up when the body is still arriving at the slot's deadline. Returns the body and the
+/// slot it still holds (the caller keeps it while it works on the body, until the deadline).
+pub async fn collect_slotted<B>(
+    mut body: B,
+    capacity_hint: usize,
+    reservation: &mut Reservation,
+    mut claim: SlotClaim,
+) -> Result<(Bytes, Option<Slot>), CollectError>
+where
+    B: Body<Data = Bytes, Error = BodyError> + Unpin,
+{
+    let mut gather = Gather::new(capacity_hint, reservation)?;
+    let far = tokio::time::Instant::now() + SLOT_GRACE;
+    let grace = tokio::time::sleep_until(claim.slot.as_ref().map_or(far, |s| s.deadline));
+    tokio::pin!(grace);
+    loop {
+        let frame = if claim.slot.is_some() {
+            tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                () = &mut grace => {
+                    tracing::debug!(received = gather.len, "slow large body: its slot goes to the next one");
+                    claim.slot = None;
+                    continue;
+                }
+            }
+        } else {
+            body.frame().await
+        };
+        let Some(frame) = frame else { break };
+        if let Ok(data) = frame?.into_data() {
+            if !claim.asked && (gather.len + data.len()) as u64 > LARGE_BODY_BYTES {
+                claim.asked = true;
+                claim.slot = claim.slots.acquire(SLOT_WAIT).await;
+                if let Some(slot) = &claim.slot {
+                    grace.as_mut().reset(slot.deadline);
+                }
+            }
+            gather.push(&data, reservation)?;
+        }
+    }
+    Ok((gather.finish(reservation)?, claim.into_slot()))
 }
 
 /// A body being gathered: full blocks and the one being filled, all reserved.
@@ -317,5 +469,109 @@ mod tests {
         let body = collect(chunked(10, 3), 0, &mut res).await.unwrap();
         assert_eq!(body, "xxxxxxxxxx");
         assert_eq!(budget.in_use(), 10);
+    }
+
+    /// A body of `len` bytes of unknown length that counts the bytes read from it.
+    fn counted(
+        len: usize,
+        read: Arc<AtomicU64>,
+    ) -> impl Body<Data = Bytes, Error = BodyError> + Unpin {
+        chunked(len, 64 * 1024).map_frame(move |frame| {
+            if let Some(data) = frame.data_ref() {
+                read.fetch_add(data.len() as u64, Ordering::SeqCst);
+            }
+            frame
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_is_waited_for_at_most_slot_wait() {
+        let slots = BodySlots::new(1);
+        let held = slots.acquire(SLOT_WAIT).await.expect("a free slot");
+        assert_eq!(slots.available(), 0);
+        let started = tokio::time::Instant::now();
+        assert!(slots.acquire(SLOT_WAIT).await.is_none());
+        assert_eq!(started.elapsed(), SLOT_WAIT);
+        drop(held);
+        assert!(slots.acquire(SLOT_WAIT).await.is_some());
+        assert_eq!(slots.available(), 1, "slots are given back when dropped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_body_is_not_read_past_the_threshold_until_it_has_a_slot() {
+        let slots = BodySlots::new(1);
+        let held = slots.acquire(SLOT_WAIT).await.unwrap();
+        let budget = BufferBudget::new(64 * 1024 * 1024);
+        let read = Arc::new(AtomicU64::new(0));
+        let len = 3 * LARGE_BODY_BYTES as usize;
+        let body = counted(len, read.clone());
+        let claim = SlotClaim::new(slots.clone(), None, false);
+        let collecting = tokio::spawn(async move {
+            let mut res = budget.reserve(0).unwrap();
+            collect_slotted(body, 0, &mut res, claim).await
+        });
+        // Half the wait: the body has stopped at the threshold (one frame past it at most).
+        tokio::time::sleep(SLOT_WAIT / 2).await;
+        assert!(!collecting.is_finished());
+        let stopped_at = read.load(Ordering::SeqCst);
+        assert!(
+            stopped_at <= LARGE_BODY_BYTES + 64 * 1024,
+            "read {stopped_at} bytes without a slot"
+        );
+        drop(held);
+        let (body, slot) = collecting.await.unwrap().unwrap();
+        assert_eq!(body.len(), len, "nothing lost");
+        assert!(slot.is_some(), "the body holds the slot it waited for");
+        assert_eq!(slots.available(), 0);
+        drop(slot);
+        assert_eq!(slots.available(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_waits_too_long_for_a_slot_is_read_without_one() {
+        let slots = BodySlots::new(1);
+        let _held = slots.acquire(SLOT_WAIT).await.unwrap();
+        let budget = BufferBudget::new(64 * 1024 * 1024);
+        let mut res = budget.reserve(0).unwrap();
+        let len = 2 * LARGE_BODY_BYTES as usize;
+        let started = tokio::time::Instant::now();
+        let claim = SlotClaim::new(slots.clone(), None, false);
+        let (body, slot) = collect_slotted(chunked(len, 64 * 1024), 0, &mut res, claim)
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), SLOT_WAIT);
+        assert_eq!(body.len(), len, "nothing lost");
+        assert!(slot.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_gives_its_slot_up_at_the_deadline() {
+        let slots = BodySlots::new(1);
+        let slot = slots.acquire(SLOT_WAIT).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, BodyError>>(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        });
+        let body = http_body_util::StreamBody::new(Box::pin(stream));
+        let claim = SlotClaim::new(slots.clone(), Some(slot), true);
+        let budget = BufferBudget::new(64 * 1024 * 1024);
+        let collecting = tokio::spawn(async move {
+            let mut res = budget.reserve(0).unwrap();
+            collect_slotted(body, 0, &mut res, claim).await
+        });
+        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![b'x'; 1000]))))
+            .await
+            .unwrap();
+        tokio::time::sleep(SLOT_GRACE).await;
+        tokio::task::yield_now().await;
+        assert_eq!(slots.available(), 1, "the stalled body gave its slot up");
+        assert!(!collecting.is_finished());
+        tx.send(Ok(http_body::Frame::data(Bytes::from(vec![b'y'; 1000]))))
+            .await
+            .unwrap();
+        drop(tx);
+        let (body, slot) = collecting.await.unwrap().unwrap();
+        assert_eq!(body.len(), 2000, "nothing lost");
+        assert!(slot.is_none());
     }
 }

@@ -70,7 +70,7 @@ pub struct Prepared {
     pub body: Bytes,
     /// Its decoded size.
     pub decoded_len: u64,
-    /// The trim report, when the rules ran.
+    /// The trim report, when the rules ran (its `body` is empty: the bytes are in `body`).
     pub shrunk: Option<Shrunk>,
     /// Headers to set on the request: the trim marks and a fresh signature.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -138,8 +138,10 @@ pub fn prepare(
     target: u64,
     units: Units,
 ) -> Result<Prepared, ShrinkError> {
-    let shrunk = payload::shrink(wire, doc, encoding, policy.rules, units, target)?;
+    let mut shrunk = payload::shrink(wire, doc, encoding, policy.rules, units, target)?;
     if !shrunk.changed() {
+        // Nothing removed: the original goes out, the report's copy of it is not kept.
+        shrunk.body = Vec::new();
         return Ok(Prepared {
             body: wire.clone(),
             decoded_len: doc.body().len() as u64,
@@ -174,9 +176,11 @@ pub fn prepare(
     if let Err(err) = signed {
         tracing::warn!(error = %err, "cannot re-sign the trimmed body");
     }
+    // The bytes move into `body` (no copy); the report keeps the rest.
+    let body = Bytes::from(std::mem::take(&mut shrunk.body));
     Ok(Prepared {
         decoded_len: shrunk.decoded_len as u64,
-        body: Bytes::from(shrunk.body.clone()),
+        body,
         shrunk: Some(shrunk),
         headers,
     })

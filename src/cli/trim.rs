@@ -60,7 +60,7 @@ fn run(
         resign: None,
         stamp: None,
     };
-    let shrunk = crate::trim::Document::parse(&body)
+    let prepared = crate::trim::Document::parse(&body)
         .map_err(payload::ShrinkError::from)
         .and_then(|doc| {
             crate::prepare::prepare(&policy, &body, &doc, Encoding::Identity, limit, units)
@@ -72,12 +72,14 @@ fn run(
             )
         })
         .map_err(|e| (EXIT_DATAERR, e))?;
-    let Some(shrunk) = shrunk.shrunk else {
+    let Some(mut shrunk) = prepared.shrunk else {
         return Err((
             EXIT_DATAERR,
             anyhow::anyhow!("the trim rules did not run on the payload"),
         ));
     };
+    // The bytes to write are the prepared body (the report does not keep a copy).
+    shrunk.body = prepared.body.to_vec();
     report(route_name, tc, &body, &shrunk, limit).map_err(|e| (EXIT_NOINPUT, e))?;
     Ok(shrunk.fits)
 }

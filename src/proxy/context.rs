@@ -27,6 +27,8 @@ pub(super) struct RequestCtx<'a> {
     pub(super) cfg: &'a RouteConfig,
     /// The sender connection's own upstream connection (HTTP/1 senders).
     pub(super) upstream: Option<&'a ConnUpstream>,
+    /// The request came over HTTP/1 (not HTTP/2).
+    pub(super) is_h1: bool,
     pub(super) request_id: String,
     pub(super) method: Method,
     pub(super) path: String,
@@ -94,6 +96,7 @@ impl<'a> RequestCtx<'a> {
             route,
             cfg,
             upstream: conn.upstream.as_deref().filter(|_| is_h1),
+            is_h1,
             path: parts.uri.path().to_string(),
             path_and_query: parts.uri.path_and_query().map_or_else(
                 || parts.uri.path().to_string(),

@@ -351,3 +351,132 @@ async fn buffer_budget_exhaustion_gets_503_with_retry_after() {
     let incidents = proxy.incidents().await;
     assert_eq!(incidents[0]["kind"], "buffer_budget_exhausted");
 }
+
+/// `trim_route` with one worker thread: one large body is held in memory at a time.
+fn one_slot_trim_route() -> String {
+    trim_route("").replace(
+        "[server]\nlisten = \"127.0.0.1:0\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nworker_threads = 1\n",
+    )
+}
+
+/// A large JSON POST to `/hooks/test` with its `Content-Length`, fed through a channel.
+fn large_post(
+    proxy: &ProxyHandle,
+    len: usize,
+) -> (
+    tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    Request<TestBody>,
+) {
+    let (tx, body) = channel_body();
+    let req = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/json")
+        .header("content-length", len)
+        .body(body)
+        .unwrap();
+    (tx, req)
+}
+
+#[tokio::test]
+async fn a_sender_stalled_in_the_only_body_slot_holds_up_no_one_and_nothing_is_lost() {
+    let mut receiver = Receiver::start(Behavior::LimitEarly(MIB as u64)).await;
+    let proxy = start_proxy(config(&one_slot_trim_route(), receiver.addr)).await;
+    let slots = proxy.proxy.shared().slots.clone();
+    assert_eq!(slots.slots(), 1);
+
+    // A slow sender takes the only slot, sends 2 of its 3 MiB and stalls.
+    let slow = synthflow_payload(3 * MIB, 100);
+    let (tx, req) = large_post(&proxy, slow.len());
+    let addr = proxy.addr;
+    let slow_client = tokio::spawn(async move { send(addr, req).await });
+    for chunk in slow[..2 * MIB].chunks(64 * 1024) {
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(chunk))))
+            .await
+            .unwrap();
+    }
+    while slots.available() > 0 {
+        tokio::task::yield_now().await;
+    }
+
+    // Eight large payloads at once meanwhile: every one arrives, trimmed.
+    let fast: Vec<_> = (0..8)
+        .map(|seed| {
+            let payload = synthflow_payload(2 * MIB, seed);
+            let req = Request::post(proxy.url("/hooks/test"))
+                .header("content-type", "application/json")
+                .header("x-payload", seed)
+                .body(full(payload))
+                .unwrap();
+            tokio::spawn(async move { send(addr, req).await })
+        })
+        .collect();
+    for client in fast {
+        let got = client.await.unwrap();
+        assert_eq!(got.status, 200, "{:?}", got.body);
+    }
+    assert!(!slow_client.is_finished());
+
+    // The slow sender finishes: its payload arrives too.
+    for chunk in slow[2 * MIB..].chunks(64 * 1024) {
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(chunk))))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    assert_eq!(slow_client.await.unwrap().status, 200);
+
+    let mut arrived = std::collections::BTreeSet::new();
+    for _ in 0..9 {
+        let seen = receiver.next().await;
+        let body = seen.body.unwrap();
+        assert!(body.len() <= MIB, "{} bytes arrived", body.len());
+        serde_json::from_slice::<Value>(&body).expect("valid JSON");
+        let which = seen
+            .headers
+            .get("x-payload")
+            .map_or("slow", |v| v.to_str().unwrap());
+        arrived.insert(which.to_string());
+    }
+    assert_eq!(
+        arrived.len(),
+        9,
+        "nine distinct payloads arrived: {arrived:?}"
+    );
+    assert_eq!(slots.available(), 1, "the slot is free again");
+    assert_eq!(proxy.proxy.shared().budget.in_use(), 0, "nothing held");
+}
+
+#[tokio::test]
+async fn a_receiver_that_does_not_answer_keeps_no_body_slot() {
+    let hanging = Receiver::start(Behavior::Hang).await;
+    let mut receiver = Receiver::start(Behavior::LimitEarly(MIB as u64)).await;
+    // Two routes, one worker thread: `/hooks/slow` to a receiver that never answers.
+    let slow_route = trim_route("")
+        .replace("[[routes]]", "[[routes]]\nresponse_timeout = \"60s\"")
+        .replace("name = \"test\"", "name = \"slow\"")
+        .replace("/hooks/test", "/hooks/slow")
+        .replace("{upstream}", &hanging.addr.to_string());
+    let text = one_slot_trim_route() + &slow_route[slow_route.find("[[routes]]").unwrap()..];
+    let proxy = start_proxy(config(&text, receiver.addr)).await;
+    let slots = proxy.proxy.shared().slots.clone();
+
+    let addr = proxy.addr;
+    let req = Request::post(proxy.url("/hooks/slow"))
+        .header("content-type", "application/json")
+        .body(full(synthflow_payload(2 * MIB, 1)))
+        .unwrap();
+    let stuck = tokio::spawn(async move { send(addr, req).await });
+    while hanging.started.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+
+    let got = proxy.post_json(synthflow_payload(2 * MIB, 2)).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert!(receiver.next().await.body.unwrap().len() <= MIB);
+    assert!(!stuck.is_finished());
+    assert_eq!(
+        slots.available(),
+        1,
+        "the payload waiting on the silent receiver gave its slot up"
+    );
+}
