@@ -447,7 +447,11 @@ impl Metrics {
         if let Some(secs) = upstream_secs {
             series
                 .upstream_duration_seconds
-                .get_or_init(|| inner.upstream_duration_seconds.get_or_create_owned(&labels()))
+                .get_or_init(|| {
+                    inner
+                        .upstream_duration_seconds
+                        .get_or_create_owned(&labels())
+                })
                 .observe(secs);
         }
     }
