@@ -20,6 +20,17 @@ fn line_with(lines: &mpsc::Receiver<String>, needle: &str) -> String {
     }
 }
 
+/// POSTs `{}` to `path`.
+async fn post_empty(addr: std::net::SocketAddr, path: &str) -> Got {
+    send(
+        addr,
+        http::Request::post(format!("http://{addr}{path}"))
+            .body(full(bytes::Bytes::from_static(b"{}")))
+            .unwrap(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn access_lines_are_written_while_the_proxy_runs_and_none_is_lost_at_exit() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
@@ -84,25 +95,13 @@ async fn access_lines_are_written_while_the_proxy_runs_and_none_is_lost_at_exit(
         );
     }
 
-    let got = send(
-        addr,
-        http::Request::post(format!("http://{addr}/down/x"))
-            .body(full(bytes::Bytes::from_static(b"{}")))
-            .unwrap(),
-    )
-    .await;
+    let got = post_empty(addr, "/down/x").await;
     assert_eq!(got.status, 502);
     let warn = line_with(&lines, " WARN ");
     assert!(warn.contains("down"), "{warn}");
 
     // A last request, then SIGTERM: its access line is written before the process ends.
-    let got = send(
-        addr,
-        http::Request::post(format!("http://{addr}/hook/last"))
-            .body(full(bytes::Bytes::from_static(b"{}")))
-            .unwrap(),
-    )
-    .await;
+    let got = post_empty(addr, "/hook/last").await;
     assert_eq!(got.status, 200);
     // Stopped as a user would: `kill -TERM`.
     let status = Command::new("kill")
