@@ -37,20 +37,14 @@ fn run(
 ) -> Result<bool, (u8, anyhow::Error)> {
     let usage = |e: anyhow::Error| (EXIT_USAGE, e);
     let (route, tc, units, limit) = route_for(config, route_name).map_err(usage)?;
-    let mut body = Vec::new();
-    match file {
-        Some(path) => {
-            body = std::fs::read(path)
-                .with_context(|| format!("cannot read {}", path.display()))
-                .map_err(|e| (EXIT_NOINPUT, e))?;
-        }
-        None => {
-            std::io::stdin()
-                .read_to_end(&mut body)
-                .context("cannot read stdin")
-                .map_err(|e| (EXIT_NOINPUT, e))?;
-        }
-    }
+    let body = match file {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("cannot read {}", path.display()))
+            .map_err(|e| (EXIT_NOINPUT, e))?,
+        None => read_stdin()
+            .context("cannot read stdin")
+            .map_err(|e| (EXIT_NOINPUT, e))?,
+    };
     let _ = route;
     let body = bytes::Bytes::from(body);
     let policy = crate::prepare::Policy {
@@ -82,6 +76,24 @@ fn run(
     shrunk.body = prepared.body.to_vec();
     report(route_name, tc, &body, &shrunk, limit).map_err(|e| (EXIT_NOINPUT, e))?;
     Ok(shrunk.fits)
+}
+
+/// All of stdin. Redirected from a file (`< payload.json`), it is read like one: into a buffer
+/// of exactly the file's size, in one go, rather than one that doubles as it fills.
+fn read_stdin() -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsFd;
+        let file = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+        if file.metadata().is_ok_and(|m| m.is_file()) {
+            // `File::read_to_end` reserves the bytes left in the file before reading.
+            (&file).read_to_end(&mut body)?;
+            return Ok(body);
+        }
+    }
+    std::io::stdin().lock().read_to_end(&mut body)?;
+    Ok(body)
 }
 
 /// The route, its trim settings, the units its limit counts and the limit to trim to.

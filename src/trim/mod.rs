@@ -47,6 +47,8 @@ mod path;
 pub mod payload;
 mod rewrite;
 mod scan;
+#[cfg(target_arch = "x86_64")]
+mod string_scan;
 #[doc(hidden)]
 pub mod testdata;
 

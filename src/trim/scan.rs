@@ -3,9 +3,12 @@
 //!
 //! The rewriter and the field reports work on this tape instead of a DOM so that every byte
 //! outside an edited span can be copied through untouched. Strings, which make up almost all of
-//! a large webhook body, are skipped 8 bytes at a time, with UTF-8 validated once for the whole
-//! body (SIMD, `simdutf8`), so the scan runs near memory speed.
+//! a large webhook body, are scanned 64 bytes a step as bit masks on x86_64
+//! (`string_scan.rs`, SSE2) and 8 bytes a step elsewhere, with UTF-8 validated in chunks just
+//! ahead of the scan (SIMD, `simdutf8`, see [`Utf8Prefix`]).
 
+#[cfg(target_arch = "x86_64")]
+use super::string_scan;
 use super::{JsonErrorKind, TrimError};
 
 /// Deepest nesting of objects and arrays accepted; deeper documents are rejected with
@@ -73,33 +76,22 @@ impl<'a> Tape<'a> {
         if u32::try_from(body.len()).is_err() {
             return Err(TrimError::TooLarge { len: body.len() });
         }
-        // Validate UTF-8 for the whole body up front with SIMD: the string scanner then stops
-        // only at quotes, backslashes and control bytes, not at every run of non-ASCII text.
-        if simdutf8::basic::from_utf8(body).is_err() {
-            let offset = simdutf8::compat::from_utf8(body)
-                .err()
-                .map_or(0, |e| e.valid_up_to());
-            return Err(TrimError::InvalidJson {
-                offset,
-                reason: JsonErrorKind::InvalidUtf8,
-            });
-        }
         let mut parser = Parser {
             body,
             pos: 0,
             nodes: Vec::new(),
             max_values,
+            utf8: Utf8Prefix::default(),
         };
-        parser.skip_ws();
-        parser.value(0, 0, 0, None)?;
-        parser.skip_ws();
-        if parser.pos != body.len() {
-            return Err(parser.err(JsonErrorKind::TrailingData));
+        match parser.document() {
+            Ok(()) => Ok(Tape {
+                body,
+                nodes: parser.nodes,
+            }),
+            // Invalid UTF-8 is reported first, wherever it is, as when the whole body was
+            // validated before the scan.
+            Err(err) => Err(utf8_error(body).unwrap_or(err)),
         }
-        Ok(Tape {
-            body,
-            nodes: parser.nodes,
-        })
     }
 
     /// The node's position in its parent.
@@ -155,11 +147,64 @@ impl Iterator for Children<'_, '_> {
     }
 }
 
+/// The first invalid UTF-8 in `body`, as the error a scan reports.
+#[cold]
+fn utf8_error(body: &[u8]) -> Option<TrimError> {
+    simdutf8::basic::from_utf8(body).err()?;
+    let offset = simdutf8::compat::from_utf8(body)
+        .err()
+        .map_or(0, |e| e.valid_up_to());
+    Some(TrimError::InvalidJson {
+        offset,
+        reason: JsonErrorKind::InvalidUtf8,
+    })
+}
+
+/// How much of the body is validated as UTF-8 ahead of the string scan (SIMD, `simdutf8`).
+///
+/// Only strings may hold non-ASCII bytes (anywhere else they are a syntax error), so each
+/// string makes sure its bytes are in the validated prefix, which grows in chunks just ahead
+/// of the scan: a chunk is validated while it is in cache and scanned right after, one trip
+/// from memory instead of two for a large body.
+#[derive(Debug, Default)]
+pub(super) struct Utf8Prefix {
+    /// `body[..valid_to]` is valid UTF-8 and ends on a character boundary.
+    valid_to: usize,
+}
+
+impl Utf8Prefix {
+    /// Bytes validated at a time, at least: well within L2.
+    const CHUNK: usize = 64 * 1024;
+
+    /// Whether `body[..at]` is valid UTF-8.
+    #[inline]
+    pub(super) fn covers(&mut self, body: &[u8], at: usize) -> bool {
+        at <= self.valid_to || self.extend(body, at)
+    }
+
+    #[inline(never)]
+    fn extend(&mut self, body: &[u8], at: usize) -> bool {
+        let mut end = at.max(self.valid_to + Self::CHUNK).min(body.len());
+        // End on a character boundary: a character has at most 3 continuation bytes.
+        for _ in 0..3 {
+            if body.get(end).is_some_and(|&b| b & 0xC0 == 0x80) {
+                end += 1;
+            }
+        }
+        if simdutf8::basic::from_utf8(&body[self.valid_to..end]).is_err() {
+            return false;
+        }
+        self.valid_to = end;
+        true
+    }
+}
+
 struct Parser<'a> {
     body: &'a [u8],
     pos: usize,
     nodes: Vec<Node>,
     max_values: usize,
+    utf8: Utf8Prefix,
 }
 
 /// Offsets fit in `u32`: `Tape::parse` rejects longer bodies before any node is built.
@@ -168,6 +213,17 @@ fn off(pos: usize) -> u32 {
 }
 
 impl Parser<'_> {
+    /// One JSON value with optional surrounding whitespace.
+    fn document(&mut self) -> Result<(), TrimError> {
+        self.skip_ws();
+        self.value(0, 0, 0, None)?;
+        self.skip_ws();
+        if self.pos != self.body.len() {
+            return Err(self.err(JsonErrorKind::TrailingData));
+        }
+        Ok(())
+    }
+
     /// Room for more nodes, never past `max_values` (the tape doubles, capped there).
     #[cold]
     fn grow(&mut self) -> Result<(), TrimError> {
@@ -398,11 +454,30 @@ impl Parser<'_> {
     /// returns whether it contains any escape.
     ///
     /// This is the hot loop: a large body is mostly one long transcript with an escape (`\n`)
-    /// every few dozen bytes, so a `memchr2` call per escape would dominate. Instead it tests 8
-    /// bytes per step (SWAR) for a quote, a backslash or a control byte; UTF-8 was validated
-    /// for the whole body up front (SIMD, `simdutf8`). An SSE2 version of this test measured no
-    /// faster on the 1 MiB and 20 MiB benches, so the scanner stays free of `unsafe`.
+    /// every few dozen bytes, so a `memchr2` call per escape would dominate (measured: slower
+    /// than byte-wise SWAR). On x86_64 the block scanner of `string_scan.rs` answers, and the
+    /// exact loop only names the error of an invalid string.
     fn string(&mut self) -> Result<bool, TrimError> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some((close, escaped)) =
+            string_scan::closing_quote(self.body, self.pos + 1, &mut self.utf8)
+        {
+            self.pos = close + 1;
+            return Ok(escaped);
+        }
+        let escaped = self.string_exact()?;
+        if !self.utf8.covers(self.body, self.pos) {
+            // The caller reports the exact offset.
+            return Err(self.err(JsonErrorKind::InvalidUtf8));
+        }
+        Ok(escaped)
+    }
+
+    /// The exact string scan (8 bytes a step, SWAR, for a quote, a backslash or a control
+    /// byte; UTF-8 is checked by the caller): on x86_64, run only when the fast path finds the
+    /// string invalid, to name the error and its offset.
+    #[cfg_attr(target_arch = "x86_64", cold)]
+    fn string_exact(&mut self) -> Result<bool, TrimError> {
         let body = self.body;
         let mut pos = self.pos + 1;
         let mut escaped = false;
@@ -644,6 +719,47 @@ mod tests {
                 reason: JsonErrorKind::InvalidUtf8
             })
         ));
+    }
+
+    #[test]
+    fn invalid_utf8_is_found_anywhere_and_reported_first() {
+        // Past the first validated chunk, in a long string, in a key, and outside strings;
+        // before a syntax error that comes earlier in the body, as when UTF-8 was validated
+        // for the whole body before the scan.
+        let long = "é".repeat(100_000);
+        let cases: [(Vec<u8>, usize); 4] = [
+            (
+                [br#"{"t":""#, long.as_bytes(), b"\xff\"}"].concat(),
+                6 + long.len(),
+            ),
+            (
+                [br#"{"t":""#, long.as_bytes(), b"\xC3\"}"].concat(),
+                6 + long.len(),
+            ),
+            (b"{\"a\xe2\x82\":1}".to_vec(), 3),
+            (
+                [br#"[x, "#.as_slice(), long.as_bytes(), b"\xff"].concat(),
+                4 + long.len(),
+            ),
+        ];
+        for (body, offset) in cases {
+            assert_eq!(
+                Tape::parse(&body).unwrap_err(),
+                TrimError::InvalidJson {
+                    offset,
+                    reason: JsonErrorKind::InvalidUtf8
+                }
+            );
+        }
+        // Characters of 2, 3 and 4 bytes across every chunk boundary are accepted.
+        for ch in ["é", "€", "😀"] {
+            for shift in 0..4 {
+                let text = format!("{}{}", "a".repeat(shift), ch.repeat(70_000));
+                let body = format!(r#"{{"t":"{text}","u":"{text}"}}"#);
+                let tape = Tape::parse(body.as_bytes()).unwrap();
+                assert_eq!(tape.string_raw(1), text.as_bytes());
+            }
+        }
     }
 
     #[test]

@@ -221,6 +221,21 @@ fn trim_writes_the_forwarded_bytes_and_a_report() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(out.stdout, small);
+
+    // Stdin redirected from a file (read in one go at its size): the same bytes as the file.
+    let trimmed = run(
+        &["trim", "--route", "synthflow", "--config"],
+        &[&config, &file],
+    )
+    .stdout;
+    let redirected = bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(&config)
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(redirected.status.code(), Some(0));
+    assert_eq!(redirected.stdout, trimmed);
 }
 
 #[test]

@@ -1,0 +1,430 @@
+//! The scanner's fast path for string content on x86_64, where a large body spends almost all
+//! of its bytes: 64 bytes per step, as bit masks (one bit per byte, SSE2) of the quotes,
+//! backslashes, control bytes and escape letters, the way simdjson finds its strings.
+//!
+//! A transcript has an escape (`\n` above all) every few dozen bytes. Stepping from escape to
+//! escape makes each step wait for the last (find the backslash, read the escaped byte, skip
+//! it, search again), so the escapes are instead resolved for the whole block at once:
+//! which bytes are escaped follows from the runs of backslashes alone, carried from block to
+//! block, and the escaped bytes are checked against the masks of `n`, `"`, `u` and hex digits.
+//! Only the rare escapes (`\t`, `\/`, ...) are looked at one by one. The fast path says
+//! "valid, closing quote here" or "not valid"; on the second answer the scanner reruns its
+//! exact byte-by-byte loop, which names the error and its offset, so errors read exactly as
+//! before. UTF-8 is validated separately, for the whole body.
+
+use super::scan::Utf8Prefix;
+
+/// Finds the closing quote of the string whose content starts at `start` (just after the
+/// opening quote), validating every escape and refusing control bytes. Returns the quote's
+/// offset and whether the content has any escape, or `None` if the string is invalid or
+/// unterminated. The bytes scanned are validated as UTF-8 on the way (`utf8`); invalid UTF-8
+/// is `None` too.
+pub(super) fn closing_quote(
+    body: &[u8],
+    start: usize,
+    utf8: &mut Utf8Prefix,
+) -> Option<(usize, bool)> {
+    let mut pos = start;
+    let mut escapes = Escapes::default();
+    // Hex digits of a `\u` escape that run into the next block (bits 0..4 of it).
+    let mut hex_carry = 0;
+    let mut backslashes = 0;
+    while let Some(block) = body.get(pos..pos + BLOCK) {
+        if !utf8.covers(body, pos + BLOCK) {
+            return None;
+        }
+        let m = masks(block.try_into().expect("a block is 64 bytes"));
+        let escaped = escapes.next(m.backslash);
+        let ends = m.quote & !escaped;
+        // The bits up to and including the closing quote; all of them when there is none.
+        let within = ends ^ ends.wrapping_sub(1);
+        let escaped = escaped & within;
+        let unicode = escaped & m.unicode;
+        // A `\u` must be followed by four hex digits. If the string ended among them, the
+        // closing quote is one of them (and is no hex digit).
+        let hex_digits = unicode << 1 | unicode << 2 | unicode << 3 | unicode << 4 | hex_carry;
+        hex_carry = unicode >> 60 | unicode >> 61 | unicode >> 62 | unicode >> 63;
+        if m.control & within != 0 || hex_digits & !m.hex != 0 {
+            return None;
+        }
+        let mut rare = escaped & !(m.n | m.quote | m.unicode);
+        while rare != 0 {
+            let at = pos + rare.trailing_zeros() as usize;
+            if !matches!(body[at], b'\\' | b'/' | b'b' | b'f' | b'r' | b't') {
+                return None;
+            }
+            rare &= rare - 1;
+        }
+        backslashes |= m.backslash & within;
+        if ends != 0 {
+            return Some((pos + ends.trailing_zeros() as usize, backslashes != 0));
+        }
+        pos += BLOCK;
+    }
+    // Fewer than 64 bytes left: byte by byte, from the backslash that escapes the first byte if
+    // the last block ended with it, after the hex digits carried from it.
+    if escapes.odd_run_carry != 0 {
+        pos -= 1;
+    }
+    let carried = hex_carry.count_ones() as usize;
+    if !body
+        .get(pos..pos + carried)?
+        .iter()
+        .all(u8::is_ascii_hexdigit)
+    {
+        return None;
+    }
+    pos += carried;
+    let mut escaped = backslashes != 0;
+    loop {
+        match *body.get(pos)? {
+            b'"' => return utf8.covers(body, pos).then_some((pos, escaped)),
+            b'\\' => {
+                escaped = true;
+                pos = escape_end(body, pos)?;
+            }
+            b if b < 0x20 => return None,
+            _ => pos += 1,
+        }
+    }
+}
+
+/// Bytes per step of the fast path (one bit each in a `u64` mask).
+const BLOCK: usize = 64;
+
+/// Which bytes of a block are escaped, block after block (simdjson's odd-backslash-sequence
+/// method): a byte is escaped iff it follows a run of backslashes of odd length, counting a run
+/// from where it began, possibly in an earlier block.
+#[derive(Debug, Default)]
+struct Escapes {
+    /// 1 if the previous block ended inside a run of backslashes whose length so far is odd
+    /// (so the next byte is escaped).
+    odd_run_carry: u64,
+}
+
+impl Escapes {
+    /// The escaped bytes of the next block (other than escaped backslashes, which need no
+    /// check), given its backslashes.
+    fn next(&mut self, backslash: u64) -> u64 {
+        const EVEN: u64 = 0x5555_5555_5555_5555;
+        const ODD: u64 = !EVEN;
+        let starts = backslash & !(backslash << 1);
+        // A run continuing from the last block counts as starting at an odd bit if its length
+        // so far is odd.
+        let even_start_mask = EVEN ^ self.odd_run_carry;
+        let even_starts = starts & even_start_mask;
+        let odd_starts = starts & !even_start_mask;
+        // Adding a run's start bit to the run carries to the byte just past it.
+        let even_carries = backslash.wrapping_add(even_starts);
+        let (odd_carries, carried_out) = backslash.overflowing_add(odd_starts);
+        let odd_carries = odd_carries | self.odd_run_carry;
+        self.odd_run_carry = u64::from(carried_out);
+        // A run from an even bit to an odd bit past it (or odd to even) has odd length.
+        let even_start_odd_end = even_carries & !backslash & ODD;
+        let odd_start_even_end = odd_carries & !backslash & EVEN;
+        even_start_odd_end | odd_start_even_end
+    }
+}
+
+/// The offset after the escape whose backslash is at `at`, or `None` if it is not one of
+/// JSON's escapes.
+fn escape_end(body: &[u8], at: usize) -> Option<usize> {
+    match *body.get(at + 1)? {
+        b'n' | b'"' | b'\\' | b'/' | b't' | b'r' | b'b' | b'f' => Some(at + 2),
+        b'u' => {
+            let hex = body.get(at + 2..at + 6)?;
+            hex.iter().all(u8::is_ascii_hexdigit).then_some(at + 6)
+        }
+        _ => None,
+    }
+}
+
+/// One bit per byte of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Masks {
+    /// `"`
+    quote: u64,
+    /// `\`
+    backslash: u64,
+    /// Below 0x20.
+    control: u64,
+    /// `n`, the commonest escape.
+    n: u64,
+    /// `u`
+    unicode: u64,
+    /// `0-9`, `a-f`, `A-F`
+    hex: u64,
+}
+
+/// The masks of a block.
+#[allow(unsafe_code)]
+fn masks(block: &[u8; BLOCK]) -> Masks {
+    let lane = |i: usize| -> &[u8; 16] { block[i..i + 16].try_into().expect("16 of 64 bytes") };
+    // SAFETY: `masks16` needs SSE2 and nothing else, and SSE2 is part of every x86_64 target
+    // (asserted at compile time below), so it is available wherever this code runs.
+    let [a, b, c, d] = unsafe {
+        [
+            masks16(lane(0)),
+            masks16(lane(16)),
+            masks16(lane(32)),
+            masks16(lane(48)),
+        ]
+    };
+    let join = |i: usize| a[i] | b[i] << 16 | c[i] << 32 | d[i] << 48;
+    Masks {
+        quote: join(0),
+        backslash: join(1),
+        control: join(2),
+        n: join(3),
+        unicode: join(4),
+        hex: join(5),
+    }
+}
+
+const _: () = assert!(cfg!(target_feature = "sse2"), "x86_64 always has SSE2");
+
+/// The masks of 16 bytes, in [`Masks`] order. The two 8-byte reads compile to one unaligned
+/// 16-byte load (no pointer, so nothing `unsafe` inside).
+#[target_feature(enable = "sse2")]
+fn masks16(bytes: &[u8; 16]) -> [u64; 6] {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set_epi64x,
+        _mm_set1_epi8, _mm_sub_epi8,
+    };
+    let half = |i: usize| i64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 of 16 bytes"));
+    let v = _mm_set_epi64x(half(8), half(0));
+    let splat = |b: u8| _mm_set1_epi8(b as i8);
+    let bits = |m: __m128i| u64::from(_mm_movemask_epi8(m) as u16);
+    // Unsigned `x <= max` is `min(x, max) == x`.
+    let at_most = |x: __m128i, max: u8| _mm_cmpeq_epi8(_mm_min_epu8(x, splat(max)), x);
+    let digit = at_most(_mm_sub_epi8(v, splat(b'0')), 9);
+    let letter = at_most(_mm_sub_epi8(_mm_or_si128(v, splat(0x20)), splat(b'a')), 5);
+    [
+        bits(_mm_cmpeq_epi8(v, splat(b'"'))),
+        bits(_mm_cmpeq_epi8(v, splat(b'\\'))),
+        bits(at_most(v, 0x1F)),
+        bits(_mm_cmpeq_epi8(v, splat(b'n'))),
+        bits(_mm_cmpeq_epi8(v, splat(b'u'))),
+        bits(_mm_or_si128(digit, letter)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_masks(block: &[u8; BLOCK]) -> Masks {
+        let bits = |f: fn(u8) -> bool| {
+            block
+                .iter()
+                .enumerate()
+                .fold(0, |m, (i, &b)| m | u64::from(f(b)) << i)
+        };
+        Masks {
+            quote: bits(|b| b == b'"'),
+            backslash: bits(|b| b == b'\\'),
+            control: bits(|b| b < 0x20),
+            n: bits(|b| b == b'n'),
+            unicode: bits(|b| b == b'u'),
+            hex: bits(|b| b.is_ascii_hexdigit()),
+        }
+    }
+
+    /// A naive reference: the closing quote of valid content, else `None`.
+    fn naive_closing_quote(body: &[u8], mut pos: usize) -> Option<(usize, bool)> {
+        let mut escaped = false;
+        loop {
+            match *body.get(pos)? {
+                b'"' => return Some((pos, escaped)),
+                b'\\' => {
+                    escaped = true;
+                    match *body.get(pos + 1)? {
+                        b'u' => {
+                            let hex = body.get(pos + 2..pos + 6)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            pos += 6;
+                        }
+                        b'n' | b'"' | b'\\' | b'/' | b't' | b'r' | b'b' | b'f' => pos += 2,
+                        _ => return None,
+                    }
+                }
+                b if b < 0x20 => return None,
+                _ => pos += 1,
+            }
+        }
+    }
+
+    #[test]
+    fn masks_are_exact_for_every_byte_value_in_every_lane() {
+        for b in 0..=255u8 {
+            for lane in [0, 7, 8, 15, 16, 31, 32, 47, 48, 63] {
+                let mut block = [b'a'; BLOCK];
+                block[lane] = b;
+                // Neighbours that differ, to catch a lane or bit out of place.
+                if lane > 0 {
+                    block[lane - 1] = 0x80;
+                }
+                if lane < BLOCK - 1 {
+                    block[lane + 1] = b.wrapping_add(1);
+                }
+                let want = naive_masks(&block);
+                assert_eq!(masks(&block), want, "byte {b:#x} lane {lane}");
+            }
+        }
+    }
+
+    #[test]
+    fn escaped_bytes_follow_odd_runs_across_blocks() {
+        // Runs of every length up to 140 backslashes, starting at every offset of the first
+        // block, then a byte: it is escaped iff the run is odd.
+        for offset in 0..BLOCK {
+            for run in 0..140 {
+                let mut bytes = vec![b'a'; 4 * BLOCK];
+                bytes[offset..offset + run].fill(b'\\');
+                let mut escapes = Escapes::default();
+                let mut escaped = Vec::new();
+                for (k, block) in bytes.chunks_exact(BLOCK).enumerate() {
+                    let mask = escapes.next(naive_masks(block.try_into().unwrap()).backslash);
+                    escaped.extend(
+                        (0..BLOCK)
+                            .filter(|i| mask >> i & 1 == 1)
+                            .map(|i| k * BLOCK + i),
+                    );
+                }
+                let want = if run % 2 == 1 {
+                    vec![offset + run]
+                } else {
+                    vec![]
+                };
+                assert_eq!(escaped, want, "run of {run} at {offset}");
+            }
+        }
+    }
+
+    #[test]
+    fn escapes_across_block_boundaries() {
+        // Every escape kind placed so that it starts at each offset around the first and
+        // second block boundaries (content starts at 1, after the opening quote).
+        let escapes: [&[u8]; 12] = [
+            br"\n",
+            br#"\""#,
+            br"\\",
+            br"\/",
+            br"\b",
+            br"\f",
+            br"\r",
+            br"\t",
+            br"\u00e9",
+            br"\uD83D\uDE00",
+            br"\\\\",
+            br#"\\\""#,
+        ];
+        for esc in escapes {
+            for at in 50..140 {
+                let mut body = vec![b'"'];
+                body.extend(std::iter::repeat_n(b'x', at));
+                body.extend_from_slice(esc);
+                body.extend_from_slice(b"yz\"");
+                let close = at + esc.len() + 3;
+                // At the very end of the body (the last bytes go byte by byte) and before more.
+                assert_eq!(
+                    closing_quote(&body, 1, &mut Utf8Prefix::default()),
+                    Some((close, true)),
+                    "{esc:?} at {at}"
+                );
+                body.extend_from_slice(b" tail \"not this one\"");
+                assert_eq!(
+                    closing_quote(&body, 1, &mut Utf8Prefix::default()),
+                    Some((close, true)),
+                    "{esc:?} at {at}"
+                );
+                assert_eq!(naive_closing_quote(&body, 1), Some((close, true)));
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_content_is_refused_anywhere() {
+        let bad: [&[u8]; 12] = [
+            br"\x",
+            br"\u12g4",
+            // The string would end inside the hex digits.
+            br#"\u12"4"#,
+            br#"\u"#,
+            br#"\u0"#,
+            br#"\u00e"#,
+            br"\U0041",
+            b"\\\x01",
+            b"\x01",
+            b"\x1f",
+            b"\t",
+            b"\n",
+        ];
+        for token in bad {
+            for at in 0..140 {
+                let mut body = vec![b'"'];
+                body.extend(std::iter::repeat_n(b'x', at));
+                body.extend_from_slice(token);
+                body.extend_from_slice(b"\"");
+                assert_eq!(
+                    closing_quote(&body, 1, &mut Utf8Prefix::default()),
+                    None,
+                    "{token:?} at {at}"
+                );
+                body.extend_from_slice(b"abc\" and more text after the string, \"x\"");
+                assert_eq!(
+                    closing_quote(&body, 1, &mut Utf8Prefix::default()),
+                    None,
+                    "{token:?} at {at}"
+                );
+            }
+        }
+        // Unterminated, including a lone backslash or a cut `\u` at the very end.
+        for end in [&b""[..], b"\\", b"\\u12"] {
+            for len in 0..140 {
+                let mut body = vec![b'"'];
+                body.extend(std::iter::repeat_n(b'x', len));
+                body.extend_from_slice(end);
+                assert_eq!(closing_quote(&body, 1, &mut Utf8Prefix::default()), None);
+            }
+        }
+    }
+
+    #[test]
+    fn agrees_with_a_naive_scan_on_random_content() {
+        // Deterministic xorshift over a small alphabet dense in escapes and quotes.
+        let alphabet: [&[u8]; 12] = [
+            b"a",
+            b"\\",
+            b"\"",
+            b"n",
+            b"u",
+            b"0",
+            b"\xC3\xA9",
+            b"\\n",
+            b"\\u00",
+            b"\x1f",
+            b"bcdefghijklmnop",
+            b"\\\\",
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..20_000 {
+            let mut body = vec![b'"'];
+            let len = (state % 200) as usize;
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                body.extend_from_slice(alphabet[(state % 12) as usize]);
+            }
+            assert_eq!(
+                closing_quote(&body, 1, &mut Utf8Prefix::default()),
+                naive_closing_quote(&body, 1),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+}
