@@ -418,11 +418,8 @@ impl Metrics {
     ) {
         let inner = &*self.inner;
         let series = self.route_series(route);
-        let class = status_class(status);
-        let index = STATUS_CLASSES
-            .iter()
-            .position(|c| *c == class)
-            .unwrap_or(STATUS_CLASSES.len() - 1);
+        let index = status_class_index(status);
+        let class = STATUS_CLASSES[index];
         series.requests[index]
             .get_or_init(|| {
                 inner.requests.get_or_create_owned(&RequestLabels {
@@ -749,13 +746,14 @@ fn upstream_histogram() -> Histogram {
 /// The status classes, in [`RouteSeries::requests`] order.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-fn status_class(status: u16) -> &'static str {
+/// `status`'s place in [`STATUS_CLASSES`] (anything outside 1xx-4xx counts as 5xx).
+fn status_class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -1227,11 +1225,11 @@ mod tests {
 
     #[test]
     fn status_classes() {
-        assert_eq!(status_class(101), "1xx");
-        assert_eq!(status_class(200), "2xx");
-        assert_eq!(status_class(308), "3xx");
-        assert_eq!(status_class(499), "4xx");
-        assert_eq!(status_class(599), "5xx");
-        assert_eq!(status_class(999), "5xx");
+        assert_eq!(STATUS_CLASSES[status_class_index(101)], "1xx");
+        assert_eq!(STATUS_CLASSES[status_class_index(200)], "2xx");
+        assert_eq!(STATUS_CLASSES[status_class_index(308)], "3xx");
+        assert_eq!(STATUS_CLASSES[status_class_index(499)], "4xx");
+        assert_eq!(STATUS_CLASSES[status_class_index(599)], "5xx");
+        assert_eq!(STATUS_CLASSES[status_class_index(999)], "5xx");
     }
 }
