@@ -552,7 +552,8 @@ async fn a_reload_that_needs_the_spool_is_refused_and_kinds_are_zeroed() {
 /// (its route says the receiver takes 1 MiB) in front of a real Express whose
 /// `express.json()` takes 100kb. A 300 KB payload is refused, trimmed lower and resent within
 /// the same request; a 2 MB one is trimmed below what was learned before Express sees it;
-/// a small one passes byte-identical. Every call id arrives.
+/// a small one passes byte-identical. Every call id arrives. Then eight 2 MB payloads at once
+/// (they wait for body slots) all arrive trimmed, and a 70 KiB head gets 431.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() {
     use std::io::{BufRead, BufReader};
@@ -626,6 +627,52 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
             assert!(delivered.trimmed.is_some(), "payload {i} was trimmed");
         }
     }
+    // Eight large payloads at once (body slots: read one per worker thread at a time): every
+    // one is answered 200 and arrives trimmed, each call id once.
+    let sends: Vec<_> = (0..8u64)
+        .map(|k| {
+            let id = format!("1732630000000x33333333333333330{k}");
+            let body = payload_with_id(2_000_000, 60 + k, &id);
+            let req = Request::post(format!("http://{addr}/hooks/synthflow"))
+                .header("content-type", "application/json")
+                .body(full(body))
+                .unwrap();
+            (id, tokio::spawn(send(addr, req)))
+        })
+        .collect();
+    let mut expected = std::collections::BTreeSet::new();
+    for (id, sent) in sends {
+        let got = sent.await.unwrap();
+        assert_eq!(got.status, 200, "{id}: {:?}", got.body);
+        expected.insert(id);
+    }
+    let mut arrived = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let seen = express.next().await;
+        assert_eq!(seen.status, 200, "{seen:?}");
+        assert!(
+            seen.trimmed.is_some() && seen.bytes.unwrap() <= 102_400,
+            "{seen:?}"
+        );
+        assert!(
+            arrived.insert(seen.call_id.clone().unwrap()),
+            "twice: {seen:?}"
+        );
+    }
+    assert_eq!(arrived, expected);
+
+    // max_header_bytes (64 KiB by default) holds although bodies are read in larger blocks.
+    let big_head = Request::post(format!("http://{addr}/hooks/synthflow"))
+        .header("content-type", "application/json")
+        .header("x-big", "a".repeat(70 * 1024))
+        .body(full(b"{}".to_vec()))
+        .unwrap();
+    assert_eq!(send(addr, big_head).await.status, 431);
+    assert!(
+        express.try_next().is_none(),
+        "nothing past the head limit reaches Express"
+    );
+
     let _ = child.kill();
     let _ = child.wait();
 }
