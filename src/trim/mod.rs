@@ -70,11 +70,11 @@ pub struct Document<'a> {
 }
 
 impl<'a> Document<'a> {
-    /// Scans and validates `body` (the same errors as [`trim`]).
+    /// Scans and validates `body` (the same errors as [`trim`]). As there, the UTF-8 of string
+    /// content is checked on what a trim keeps: [`Document::trim`] reports invalid UTF-8 it
+    /// would send on.
     pub fn parse(body: &'a [u8]) -> Result<Document<'a>, TrimError> {
-        Ok(Document {
-            tape: scan::Tape::parse(body)?,
-        })
+        Self::parse_within(body, u64::MAX)
     }
 
     /// [`Document::parse`] within a memory cap: the scan's tape (one
@@ -83,7 +83,7 @@ impl<'a> Document<'a> {
     pub fn parse_within(body: &'a [u8], max_bytes: u64) -> Result<Document<'a>, TrimError> {
         let max_values = usize::try_from(max_bytes / Self::BYTES_PER_VALUE).unwrap_or(usize::MAX);
         Ok(Document {
-            tape: scan::Tape::parse_within(body, max_values)?,
+            tape: scan::Tape::parse_structure_within(body, max_values)?,
         })
     }
 
@@ -101,7 +101,7 @@ impl<'a> Document<'a> {
     }
 
     /// [`trim`] of this body.
-    pub fn trim(&self, rules: &RuleSet, target: usize) -> TrimOutcome {
+    pub fn trim(&self, rules: &RuleSet, target: usize) -> Result<TrimOutcome, TrimError> {
         rewrite::trim_tape(&self.tape, rules, target)
     }
 

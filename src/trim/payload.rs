@@ -157,7 +157,7 @@ pub fn shrink(
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let decoded = doc.body();
     if encoding == Encoding::Identity {
-        let out = doc.trim(rules, limit);
+        let out = doc.trim(rules, limit)?;
         return Ok(Shrunk {
             measured_after: out.body.len(),
             decoded_len: out.body.len(),
@@ -186,7 +186,7 @@ pub fn shrink(
         });
     }
     if !measure_wire {
-        let out = doc.trim(rules, limit);
+        let out = doc.trim(rules, limit)?;
         let body = encode(&out.body, encoding);
         return Ok(Shrunk {
             decoded_len: out.body.len(),
@@ -203,7 +203,7 @@ pub fn shrink(
     let mut target = (decoded.len() as u128 * limit as u128 / wire.len().max(1) as u128) as usize;
     let mut best: Option<Shrunk> = None;
     for _ in 0..8 {
-        let out = doc.trim(rules, target);
+        let out = doc.trim(rules, target)?;
         let body = encode(&out.body, encoding);
         let fits = body.len() <= limit;
         let reached_target = out.fits;

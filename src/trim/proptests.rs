@@ -1,8 +1,9 @@
 //! Property tests of the trim stage on random documents (non-ASCII text, `\uXXXX` escapes,
 //! surrogate pairs, odd number spellings, random whitespace) and random rules: output is valid
 //! JSON, values no rule addresses come out byte-identical, protected values are untouched, and
-//! the target is reached whenever a rule can reach it. Plus: validity agrees with serde_json and
-//! nothing panics on arbitrary bytes.
+//! the target is reached whenever a rule can reach it. Plus: validity agrees with serde_json,
+//! invalid UTF-8 is an error exactly when the trim would send it on, and nothing panics on
+//! arbitrary bytes.
 
 use std::collections::{HashMap, HashSet};
 
@@ -372,6 +373,38 @@ proptest! {
         let ours = trim(input.as_bytes(), &RuleSet::compile(&[], &[]).unwrap(), 0).is_ok();
         let theirs = serde_json::from_str::<serde_json::Value>(&input).is_ok();
         prop_assert_eq!(ours, theirs, "{:?}", input);
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error_exactly_when_it_would_be_sent(
+        words in prop::collection::vec(select(vec!["bot:", "human:", "yes", "café", "日本", "🙂", "\\n", " "]), 1..400),
+        at_permille in 0usize..1000,
+        bad in select(vec![&b"\xff"[..], b"\xc0", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]),
+        target_permille in 0usize..1100,
+    ) {
+        // `~` is nowhere else in the body: where it lands in the output, the bad bytes would.
+        let text = words.concat();
+        // Between two words, never inside an escape.
+        let at = words[..at_permille * words.len() / 1000].iter().map(|w| w.len()).sum::<usize>();
+        let body = |insert: &[u8]| [br#"{"id":"k","t":""#, &text.as_bytes()[..at], insert, &text.as_bytes()[at..], br#"","n":1}"#].concat();
+        let (bad_body, good_body) = (body(bad), body(&vec![b'~'; bad.len()]));
+        let rules = RuleSet::compile(
+            &[RuleSpec { path: "t".into(), action: ActionSpec::Truncate { keep: Keep::HeadTail, max_bytes: None, marker: None } }],
+            &["id".to_owned()],
+        ).unwrap();
+        let target = bad_body.len() * target_permille / 1000;
+        let good = trim(&good_body, &rules, target).unwrap();
+        let kept = good.body.contains(&b'~');
+        match trim(&bad_body, &rules, target) {
+            Ok(out) => {
+                prop_assert!(!kept, "bad bytes at {} were kept yet accepted", 15 + at);
+                prop_assert_eq!(out.body, good.body);
+            }
+            Err(err) => {
+                prop_assert!(kept, "{err} though the bytes at {} were cut", 15 + at);
+                prop_assert_eq!(err, super::TrimError::InvalidJson { offset: 15 + at, reason: super::JsonErrorKind::InvalidUtf8 });
+            }
+        }
     }
 
     #[test]

@@ -16,16 +16,50 @@ use super::{Action, Applied, Keep, RuleSet, TrimError, TrimOutcome};
 
 /// Trims `body` by `rules` until it is at most `target` bytes.
 ///
-/// The body is always validated first (invalid JSON is an error even when it already fits). A
-/// body that already fits comes back byte-identical with nothing applied. Otherwise rules run in
-/// order and the size is checked before each rule and after each edit; `fits` tells whether the
+/// The body is always validated first (invalid JSON is an error even when it already fits),
+/// except that UTF-8 is checked on what the trim keeps: invalid UTF-8 anywhere in the result
+/// is an error, but bytes a rule removes are not validated (they are gone). A body that
+/// already fits comes back byte-identical with nothing applied. Otherwise rules run in order
+/// and the size is checked before each rule and after each edit; `fits` tells whether the
 /// target was reached, and `body` is the smallest result either way.
 pub fn trim(body: &[u8], rules: &RuleSet, target: usize) -> Result<TrimOutcome, TrimError> {
-    Ok(trim_tape(&Tape::parse(body)?, rules, target))
+    trim_tape(
+        &Tape::parse_structure_within(body, usize::MAX)?,
+        rules,
+        target,
+    )
 }
 
 /// [`trim`] on an already scanned body.
-pub(crate) fn trim_tape(tape: &Tape<'_>, rules: &RuleSet, target: usize) -> TrimOutcome {
+pub(crate) fn trim_tape(
+    tape: &Tape<'_>,
+    rules: &RuleSet,
+    target: usize,
+) -> Result<TrimOutcome, TrimError> {
+    let out = trim_structure(tape, rules, target);
+    if !tape.utf8_checked && simdutf8::basic::from_utf8(&out.body).is_err() {
+        return Err(kept_invalid_utf8(tape.body, &out.body));
+    }
+    Ok(out)
+}
+
+/// The error for a trim whose output is not UTF-8: the first invalid UTF-8 of the body (the
+/// output is made of the body's bytes cut at character boundaries, plus valid markers).
+#[cold]
+fn kept_invalid_utf8(body: &[u8], out: &[u8]) -> TrimError {
+    super::scan::utf8_error(body).unwrap_or_else(|| {
+        debug_assert!(false, "a cut split a character of valid UTF-8");
+        TrimError::InvalidJson {
+            offset: simdutf8::compat::from_utf8(out)
+                .err()
+                .map_or(0, |e| e.valid_up_to()),
+            reason: super::JsonErrorKind::InvalidUtf8,
+        }
+    })
+}
+
+/// The trim itself, on a tape whose UTF-8 may not be checked yet.
+fn trim_structure(tape: &Tape<'_>, rules: &RuleSet, target: usize) -> TrimOutcome {
     let body = tape.body;
     if body.len() <= target {
         return TrimOutcome {

@@ -234,6 +234,58 @@ async fn untrimmable_payloads_follow_on_trim_failure() {
     assert_eq!(receiver.next().await.body.unwrap(), big_text);
 }
 
+/// The offset of a plain letter (not an escape's) in `body` at or after `from`.
+fn letter_at_or_after(body: &[u8], from: usize) -> usize {
+    (from..body.len())
+        .find(|&i| body[i].is_ascii_lowercase() && body[i - 1].is_ascii_lowercase())
+        .expect("a letter")
+}
+
+#[tokio::test]
+async fn invalid_utf8_is_refused_where_it_would_be_sent_and_goes_with_what_is_cut() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let proxy = start_proxy(config(&trim_route(""), receiver.addr)).await;
+    let original = synthflow_payload(2 * MIB, 11);
+    let transcript = original
+        .windows(15)
+        .position(|w| w == b"\"transcript\": \"")
+        .expect("a transcript")
+        + 15;
+
+    // In the middle of the transcript, which head_tail cuts away: delivered, valid.
+    let mut middle = original.clone();
+    middle[letter_at_or_after(&original, original.len() / 2)] = 0xFF;
+    let got = proxy.post_json(middle).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let body = receiver.next().await.body.unwrap();
+    assert!(body.len() <= MIB);
+    let doc: Value = serde_json::from_slice(&body).expect("valid JSON, valid UTF-8");
+    assert_eq!(
+        without_trimmed(doc),
+        without_trimmed(serde_json::from_slice(&original).unwrap())
+    );
+
+    // At its head, which is kept: refused as invalid, never sent on.
+    let mut head = original.clone();
+    let at = letter_at_or_after(&original, transcript + 100);
+    head[at] = 0xFF;
+    let got = proxy.post_json(head).await;
+    assert_eq!(got.status, 413);
+    assert_eq!(got.json()["error"], "trim_failed");
+    assert!(receiver.try_next().is_none());
+    let incidents = proxy.incidents().await;
+    let reason = incidents
+        .iter()
+        .find(|i| i["action"] == "trim_failed")
+        .and_then(|i| i["reason"].as_str())
+        .expect("a trim_failed incident")
+        .to_lowercase();
+    assert!(
+        reason.contains("utf-8") && reason.contains(&format!("byte {at}")),
+        "{reason}"
+    );
+}
+
 #[tokio::test]
 async fn rules_that_cannot_reach_the_limit_reject_or_forward_the_smallest() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
