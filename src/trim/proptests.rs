@@ -379,7 +379,9 @@ proptest! {
     fn invalid_utf8_is_an_error_exactly_when_it_would_be_sent(
         words in prop::collection::vec(select(vec!["bot:", "human:", "yes", "café", "日本", "🙂", "\\n", " "]), 1..400),
         at_permille in 0usize..1000,
-        bad in select(vec![&b"\xff"[..], b"\xc0", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]),
+        // No continuation bytes (10xxxxxx): cuts step over those to keep characters whole, so
+        // the same-length clean body would be cut elsewhere.
+        bad in select(vec![&b"\xff"[..], b"\xc0", b"\xe0", b"\xf5\xfe", b"\xf4"]),
         target_permille in 0usize..1100,
     ) {
         // `~` is nowhere else in the body: where it lands in the output, the bad bytes would.

@@ -4,8 +4,10 @@
 //! The rewriter and the field reports work on this tape instead of a DOM so that every byte
 //! outside an edited span can be copied through untouched. Strings, which make up almost all of
 //! a large webhook body, are scanned 64 bytes a step as bit masks on x86_64
-//! (`string_scan.rs`, SSE2) and 8 bytes a step elsewhere, with UTF-8 validated in chunks just
-//! ahead of the scan (SIMD, `simdutf8`, see [`Utf8Prefix`]).
+//! (`string_scan.rs`, AVX2 where the CPU has it, else SSE2) and 8 bytes a step elsewhere.
+//! [`Tape::parse`] validates UTF-8 in chunks just ahead of the scan (SIMD, `simdutf8`, see
+//! [`Utf8Prefix`]); [`Tape::parse_structure_within`] leaves it to the trim, which validates
+//! what it keeps.
 
 #[cfg(target_arch = "x86_64")]
 use super::string_scan;
