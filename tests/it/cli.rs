@@ -238,6 +238,63 @@ fn trim_writes_the_forwarded_bytes_and_a_report() {
     assert_eq!(redirected.stdout, trimmed);
 }
 
+/// Payloads of 4 MiB and more are read into a buffer of their own kind (huge pages where the
+/// kernel offers them): the bytes written are the same whichever way the payload comes in.
+#[test]
+fn trim_reads_a_large_payload_the_same_from_a_file_a_redirect_and_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = trim_config(dir.path());
+    let payload = payload_guard::trim::testdata::synthflow_payload(5 * 1024 * 1024, 9);
+    let file = dir.path().join("large.json");
+    std::fs::write(&file, &payload).unwrap();
+    let from_file = run(
+        &["trim", "--route", "synthflow", "--config"],
+        &[&config, &file],
+    );
+    assert_eq!(
+        from_file.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
+    assert!(from_file.stdout.len() <= 100 * 1024);
+    let v: serde_json::Value = serde_json::from_slice(&from_file.stdout).unwrap();
+    assert_eq!(v["call"]["call_id"], "1732630000000x222222222222222222");
+    assert!(
+        String::from_utf8_lossy(&from_file.stderr).contains("route synthflow: 5 MiB -> "),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
+
+    let redirected = bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(&config)
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(redirected.status.code(), Some(0));
+    assert_eq!(redirected.stdout, from_file.stdout);
+
+    // A pipe has no size to go by: read as it comes.
+    let mut child = bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(&payload).unwrap();
+    });
+    let piped = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(piped.status.code(), Some(0));
+    assert_eq!(piped.stdout, from_file.stdout);
+}
+
 #[test]
 fn trim_exit_codes_for_unfit_and_bad_input() {
     let dir = tempfile::tempdir().unwrap();
