@@ -562,7 +562,7 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) 
         value.push_str(", ");
     }
     // `write!` to a String cannot fail.
-    let _ = write!(value, "{}", fwd.peer);
+    let _ = write!(value, "{}", crate::observe::PeerIp(fwd.peer));
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR, v);
     }

