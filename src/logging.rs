@@ -260,11 +260,25 @@ impl Visit for PlainVisitor<'_> {
         }
     }
 
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if self.start(field) {
+            self.result = write_f64(&mut self.writer, value);
+        }
+    }
+
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
             self.record_debug(field, &format_args!("{value}"));
         } else if self.start(field) {
-            self.result = write!(self.writer, "{value:?}");
+            self.result = if needs_no_escape(value) {
+                // What `{:?}` writes for it, without walking it char by char.
+                self.writer
+                    .write_char('"')
+                    .and_then(|()| self.writer.write_str(value))
+                    .and_then(|()| self.writer.write_char('"'))
+            } else {
+                write!(self.writer, "{value:?}")
+            };
         }
     }
 
@@ -299,6 +313,38 @@ impl Visit for PlainVisitor<'_> {
             write!(self.writer, "{value:?}")
         };
     }
+}
+
+/// Printable ASCII other than `"` and `\\`: `{:?}` only adds the quotes.
+fn needs_no_escape(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| matches!(b, 0x20..=0x7E) && b != b'"' && b != b'\\')
+}
+
+/// `value` as `{:?}` writes it. A value of thousandths (the access line's `duration_ms`) is
+/// written with `itoa`, a tenth of the cost: it is the double nearest `k / 1000`, and as
+/// doubles below 10^12 are far denser than 0.001, `k / 1000` in decimal is the shortest text
+/// that reads back as it, which is what `{:?}` writes (with `.0` when whole).
+fn write_f64(w: &mut Writer<'_>, value: f64) -> fmt::Result {
+    let k = (value * 1000.0).round();
+    if !(value.is_sign_positive() && k < 1e15 && k / 1000.0 == value) {
+        return write!(w, "{value:?}");
+    }
+    let k = k as u64;
+    w.write_str(itoa::Buffer::new().format(k / 1000))?;
+    let frac = k % 1000;
+    if frac == 0 {
+        return w.write_str(".0");
+    }
+    let digits = [
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ];
+    let len = 3 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+    w.write_char('.')?;
+    w.write_str(std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?)
 }
 
 /// Escapes the control characters a terminal would act on (as the stock formatter does for
@@ -394,6 +440,19 @@ mod tests {
             line.contains("request route=\"bench\" method=POST path=/bench status=200 bytes_in=1881 duration_ms=0.353 delta=-3 ok=true outcome=\"complete\" reason=the sender closed \"the\" connection"),
             "{line}"
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn strings_and_durations_read_as_the_stock_formatter_writes_them(
+            text in "\\PC{0,12}|[ -~]{0,24}",
+            micros in proptest::prop_oneof![0u64..10_000_000, proptest::num::u64::ANY],
+            other in proptest::num::f64::ANY,
+        ) {
+            let ms = micros as f64 / 1000.0;
+            let emit = || tracing::info!(route = text.as_str(), duration_ms = ms, x = other, "request");
+            proptest::prop_assert_eq!(render(true, emit), render(false, emit));
+        }
     }
 
     #[test]
