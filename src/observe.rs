@@ -170,21 +170,19 @@ impl Drop for Exchange {
                 reason = %message,
                 "request"
             ),
-            None => tracing::info!(
-                target: "access",
+            None => crate::logging::access_line(&crate::logging::AccessLine {
                 route,
-                method = %self.method,
-                path = %self.path,
-                peer = %PeerIp(self.peer.ip()),
+                method: self.method.as_str(),
+                path: &self.path,
+                peer: self.peer.ip(),
                 status,
                 bytes_in,
-                bytes_out = self.bytes_out,
+                bytes_out: self.bytes_out,
                 upstream_status,
                 duration_ms,
-                request_id = %self.request_id,
+                request_id: &self.request_id,
                 outcome,
-                "request"
-            ),
+            }),
         }
     }
 }

@@ -121,3 +121,95 @@ async fn access_lines_are_written_while_the_proxy_runs_and_none_is_lost_at_exit(
         rest.join("\n")
     );
 }
+
+/// Starts the binary on a one-route config with `RUST_LOG` = `rust_log` and the extra
+/// arguments; its stderr lines and its address.
+fn start_binary(
+    receiver: std::net::SocketAddr,
+    dir: &std::path::Path,
+    rust_log: &str,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    mpsc::Receiver<String>,
+    std::net::SocketAddr,
+) {
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"hook\"\npath_prefix = \"/hook\"\nupstream = \"http://{receiver}/in\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .env("RUST_LOG", rust_log)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = line_with(&lines, "listen");
+    let at = ready.find("127.0.0.1:").expect("the listen address");
+    let addr = ready[at..]
+        .split(|c: char| c == ' ' || c == '"' || c == ',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (child, lines, addr)
+}
+
+/// Stops the binary and returns the lines it wrote that were not read yet.
+async fn stop(mut child: std::process::Child, lines: mpsc::Receiver<String>) -> Vec<String> {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    lines.iter().collect()
+}
+
+#[tokio::test]
+async fn rust_log_filters_the_access_line_and_json_logs_carry_it_as_json() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // `access=off` silences the access line and nothing else.
+    let (child, lines, addr) = start_binary(receiver.addr, dir.path(), "info,access=off", &[]);
+    assert_eq!(post_empty(addr, "/hook/quiet").await.status, 200);
+    receiver.next().await;
+    let rest = stop(child, lines).await;
+    assert!(
+        !rest.iter().any(|l| l.contains("access")),
+        "access=off, yet:\n{}",
+        rest.join("\n")
+    );
+
+    // JSON: one object per line, the access line's numbers as numbers.
+    let (child, lines, addr) =
+        start_binary(receiver.addr, dir.path(), "info", &["--log-format", "json"]);
+    assert_eq!(post_empty(addr, "/hook/json").await.status, 200);
+    receiver.next().await;
+    let line = line_with(&lines, "\"access\"");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["path"], "/hook/json");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["outcome"], "complete");
+    assert!(v["duration_ms"].is_f64(), "{line}");
+    stop(child, lines).await;
+}
