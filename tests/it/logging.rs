@@ -162,7 +162,7 @@ fn start_binary(
     let ready = line_with(&lines, "listen");
     let at = ready.find("127.0.0.1:").expect("the listen address");
     let addr = ready[at..]
-        .split(|c: char| c == ' ' || c == '"' || c == ',')
+        .split([' ', '"', ','])
         .next()
         .unwrap()
         .parse()
