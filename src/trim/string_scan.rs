@@ -216,6 +216,22 @@ struct Masks {
     hex: u64,
 }
 
+impl Masks {
+    /// The masks from a function of their index, in field order (the order `masks16` and
+    /// `masks32` return them in).
+    #[inline(always)]
+    fn joined(join: impl Fn(usize) -> u64) -> Masks {
+        Masks {
+            quote: join(0),
+            backslash: join(1),
+            control: join(2),
+            n: join(3),
+            unicode: join(4),
+            hex: join(5),
+        }
+    }
+}
+
 /// The masks of a block, made 16 bytes at a time (SSE2).
 #[inline]
 #[allow(unsafe_code)]
@@ -232,14 +248,7 @@ fn masks(block: &[u8; BLOCK]) -> Masks {
         ]
     };
     let join = |i: usize| a[i] | b[i] << 16 | c[i] << 32 | d[i] << 48;
-    Masks {
-        quote: join(0),
-        backslash: join(1),
-        control: join(2),
-        n: join(3),
-        unicode: join(4),
-        hex: join(5),
-    }
+    Masks::joined(join)
 }
 
 const _: () = assert!(cfg!(target_feature = "sse2"), "x86_64 always has SSE2");
@@ -278,14 +287,7 @@ fn masks_avx2(block: &[u8; BLOCK]) -> Masks {
     let half = |i: usize| -> &[u8; 32] { block[i..i + 32].try_into().expect("32 of 64 bytes") };
     let (lo, hi) = (masks32(half(0)), masks32(half(32)));
     let join = |i: usize| lo[i] | hi[i] << 32;
-    Masks {
-        quote: join(0),
-        backslash: join(1),
-        control: join(2),
-        n: join(3),
-        unicode: join(4),
-        hex: join(5),
-    }
+    Masks::joined(join)
 }
 
 /// The masks of 32 bytes, in [`Masks`] order: [`masks16`] on 32 lanes.
