@@ -162,17 +162,24 @@ action = "truncate"
     path
 }
 
-#[test]
-fn trim_writes_the_forwarded_bytes_and_a_report() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = trim_config(dir.path());
-    let payload = payload_guard::trim::testdata::synthflow_payload(500_000, 8);
-    let file = dir.path().join("payload.json");
-    std::fs::write(&file, &payload).unwrap();
+/// Writes `payload` to `name` in `dir` and runs `trim` on it with the synthflow route.
+fn trim_file(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    name: &str,
+    payload: &[u8],
+) -> (std::path::PathBuf, std::process::Output) {
+    let file = dir.join(name);
+    std::fs::write(&file, payload).unwrap();
     let out = run(
         &["trim", "--route", "synthflow", "--config"],
-        &[&config, &file],
+        &[config, &file],
     );
+    (file, out)
+}
+
+/// Checks a `trim` that succeeded: its output under the route's 100 KiB, the signed id intact.
+fn assert_trimmed(out: &std::process::Output) {
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -182,6 +189,15 @@ fn trim_writes_the_forwarded_bytes_and_a_report() {
     assert!(out.stdout.len() <= 100 * 1024);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["call"]["call_id"], "1732630000000x222222222222222222");
+}
+
+#[test]
+fn trim_writes_the_forwarded_bytes_and_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = trim_config(dir.path());
+    let payload = payload_guard::trim::testdata::synthflow_payload(500_000, 8);
+    let (file, out) = trim_file(dir.path(), &config, "payload.json", &payload);
+    assert_trimmed(&out);
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(
         report.contains("rule 1 (call.transcript truncate (keep head_tail"),
@@ -245,21 +261,8 @@ fn trim_reads_a_large_payload_the_same_from_a_file_a_redirect_and_a_pipe() {
     let dir = tempfile::tempdir().unwrap();
     let config = trim_config(dir.path());
     let payload = payload_guard::trim::testdata::synthflow_payload(5 * 1024 * 1024, 9);
-    let file = dir.path().join("large.json");
-    std::fs::write(&file, &payload).unwrap();
-    let from_file = run(
-        &["trim", "--route", "synthflow", "--config"],
-        &[&config, &file],
-    );
-    assert_eq!(
-        from_file.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&from_file.stderr)
-    );
-    assert!(from_file.stdout.len() <= 100 * 1024);
-    let v: serde_json::Value = serde_json::from_slice(&from_file.stdout).unwrap();
-    assert_eq!(v["call"]["call_id"], "1732630000000x222222222222222222");
+    let (file, from_file) = trim_file(dir.path(), &config, "large.json", &payload);
+    assert_trimmed(&from_file);
     assert!(
         String::from_utf8_lossy(&from_file.stderr).contains("route synthflow: 5 MiB -> "),
         "{}",

@@ -35,40 +35,13 @@ async fn post_empty(addr: std::net::SocketAddr, path: &str) -> Got {
 async fn access_lines_are_written_while_the_proxy_runs_and_none_is_lost_at_exit() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
     // The second route's receiver is not running: a 502 and its WARN line.
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"hook\"\npath_prefix = \"/hook\"\nupstream = \"http://{}/in\"\n\n[[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"http://{}/in\"\n",
-            receiver.addr,
-            free_addr()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"))
-        .arg("--config")
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let ready = line_with(&lines, "listen=");
-    let addr: std::net::SocketAddr = ready[ready.find("listen=").unwrap() + 7..]
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"hook\"\npath_prefix = \"/hook\"\nupstream = \"http://{}/in\"\n\n[[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"http://{}/in\"\n",
+        receiver.addr,
+        free_addr()
+    );
+    let (child, lines, addr) = start_binary(&config, dir.path(), None, &[]);
 
     for n in 0..3 {
         let got = send(
@@ -104,16 +77,7 @@ async fn access_lines_are_written_while_the_proxy_runs_and_none_is_lost_at_exit(
     let got = post_empty(addr, "/hook/last").await;
     assert_eq!(got.status, 200);
     // Stopped as a user would: `kill -TERM`.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
-    let rest: Vec<String> = lines.iter().collect();
+    let rest = stop(child, lines).await;
     assert!(
         rest.iter()
             .any(|l| l.contains("INFO access: request") && l.contains("path=/hook/last ")),
@@ -122,12 +86,19 @@ async fn access_lines_are_written_while_the_proxy_runs_and_none_is_lost_at_exit(
     );
 }
 
-/// Starts the binary on a one-route config with `RUST_LOG` = `rust_log` and the extra
+/// A config with one route, `/hook` to `receiver`'s `/in`.
+fn one_hook(receiver: std::net::SocketAddr) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"hook\"\npath_prefix = \"/hook\"\nupstream = \"http://{receiver}/in\"\n"
+    )
+}
+
+/// Starts the binary on `config` with `RUST_LOG` = `rust_log` (unset: `None`) and the extra
 /// arguments; its stderr lines and its address.
 fn start_binary(
-    receiver: std::net::SocketAddr,
+    config: &str,
     dir: &std::path::Path,
-    rust_log: &str,
+    rust_log: Option<&str>,
     args: &[&str],
 ) -> (
     std::process::Child,
@@ -135,21 +106,14 @@ fn start_binary(
     std::net::SocketAddr,
 ) {
     let path = dir.join("proxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"hook\"\npath_prefix = \"/hook\"\nupstream = \"http://{receiver}/in\"\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"))
-        .arg("--config")
-        .arg(&path)
-        .args(args)
-        .env("RUST_LOG", rust_log)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    std::fs::write(&path, config).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_payload-guard"));
+    command.arg("--config").arg(&path).args(args);
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
@@ -190,7 +154,12 @@ async fn rust_log_filters_the_access_line_and_json_logs_carry_it_as_json() {
     let dir = tempfile::tempdir().unwrap();
 
     // `access=off` silences the access line and nothing else.
-    let (child, lines, addr) = start_binary(receiver.addr, dir.path(), "info,access=off", &[]);
+    let (child, lines, addr) = start_binary(
+        &one_hook(receiver.addr),
+        dir.path(),
+        Some("info,access=off"),
+        &[],
+    );
     assert_eq!(post_empty(addr, "/hook/quiet").await.status, 200);
     receiver.next().await;
     let rest = stop(child, lines).await;
@@ -201,8 +170,12 @@ async fn rust_log_filters_the_access_line_and_json_logs_carry_it_as_json() {
     );
 
     // JSON: one object per line, the access line's numbers as numbers.
-    let (child, lines, addr) =
-        start_binary(receiver.addr, dir.path(), "info", &["--log-format", "json"]);
+    let (child, lines, addr) = start_binary(
+        &one_hook(receiver.addr),
+        dir.path(),
+        Some("info"),
+        &["--log-format", "json"],
+    );
     assert_eq!(post_empty(addr, "/hook/json").await.status, 200);
     receiver.next().await;
     let line = line_with(&lines, "\"access\"");
