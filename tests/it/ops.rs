@@ -420,3 +420,83 @@ async fn admin_token_is_required_when_configured() {
         200
     );
 }
+
+/// A verifying route collects the body before it checks the signature: while the buffer
+/// budget is full, a request with a wrong signature gets 503 (try again later), not 401; once
+/// the budget has room, the same request gets its 401.
+#[tokio::test]
+async fn while_the_budget_is_full_a_bad_signature_gets_503_before_its_401() {
+    let receiver = Receiver::start(Behavior::Ok).await;
+    let text = one_route(
+        "[routes.verify]\nscheme = \"hmac-sha256-body\"\nheader = \"X-Signature\"\nencoding = \"hex\"\nsecret_env = \"SENDER_SECRET\"\n",
+        "buffer_budget = \"1MiB\"\n",
+    );
+    let proxy = start_proxy(config_with_env(
+        &text,
+        receiver.addr,
+        &[("SENDER_SECRET", "k")],
+    ))
+    .await;
+    let bad = || {
+        Request::post(proxy.url("/hooks/test"))
+            .header("content-type", "application/json")
+            .header("x-signature", "00".repeat(32))
+            .body(full(payload(10_000)))
+            .unwrap()
+    };
+
+    // A sender declares 1,045,000 bytes (under 1 MiB: no body slot), sends most of them and
+    // stalls: what is left of the budget is less than the next request's body.
+    let (tx, body) = channel_body();
+    let stalled = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/json")
+        .header("content-length", 1_045_000)
+        .body(body)
+        .unwrap();
+    let addr = proxy.addr;
+    let stalled = tokio::spawn(async move { send(addr, stalled).await });
+    for _ in 0..15 {
+        tx.send(Ok(Frame::data(Bytes::from(vec![b' '; 64 * 1024]))))
+            .await
+            .unwrap();
+    }
+    let budget = &proxy.proxy.shared().budget;
+    until(
+        || budget.in_use() + 20_000 > budget.limit(),
+        "the stalled body fills the budget",
+    )
+    .await;
+
+    let got = send(proxy.addr, bad()).await;
+    assert_eq!(got.status, 503, "{:?}", got.body);
+    assert_eq!(got.json()["error"], "buffer_budget_exhausted");
+
+    // The stalled sender goes away; its reservation with it.
+    drop(tx);
+    stalled.abort();
+    let _ = stalled.await;
+    until(
+        || budget.in_use() == 0,
+        "the stalled body's reservation is released",
+    )
+    .await;
+    let got = send(proxy.addr, bad()).await;
+    assert_eq!(got.status, 401, "{:?}", got.body);
+    assert_eq!(got.json()["error"], "signature_refused");
+    assert_eq!(
+        receiver.started.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+/// Waits until `done` holds, letting the proxy's tasks run; fails after 10 s.
+async fn until(done: impl Fn() -> bool, what: &str) {
+    let wait = async {
+        while !done() {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("not within 10 s: {what}"));
+}
