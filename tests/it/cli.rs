@@ -178,6 +178,37 @@ fn trim_file(
     (file, out)
 }
 
+/// Runs `trim` with the synthflow route with its stdin redirected from `file`.
+fn trim_redirected(config: &std::path::Path, file: &std::path::Path) -> std::process::Output {
+    bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(config)
+        .stdin(std::fs::File::open(file).unwrap())
+        .output()
+        .unwrap()
+}
+
+/// Runs `trim` with the synthflow route on `payload` written to its stdin through a pipe.
+fn trim_piped(config: &std::path::Path, payload: Vec<u8>) -> std::process::Output {
+    let mut child = bin()
+        .args(["trim", "--route", "synthflow", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Written on a thread of its own: the output may fill its pipe before the input is read.
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(&payload).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
 /// Checks a `trim` that succeeded: its output under the route's 100 KiB, the signed id intact.
 fn assert_trimmed(out: &std::process::Output) {
     assert_eq!(
@@ -224,17 +255,7 @@ fn trim_writes_the_forwarded_bytes_and_a_report() {
 
     // Same through stdin; small payloads come back byte-identical.
     let small = payload_guard::trim::testdata::synthflow_payload(20_000, 8);
-    let mut child = bin()
-        .args(["trim", "--route", "synthflow", "--config"])
-        .arg(&config)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(&small).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = trim_piped(&config, small.clone());
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(out.stdout, small);
 
@@ -244,12 +265,7 @@ fn trim_writes_the_forwarded_bytes_and_a_report() {
         &[&config, &file],
     )
     .stdout;
-    let redirected = bin()
-        .args(["trim", "--route", "synthflow", "--config"])
-        .arg(&config)
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .unwrap();
+    let redirected = trim_redirected(&config, &file);
     assert_eq!(redirected.status.code(), Some(0));
     assert_eq!(redirected.stdout, trimmed);
 }
@@ -269,31 +285,12 @@ fn trim_reads_a_large_payload_the_same_from_a_file_a_redirect_and_a_pipe() {
         String::from_utf8_lossy(&from_file.stderr)
     );
 
-    let redirected = bin()
-        .args(["trim", "--route", "synthflow", "--config"])
-        .arg(&config)
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .unwrap();
+    let redirected = trim_redirected(&config, &file);
     assert_eq!(redirected.status.code(), Some(0));
     assert_eq!(redirected.stdout, from_file.stdout);
 
     // A pipe has no size to go by: read as it comes.
-    let mut child = bin()
-        .args(["trim", "--route", "synthflow", "--config"])
-        .arg(&config)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        stdin.write_all(&payload).unwrap();
-    });
-    let piped = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let piped = trim_piped(&config, payload);
     assert_eq!(piped.status.code(), Some(0));
     assert_eq!(piped.stdout, from_file.stdout);
 }
