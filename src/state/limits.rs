@@ -332,8 +332,16 @@ impl LearnedLimits {
     }
 
     /// The receiver accepted a body of `wire` bytes (`decoded`: its decoded size, when it
-    /// was compressed). Cheap when it says nothing new.
+    /// was compressed). Cheap when it says nothing new: every delivered payload comes here,
+    /// and one no larger than what the route's receiver took before builds no event.
     pub fn accepted(&self, route: &str, wire: u64, decoded: Option<u64>, request_id: &str) {
+        if self
+            .lock()
+            .get(route)
+            .is_some_and(|l| !accept_changes(l, wire, decoded))
+        {
+            return;
+        }
         let event = LimitEvent::Accepted {
             route: route.to_string(),
             wire,
@@ -435,15 +443,21 @@ fn accept(
     request_id: &str,
     at: SystemTime,
 ) -> bool {
-    let decoded_size = decoded.unwrap_or(wire);
-    let (w, d) = (l.wire, l.decoded);
-    l.wire.accepted(wire);
-    l.decoded.accepted(decoded_size);
-    let changed = l.wire != w || l.decoded != d;
+    let changed = accept_changes(l, wire, decoded);
     if changed {
+        l.wire.accepted(wire);
+        l.decoded.accepted(decoded.unwrap_or(wire));
         l.note("accepted", wire, Units::Wire, request_id, at);
     }
     changed
+}
+
+/// Whether an acceptance would change a bracket of `l`.
+fn accept_changes(l: &RouteLearned, wire: u64, decoded: Option<u64>) -> bool {
+    let (mut w, mut d) = (l.wire, l.decoded);
+    w.accepted(wire);
+    d.accepted(decoded.unwrap_or(wire));
+    w != l.wire || d != l.decoded
 }
 
 impl Persisted for LearnedLimits {
@@ -486,6 +500,29 @@ pub fn reset_in_file(path: &std::path::Path, route: &str) -> Result<bool, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_acceptance_that_says_nothing_new_changes_nothing_and_emits_nothing() {
+        let l = LearnedLimits::in_memory();
+        let mut events = l.subscribe();
+        l.accepted("r", 2_000, None, "first");
+        l.accepted("r", 1_500, None, "smaller");
+        l.accepted("r", 2_000, None, "same");
+        l.accepted("r", 3_000, None, "larger");
+        let evidence: Vec<_> = l
+            .route("r")
+            .unwrap()
+            .evidence
+            .into_iter()
+            .map(|e| e.request_id)
+            .collect();
+        assert_eq!(evidence, ["first", "larger"]);
+        let mut emitted = Vec::new();
+        while let Ok(LimitEvent::Accepted { request_id, .. }) = events.try_recv() {
+            emitted.push(request_id);
+        }
+        assert_eq!(emitted, ["first", "larger"]);
+    }
 
     #[test]
     fn a_compressed_refusal_never_lowers_the_wire_limit() {
