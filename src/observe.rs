@@ -49,7 +49,7 @@ impl std::fmt::Display for PeerIp {
 pub struct Exchange {
     started: Instant,
     /// The request id (propagated or generated).
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// Matched route name.
     pub route: Option<String>,
     /// Request method.
@@ -80,7 +80,7 @@ pub struct Exchange {
 
 impl Exchange {
     /// Starts observing a request.
-    pub fn new(request_id: String, method: Method, path: String, peer: SocketAddr) -> Exchange {
+    pub fn new(request_id: Arc<str>, method: Method, path: String, peer: SocketAddr) -> Exchange {
         Exchange {
             started: Instant::now(),
             request_id,

@@ -386,7 +386,7 @@ fn duplicate_response(ctx: &RequestCtx<'_>, first_request_id: &str) -> Response<
         "status": "duplicate",
         "message": "this payload was delivered before; it was not forwarded again",
         "first_request_id": first_request_id,
-        "request_id": ctx.request_id,
+        "request_id": &*ctx.request_id,
     });
     let mut response = Response::new(full_body(Bytes::from(body.to_string())));
     *response.status_mut() = StatusCode::OK;

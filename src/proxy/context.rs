@@ -29,7 +29,7 @@ pub(super) struct RequestCtx<'a> {
     pub(super) upstream: Option<&'a ConnUpstream>,
     /// The request came over HTTP/1 (not HTTP/2).
     pub(super) is_h1: bool,
-    pub(super) request_id: String,
+    pub(super) request_id: Arc<str>,
     pub(super) method: Method,
     pub(super) path: String,
     pub(super) path_and_query: String,
@@ -72,7 +72,7 @@ impl<'a> RequestCtx<'a> {
         route: &'a RouteRuntime,
         parts: Parts,
         conn: &'a ConnInfo,
-        request_id: String,
+        request_id: Arc<str>,
     ) -> RequestCtx<'a> {
         let cfg = &route.config;
         let get = |name: HeaderName| {
@@ -161,12 +161,12 @@ impl<'a> RequestCtx<'a> {
     pub(super) fn idempotency_key(&self) -> String {
         self.call_id
             .clone()
-            .unwrap_or_else(|| self.request_id.clone())
+            .unwrap_or_else(|| self.request_id.to_string())
     }
 
     /// An incident with everything known about the request filled in.
     pub(super) fn incident(&self, kind: Kind) -> Incident {
-        let mut inc = Incident::new(kind, self.cfg.name.clone(), self.request_id.clone());
+        let mut inc = Incident::new(kind, self.cfg.name.clone(), self.request_id.to_string());
         inc.method = Some(self.method.to_string());
         inc.path = Some(self.path.clone());
         inc.peer = Some(self.peer.ip());

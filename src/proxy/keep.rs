@@ -121,7 +121,7 @@ fn spool_meta(ctx: &RequestCtx<'_>, len: u64) -> Meta {
     let mut meta = Meta::new(
         ctx.cfg.name.clone(),
         ctx.received_at,
-        ctx.request_id.clone(),
+        ctx.request_id.to_string(),
         ctx.method.to_string(),
         ctx.path_and_query.clone(),
         len,
@@ -157,7 +157,7 @@ async fn spool(
             let body = serde_json::json!({
                 "status": "accepted",
                 "spool_id": id.as_str(),
-                "request_id": ctx.request_id,
+                "request_id": &*ctx.request_id,
                 "message": format!("the receiver could not take the payload ({reason}); payload-guard stored it and will redeliver it"),
             });
             let mut response = Response::new(full_body(Bytes::from(body.to_string())));

@@ -140,14 +140,21 @@ impl Proxy {
     }
 }
 
-/// The request id: the sender's `X-Request-Id` when it is sane, else a new UUID.
-pub fn request_id(headers: &HeaderMap) -> String {
+/// The request id: the sender's `X-Request-Id` when it is sane, else a new UUID. Shared, not
+/// copied, by the access line and the request's context.
+pub fn request_id(headers: &HeaderMap) -> Arc<str> {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .map(Arc::from)
+        .unwrap_or_else(|| {
+            Arc::from(
+                &*uuid::Uuid::new_v4()
+                    .hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
+            )
+        })
 }
 
 /// The phases, top to bottom. Refusals before a route is known are settled by the caller
