@@ -552,7 +552,8 @@ async fn a_reload_that_needs_the_spool_is_refused_and_kinds_are_zeroed() {
 /// (its route says the receiver takes 1 MiB) in front of a real Express whose
 /// `express.json()` takes 100kb. A 300 KB payload is refused, trimmed lower and resent within
 /// the same request; a 2 MB one is trimmed below what was learned before Express sees it;
-/// a small one passes byte-identical. Every call id arrives. Then eight 2 MB payloads at once
+/// a small one passes byte-identical. Every call id arrives. Invalid UTF-8 the trim cuts away
+/// is delivered, and invalid UTF-8 it would keep is refused. Then eight 2 MB payloads at once
 /// (they wait for body slots) all arrive trimmed, and a 70 KiB head gets 431.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() {
@@ -627,6 +628,40 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
             assert!(delivered.trimmed.is_some(), "payload {i} was trimmed");
         }
     }
+    // Invalid UTF-8 in the middle of the transcript, which the trim cuts away: delivered,
+    // valid. At the head of the transcript, which is kept: refused, nothing reaches Express.
+    let bad_at = |body: &mut Vec<u8>, from: usize| {
+        let at = (from..body.len())
+            .find(|&i| body[i].is_ascii_lowercase() && body[i - 1].is_ascii_lowercase())
+            .unwrap();
+        body[at] = 0xFF;
+    };
+    let id = "1732630000000x444444444444444401";
+    let mut middle = payload_with_id(2_000_000, 70, id);
+    bad_at(&mut middle, 1_000_000);
+    let got = post_to(middle).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let seen = express.next().await;
+    assert_eq!(seen.status, 200, "{seen:?}");
+    assert_eq!(seen.call_id.as_deref(), Some(id));
+    assert!(
+        seen.trimmed.is_some() && seen.bytes.unwrap() <= 102_400,
+        "{seen:?}"
+    );
+    let mut head = payload_with_id(2_000_000, 71, "1732630000000x444444444444444402");
+    let transcript = head
+        .windows(15)
+        .position(|w| w == b"\"transcript\": \"")
+        .unwrap();
+    bad_at(&mut head, transcript + 100);
+    let got = post_to(head).await;
+    assert_eq!(got.status, 413, "{:?}", got.body);
+    assert_eq!(got.json()["error"], "trim_failed");
+    assert!(
+        express.try_next().is_none(),
+        "nothing invalid reaches Express"
+    );
+
     // Eight large payloads at once (body slots: read one per worker thread at a time): every
     // one is answered 200 and arrives trimmed, each call id once.
     let sends: Vec<_> = (0..8u64)
