@@ -231,15 +231,18 @@ pub fn connection_refused(
 
 /// A response body that counts the bytes sent and owns the [`Exchange`], so the access-log line
 /// is written once the body is done or dropped.
+///
+/// The exchange is boxed: the response is moved through every layer of futures between the
+/// handler and hyper, and a few pointer-sized fields move cheaper than the whole record.
 pub struct ObservedBody<B> {
     inner: B,
-    exchange: Exchange,
+    exchange: Box<Exchange>,
     empty_at_start: bool,
 }
 
 impl<B> ObservedBody<B> {
     /// Wraps a response body.
-    pub fn new(inner: B, exchange: Exchange) -> Self
+    pub fn new(inner: B, exchange: Box<Exchange>) -> Self
     where
         B: Body,
     {

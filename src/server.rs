@@ -371,11 +371,13 @@ impl Conn {
             };
             // Boxed so the compiler checks `Send` on concrete types (works around a
             // higher-ranked lifetime limitation with boxed error types in async fns).
-            let fut: HandlerFuture = Box::pin(crate::shed::with_conn(track, async move {
-                let response = proxy.handle(req, info).await;
-                drop(in_flight);
-                Ok(response)
-            }));
+            let fut: HandlerFuture = crate::proxy::boxed(|| {
+                crate::shed::with_conn(track, async move {
+                    let response = proxy.handle(req, info).await;
+                    drop(in_flight);
+                    Ok(response)
+                })
+            });
             fut
         });
         let conn = builder

@@ -678,8 +678,14 @@ tokio::task_local! {
 }
 
 /// Runs `fut` (a request handler) with `track` as its connection, for [`current_conn`].
-pub async fn with_conn<F: std::future::Future>(track: Arc<ConnTrack>, fut: F) -> F::Output {
-    CONN.scope(track, fut).await
+///
+/// A plain function, not an `async fn`: the returned future is the scope itself, not a
+/// wrapper holding both its arguments and the scope (half the bytes to move when it is boxed).
+pub fn with_conn<F: std::future::Future>(
+    track: Arc<ConnTrack>,
+    fut: F,
+) -> tokio::task::futures::TaskLocalFuture<Arc<ConnTrack>, F> {
+    CONN.scope(track, fut)
 }
 
 /// The connection the current request arrived on (inside [`with_conn`]).

@@ -115,18 +115,18 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
         let rt = self.current();
         let request_id = request_id(req.headers());
-        let mut exchange = Exchange::new(
+        let mut exchange = Box::new(Exchange::new(
             request_id.clone(),
             req.method().clone(),
             req.uri().path().to_string(),
             conn.peer,
-        );
+        ));
         exchange.metrics = Some(self.shared.metrics.clone());
         let is_h1 = req.version() < Version::HTTP_2;
         // Boxed where it starts: the pipeline's state is the bulk of the request's future, and
         // the service future is moved several times before it is first polled (into the
         // connection-tracking scope, then onto the heap); boxed here, it is written once.
-        let result = Box::pin(pipeline(&rt, &self.shared, req, &conn, &mut exchange)).await;
+        let result = boxed(|| pipeline(&rt, &self.shared, req, &conn, &mut exchange)).await;
         let mut response = match result {
             Ok(response) => response,
             Err(err) => error_response(&err, &request_id, is_h1, &mut exchange),
@@ -138,6 +138,13 @@ impl Proxy {
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, ObservedBody::new(body, exchange))
     }
+}
+
+/// The future `make` builds, in a heap slot allocated first so that the future can be built
+/// in place: `Box::pin(make())` builds it on the stack and then copies all of it (an async
+/// fn's future is as large as its largest state, here kilobytes) into the heap.
+pub(crate) fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// The request id: the sender's `X-Request-Id` when it is sane, else a new UUID. Shared, not
