@@ -55,8 +55,9 @@ pub(super) struct RequestCtx<'a> {
     pub(super) target: Target,
     // What happened.
     pub(super) stats: Option<Arc<BodyStats>>,
-    /// The first bytes of a streamed JSON body (for incidents' `top_fields`).
-    pub(super) head: Option<Arc<std::sync::Mutex<Vec<u8>>>>,
+    /// The first bytes of a streamed JSON body, as the frames that carried them (for
+    /// incidents' `top_fields`).
+    pub(super) head: Option<Arc<std::sync::Mutex<Vec<bytes::Bytes>>>>,
     pub(super) call_id: Option<String>,
     pub(super) top_fields: Vec<FieldBytes>,
     pub(super) incidents: Vec<Incident>,

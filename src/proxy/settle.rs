@@ -26,9 +26,10 @@ impl RequestCtx<'_> {
             .as_ref()
             .filter(|_| self.incidents.iter().any(|i| i.top_fields.is_empty()))
             .map(|head| {
-                let head = head
+                let frames = head
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let head = frames.concat();
                 crate::trim::top_fields_of_head(&head, crate::incident::TOP_FIELDS)
                     .into_iter()
                     .map(|f| crate::incident::FieldBytes {

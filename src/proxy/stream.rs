@@ -59,6 +59,7 @@ pub(super) async fn stream(
         HeadSample {
             inner: limited,
             head,
+            room: HEAD_SAMPLE_BYTES,
         }
         .boxed_unsync()
     } else {
@@ -149,10 +150,13 @@ pub(super) async fn stream(
     answered.relay()
 }
 
-/// A streamed body that copies its first [`HEAD_SAMPLE_BYTES`] into `head` as they pass.
+/// A streamed body that keeps its first [`HEAD_SAMPLE_BYTES`] in `head` as they pass: the
+/// frames' own buffers, shared by reference count, not copied.
 struct HeadSample<B> {
     inner: B,
-    head: Arc<Mutex<Vec<u8>>>,
+    head: Arc<Mutex<Vec<Bytes>>>,
+    /// How many more bytes `head` takes.
+    room: usize,
 }
 
 impl<B> http_body::Body for HeadSample<B>
@@ -167,12 +171,17 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
+        if self.room > 0
+            && let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
+            && !data.is_empty()
         {
-            let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
-            let room = HEAD_SAMPLE_BYTES.saturating_sub(head.len());
-            head.extend_from_slice(&data[..data.len().min(room)]);
+            let kept = data.slice(..data.len().min(self.room));
+            self.room -= kept.len();
+            self.head
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(kept);
         }
         polled
     }

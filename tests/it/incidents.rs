@@ -248,7 +248,9 @@ async fn streamed_payloads_incidents_name_their_largest_fields() {
         receiver.addr,
     ))
     .await;
-    let got = proxy.post_json(synthflow_payload(50_000, 3)).await;
+    let body = synthflow_payload(50_000, 3);
+    let size = body.len();
+    let got = proxy.post_json(body.clone()).await;
     assert_eq!(got.status, 200);
     receiver.next().await;
     let incidents = proxy.incidents().await;
@@ -259,4 +261,27 @@ async fn streamed_payloads_incidents_name_their_largest_fields() {
         "{:#}",
         incidents[0]
     );
+    assert!(incidents[0]["top_fields"].as_array().unwrap().len() > 1);
+
+    // The same payload in 700-byte chunks: the head is sampled across many frames, and the
+    // fields it names are exactly those of the payload sent in one piece.
+    let (tx, chunked) = channel_body();
+    let req = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/json")
+        .body(chunked)
+        .unwrap();
+    let feed = tokio::spawn(async move {
+        for piece in body.chunks(700) {
+            let frame = http_body::Frame::data(bytes::Bytes::copy_from_slice(piece));
+            tx.send(Ok(frame)).await.expect("proxy reads the body");
+        }
+    });
+    let got = send(proxy.addr, req).await;
+    feed.await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(receiver.next().await.body.unwrap().len(), size);
+    let incidents = proxy.incidents().await;
+    assert_eq!(incidents.len(), 2, "{incidents:#?}");
+    assert_eq!(incidents[1]["content_length"], serde_json::Value::Null);
+    assert_eq!(incidents[1]["top_fields"], incidents[0]["top_fields"]);
 }
