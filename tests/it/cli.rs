@@ -840,3 +840,162 @@ fn the_systemd_unit_checks_with_valid_commands() {
         assert!(prevent.split_whitespace().any(|c| c == code), "{prevent}");
     }
 }
+
+/// The README's promise for `limits --reset` with the proxy running: it goes through the admin
+/// listener, with the token from `admin_token_env`, so the proxy's memory (`GET /limits`) and
+/// the file agree. A wrong token is refused with the listener's status and changes nothing.
+#[tokio::test]
+async fn limits_reset_with_the_proxy_running_goes_through_its_admin_listener() {
+    use crate::support::{Behavior, Receiver, admin_request, free_addr, send};
+    use std::io::{BufRead, BufReader};
+    const TOKEN_ENV: &str = "PG_TEST_RESET_TOKEN";
+    const TOKEN: &str = "reset-token-0123456789";
+    let receiver = Receiver::start(Behavior::LimitEarly(10_000)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_addr();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "{admin}"
+admin_token_env = "{TOKEN_ENV}"
+[incidents]
+path = "{}"
+[[routes]]
+name = "hooks"
+path_prefix = "/hooks"
+upstream = "http://{}/"
+on_oversize = "trim"
+[[routes.trim]]
+path = "call.transcript"
+action = "truncate"
+keep = "head_tail"
+"#,
+            dir.path().join("incidents.jsonl").display(),
+            receiver.addr
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .arg("--config")
+        .arg(&path)
+        .env(TOKEN_ENV, TOKEN)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Ready when both listeners said so.
+    let (addr, lines) = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let (mut proxy, mut admin_up) = (None, false);
+        while proxy.is_none() || !admin_up {
+            let line = lines.next().expect("proxy exited").unwrap();
+            admin_up |= line.contains("admin listening");
+            if line.contains("payload-guard listening")
+                && let Some(pos) = line.find("listen=")
+            {
+                let rest = &line[pos + 7..];
+                let addr: std::net::SocketAddr = rest[..rest.find(' ').unwrap_or(rest.len())]
+                    .parse()
+                    .unwrap();
+                proxy = Some(addr);
+            }
+        }
+        (proxy.unwrap(), lines)
+    })
+    .await
+    .unwrap();
+    let drain = std::thread::spawn(move || for _ in lines {});
+
+    // The receiver refuses 20 KB with 413: the proxy learns from it.
+    let body = payload_guard::trim::testdata::synthflow_payload(20_000, 7);
+    let got = send(
+        addr,
+        http::Request::post(format!("http://{addr}/hooks"))
+            .header("content-type", "application/json")
+            .body(crate::support::full(body))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let learned = |got: crate::support::Got| {
+        let routes = got.json()["routes"].clone();
+        assert_eq!(routes[0]["route"], "hooks", "{routes}");
+        routes[0]["evidence"].as_array().unwrap().len()
+    };
+    assert!(learned(admin_request(admin, "GET", "/limits", Some(TOKEN)).await) > 0);
+    let limits = |token: &str, args: &[&str]| {
+        bin()
+            .arg("limits")
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env(TOKEN_ENV, token)
+            .output()
+            .unwrap()
+    };
+    // The file catches up with the proxy's memory.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !String::from_utf8_lossy(&limits(TOKEN, &[]).stdout).contains("refused") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file never showed the 413"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // A wrong token: refused by the listener, nothing forgotten anywhere.
+    let out = limits("wrong-token-0123456789", &["--reset", "hooks"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the admin listener at {admin} refused the reset (401)"
+        )),
+        "{err}"
+    );
+    assert!(learned(admin_request(admin, "GET", "/limits", Some(TOKEN)).await) > 0);
+    assert!(String::from_utf8_lossy(&limits(TOKEN, &[]).stdout).contains("refused"));
+
+    // The right token: the running proxy forgets, and the file follows.
+    let out = limits(TOKEN, &["--reset", "hooks"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hooks: learned limit reset in the running proxy (admin listener)\n"
+    );
+    assert_eq!(
+        learned(admin_request(admin, "GET", "/limits", Some(TOKEN)).await),
+        0
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&limits(TOKEN, &[]).stdout).into_owned();
+        if text.contains("nothing learned") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file kept the evidence: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    drain.join().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
