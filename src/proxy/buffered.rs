@@ -54,7 +54,7 @@ pub(super) async fn buffered(
     let (wire, slot) = collect(ctx, body, &mut reservation, claim).await?;
     let cfg = ctx.cfg;
     let policy = Policy::of(cfg);
-    let json = payload::is_json(ctx.content_type.as_deref());
+    let json = payload::is_json(ctx.content_type());
 
     // Decode (within the budget) what verification, trimming, dedupe and the spool look at.
     let decoded = match encoding {
@@ -140,12 +140,12 @@ pub(super) async fn buffered(
     let untrimmable = if !json {
         Some(format!(
             "not JSON (content-type {})",
-            ctx.content_type.as_deref().unwrap_or("missing")
+            ctx.content_type().unwrap_or("missing")
         ))
     } else if encoding.is_none() {
         Some(format!(
             "unsupported content-encoding {}",
-            ctx.content_encoding.as_deref().unwrap_or("")
+            ctx.content_encoding().unwrap_or("")
         ))
     } else {
         match (decoded.as_ref(), parsed.as_ref()) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::Method;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 
 use super::{ConnInfo, RouteRuntime, Runtime, Shared};
@@ -31,18 +31,21 @@ pub(super) struct RequestCtx<'a> {
     pub(super) is_h1: bool,
     pub(super) request_id: Arc<str>,
     pub(super) method: Method,
-    pub(super) path: String,
+    /// The path and query as received; the path is its first `path_len` bytes.
     pub(super) path_and_query: String,
+    path_len: usize,
     pub(super) peer: SocketAddr,
     proto: &'static str,
-    /// The `Host` (or `:authority`) the sender used.
+    /// The `:authority` the sender used when it sent no `Host` header (HTTP/2); a `Host`
+    /// header is read from `headers` where it is needed.
     host: Option<String>,
     pub(super) received_at: SystemTime,
     /// The request headers as received (moved into `target` by [`RequestCtx::target_for`]).
     pub(super) headers: HeaderMap,
-    pub(super) user_agent: Option<String>,
-    pub(super) content_type: Option<String>,
-    pub(super) content_encoding: Option<String>,
+    /// Shared with the request's headers, not copied (read as text where they are used).
+    user_agent: Option<HeaderValue>,
+    content_type: Option<HeaderValue>,
+    content_encoding: Option<HeaderValue>,
     /// The declared `Content-Length`.
     pub(super) declared: Option<u64>,
     /// The receiver limit in force (configured, or learned from its 413s), in `units`.
@@ -76,13 +79,7 @@ impl<'a> RequestCtx<'a> {
         request_id: Arc<str>,
     ) -> RequestCtx<'a> {
         let cfg = &route.config;
-        let get = |name: HeaderName| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
+        let get = |name: HeaderName| parts.headers.get(name).cloned();
         let units = Policy::of(cfg).map_or(Units::Wire, |p| p.units);
         let limit = shared
             .learned
@@ -91,18 +88,23 @@ impl<'a> RequestCtx<'a> {
             tracing::debug!(route = %cfg.name, limit = limit, "using the receiver limit learned from its 413s");
         }
         let is_h1 = parts.version < http::Version::HTTP_2;
-        let host = get(header::HOST).or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        let host = if parts.headers.contains_key(header::HOST) {
+            None
+        } else {
+            parts.uri.authority().map(|a| a.to_string())
+        };
+        let path_and_query = parts.uri.path_and_query().map_or_else(
+            || parts.uri.path().to_string(),
+            |pq| pq.as_str().to_string(),
+        );
         RequestCtx {
             shared,
             route,
             cfg,
             upstream: conn.upstream.as_deref().filter(|_| is_h1),
             is_h1,
-            path: parts.uri.path().to_string(),
-            path_and_query: parts.uri.path_and_query().map_or_else(
-                || parts.uri.path().to_string(),
-                |pq| pq.as_str().to_string(),
-            ),
+            path_len: parts.uri.path().len(),
+            path_and_query,
             peer: conn.peer,
             proto: conn.proto,
             host,
@@ -132,6 +134,21 @@ impl<'a> RequestCtx<'a> {
             forwarded_bytes: None,
             upstream_secs: None,
         }
+    }
+
+    /// The request's path (without its query).
+    pub(super) fn path(&self) -> &str {
+        &self.path_and_query[..self.path_len]
+    }
+
+    /// The `Content-Type` as received (when it is text).
+    pub(super) fn content_type(&self) -> Option<&str> {
+        text(&self.content_type)
+    }
+
+    /// The `Content-Encoding` as received (when it is text).
+    pub(super) fn content_encoding(&self) -> Option<&str> {
+        text(&self.content_encoding)
     }
 
     /// Builds the upstream request: the receiver's URI for the path after the route prefix,
@@ -169,11 +186,11 @@ impl<'a> RequestCtx<'a> {
     pub(super) fn incident(&self, kind: Kind) -> Incident {
         let mut inc = Incident::new(kind, self.cfg.name.clone(), self.request_id.to_string());
         inc.method = Some(self.method.to_string());
-        inc.path = Some(self.path.clone());
+        inc.path = Some(self.path().to_string());
         inc.peer = Some(self.peer.ip());
-        inc.user_agent.clone_from(&self.user_agent);
-        inc.content_type.clone_from(&self.content_type);
-        inc.content_encoding.clone_from(&self.content_encoding);
+        inc.user_agent = text(&self.user_agent).map(str::to_string);
+        inc.content_type = self.content_type().map(str::to_string);
+        inc.content_encoding = self.content_encoding().map(str::to_string);
         inc.content_length = self.declared;
         inc.max_body = Some(self.cfg.max_body_bytes);
         inc.upstream_limit = self.limit;
@@ -219,4 +236,9 @@ impl<'a> RequestCtx<'a> {
             total_timeout: self.body_timeout,
         }
     }
+}
+
+/// A header value as text, when it is (visible ASCII).
+fn text(value: &Option<HeaderValue>) -> Option<&str> {
+    value.as_ref().and_then(|v| v.to_str().ok())
 }

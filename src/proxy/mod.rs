@@ -206,8 +206,8 @@ async fn run(
     let plan = plan::plan(
         ctx.cfg,
         &plan::Facts {
-            content_type: ctx.content_type.as_deref(),
-            content_encoding: ctx.content_encoding.as_deref(),
+            content_type: ctx.content_type(),
+            content_encoding: ctx.content_encoding(),
             declared: ctx.declared,
             limit: ctx.limit,
             spool_ready: ctx.shared.spool.is_some(),

@@ -49,10 +49,10 @@ pub(super) async fn stream(
     // An uncompressed JSON body keeps a copy of its head, so its incidents can name the
     // fields that dominate it without the body ever being held whole.
     // Compressed (or in an encoding the proxy cannot read): its decoded size is unknown here.
-    let compressed = payload::encoding(ctx.content_encoding.as_deref())
+    let compressed = payload::encoding(ctx.content_encoding())
         .ok()
         .is_none_or(|e| e != Encoding::Identity);
-    let sampled = payload::is_json(ctx.content_type.as_deref()) && !compressed;
+    let sampled = payload::is_json(ctx.content_type()) && !compressed;
     let body = if sampled {
         let head = Arc::new(Mutex::new(Vec::new()));
         ctx.head = Some(head.clone());

@@ -49,28 +49,30 @@ pub fn is_json(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else {
         return false;
     };
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    // Compared without a lowercase copy: this runs on every request.
+    let essence = ct.split(';').next().unwrap_or("").trim();
     let Some((_, subtype)) = essence.split_once('/') else {
         return false;
     };
-    subtype == "json" || subtype.ends_with("+json")
+    let suffix = subtype.len().saturating_sub(5);
+    subtype.eq_ignore_ascii_case("json")
+        || (subtype.is_char_boundary(suffix) && subtype[suffix..].eq_ignore_ascii_case("+json"))
 }
 
 /// Parses `Content-Encoding`; `Err` names an encoding the stage cannot handle.
 pub fn encoding(content_encoding: Option<&str>) -> Result<Encoding, String> {
-    match content_encoding
-        .map(|e| e.trim().to_ascii_lowercase())
-        .as_deref()
-    {
-        None | Some("") | Some("identity") => Ok(Encoding::Identity),
-        Some("gzip") | Some("x-gzip") => Ok(Encoding::Gzip),
-        Some("deflate") => Ok(Encoding::Deflate),
-        Some(other) => Err(other.to_string()),
+    let Some(name) = content_encoding.map(str::trim) else {
+        return Ok(Encoding::Identity);
+    };
+    let is = |known: &str| name.eq_ignore_ascii_case(known);
+    if name.is_empty() || is("identity") {
+        Ok(Encoding::Identity)
+    } else if is("gzip") || is("x-gzip") {
+        Ok(Encoding::Gzip)
+    } else if is("deflate") {
+        Ok(Encoding::Deflate)
+    } else {
+        Err(name.to_ascii_lowercase())
     }
 }
 
@@ -311,6 +313,16 @@ mod tests {
         assert!(is_json(Some("application/vnd.api+json")));
         assert!(!is_json(Some("text/plain")));
         assert!(!is_json(Some("application/jsonp")));
+        assert!(is_json(Some(" application/Problem+JSON ;q=1")));
+        assert!(!is_json(Some("application/json+xml")));
+        assert!(!is_json(Some("application/ü+jso")));
+        assert!(!is_json(Some("json")));
+        assert_eq!(encoding(Some(" GZIP ")), Ok(Encoding::Gzip));
+        assert_eq!(encoding(Some("X-Gzip")), Ok(Encoding::Gzip));
+        assert_eq!(encoding(Some("Deflate")), Ok(Encoding::Deflate));
+        assert_eq!(encoding(Some("")), Ok(Encoding::Identity));
+        assert_eq!(encoding(Some("Identity")), Ok(Encoding::Identity));
+        assert_eq!(encoding(Some(" Br ")), Err("br".to_string()));
         assert!(!is_json(None));
         assert_eq!(encoding(Some("GZIP")), Ok(Encoding::Gzip));
         assert_eq!(encoding(Some("br")), Err("br".into()));

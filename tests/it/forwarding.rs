@@ -109,6 +109,9 @@ async fn h2c_prior_knowledge_is_served() {
     assert_eq!(got.status, 200, "{:?}", got.body);
     let seen = receiver.next().await;
     assert_eq!(seen.uri.path(), "/webhook/h2");
+    // HTTP/2 carries no Host header: the :authority the sender used is forwarded instead.
+    assert_eq!(seen.headers["x-forwarded-host"], proxy.addr.to_string());
+    assert_eq!(seen.headers["host"], receiver.addr.to_string());
     assert_eq!(seen.body.unwrap(), body);
 }
 
