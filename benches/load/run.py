@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """payload-guard load benchmark: loopback only, bounded in time, Python standard library only.
 
-Builds payload-guard and examples/bench_receiver in release mode, then runs each workload
+Builds payload-guard, examples/bench_receiver and examples/bare_hyper_proxy in release mode, then runs each workload
 against each target one at a time, interleaved (A B C A B C ...) over the repetitions:
 
   targets    direct (the receiver itself), payload-guard, nginx (proxy_request_buffering on,
-             the default), nginx-nobuf (proxy_request_buffering off), haproxy. nginx and HAProxy
-             columns are skipped when the binaries are missing.
+             the default), nginx-nobuf (proxy_request_buffering off), haproxy, and hyper-floor
+             (examples/bare_hyper_proxy: hyper's HTTP/1 server and client on one thread and
+             nothing else, the least a proxy on hyper can spend; 2 KiB and 1 MiB only, no
+             checks). nginx and HAProxy columns are skipped when the binaries are missing.
   workloads  2 KiB JSON POSTs and 1 MiB POSTs (wrk -t1 -c32), 5 MiB Synthflow-shaped POSTs
              forwarded untrimmed (wrk -t1 -c8), the same 5 MiB payloads on payload-guard's trim
              route to a receiver that takes 1 MiB, one 200 MiB upload (curl -T, no Expect).
@@ -64,10 +66,14 @@ MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 APT_LINE = "apt-get update && apt-get install -y wrk curl nginx-light haproxy"
 
-ALL_TARGETS = ["direct", "payload-guard", "payload-guard-quiet", "nginx", "nginx-nobuf", "haproxy"]
+FLOOR = "hyper-floor"
+ALL_TARGETS = ["direct", "payload-guard", "payload-guard-quiet", "nginx", "nginx-nobuf", "haproxy", FLOOR]
 # The quiet configuration is measured on 2 KiB requests only: that is where a log line per
 # request weighs (see the logging target).
 LOUD_TARGETS = [t for t in ALL_TARGETS if t != "payload-guard-quiet"]
+# The floor is a reference for the CPU of small and medium requests, not a product: it is not
+# run on the 5 MiB, upload or correctness workloads.
+PRODUCT_TARGETS = [t for t in LOUD_TARGETS if t != FLOOR]
 TARGET_LABEL = {
     "direct": "direct (receiver)",
     "payload-guard": "payload-guard",
@@ -75,6 +81,7 @@ TARGET_LABEL = {
     "nginx": "nginx (buffering on)",
     "nginx-nobuf": "nginx (buffering off)",
     "haproxy": "HAProxy",
+    FLOOR: "bare hyper proxy (floor)",
 }
 
 
@@ -341,19 +348,21 @@ def check_tools(want_targets: list[str]) -> tuple[dict, list[str]]:
     return tools, targets
 
 
-def build(args) -> tuple[str, str]:
+def build(args) -> tuple[str, str, str]:
     target_dir = args.target_dir or os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
     pg = os.path.join(target_dir, "release", "payload-guard")
     recv = os.path.join(target_dir, "release", "examples", "bench_receiver")
+    floor = os.path.join(target_dir, "release", "examples", "bare_hyper_proxy")
     if not args.no_build:
-        cmd = ["cargo", "build", "--release", "--bin", "payload-guard", "--example", "bench_receiver"]
+        cmd = ["cargo", "build", "--release", "--bin", "payload-guard", "--example", "bench_receiver",
+               "--example", "bare_hyper_proxy"]
         log(f"building: CARGO_TARGET_DIR={target_dir} {' '.join(cmd)}")
         env = dict(os.environ, CARGO_TARGET_DIR=target_dir)
         subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=1800)
-    for path in (pg, recv):
+    for path in (pg, recv, floor):
         if not os.path.exists(path):
             raise SystemExit(f"{path} is missing (build it, or drop --no-build)")
-    return pg, recv
+    return pg, recv, floor
 
 
 def version_of(argv) -> str:
@@ -396,11 +405,12 @@ def machine_info() -> dict:
 
 
 class Bench:
-    def __init__(self, args, tools, pg_bin, recv_bin, run_dir):
+    def __init__(self, args, tools, pg_bin, recv_bin, floor_bin, run_dir):
         self.args = args
         self.tools = tools
         self.pg_bin = pg_bin
         self.recv_bin = recv_bin
+        self.floor_bin = floor_bin
         self.run_dir = run_dir
         self.recv = {}
         self.recv_pids: list[int] = []
@@ -486,6 +496,12 @@ class Bench:
             if len(workers) != 1:
                 raise RuntimeError(f"nginx: expected one worker, found {workers}")
             return p, workers[0], f"http://127.0.0.1:{port}"
+        if target == FLOOR:
+            p = PROCS.start([self.floor_bin, "--listen", f"127.0.0.1:{port}",
+                             "--upstream", f"127.0.0.1:{self.recv['main']}"],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.run_dir, "floor.log"), "ab"))
+            wait_port(port, p)
+            return p, p.pid, f"http://127.0.0.1:{port}"
         if target == "haproxy":
             cfg = self.render("haproxy.cfg.tmpl", "haproxy.cfg", values)
             p = PROCS.start([self.tools["haproxy"], "-f", cfg, "-db"], stdout=subprocess.DEVNULL,
@@ -858,7 +874,8 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
         else:
             rs = per_rep.get(x) if isinstance(x, float) else None
             extra = f" (per repetition: {', '.join(f'{r:.2f}' for r in rs)})" if rs and len(rs) > 1 else ""
-            verdicts.append(f"- [{'met' if ok else 'MISSED'}] {text}: {shown}{extra}")
+            mark = "info" if ok is None else ("met" if ok else "MISSED")
+            verdicts.append(f"- [{mark}] {text}: {shown}{extra}")
 
     # CPU the proxy process spends per request (user + kernel, /proc), as ratios to the other
     # proxies measured in the same repetition. nginx and HAProxy write no access log here, so
@@ -876,6 +893,18 @@ def report(results, workloads, targets, checks, reps, meta) -> tuple[str, list]:
         for wl, label in (("1m", "1 MiB"), ("5m", "5 MiB")):
             x = v(wl, pg, "haproxy", cpu)
             verdict(f"{label} CPU/req ≤ 0.9× HAProxy's", x, fmt(x, 2, "×"), x is not None and x <= 0.9)
+    # The floor: how much of payload-guard's CPU is hyper and tokio themselves (no target).
+    if FLOOR in have:
+        x = v("2k", quiet, FLOOR, cpu)
+        verdict("2 KiB CPU/req ÷ the bare hyper proxy's (RUST_LOG=warn; informational)", x,
+                fmt(x, 2, "×"), None)
+        if "haproxy" in have:
+            x = v("2k", FLOOR, "haproxy", cpu)
+            verdict("the bare hyper proxy's 2 KiB CPU/req ÷ HAProxy's (what hyper itself allows; "
+                    "informational)", x, fmt(x, 2, "×"), None)
+            x = v("1m", FLOOR, "haproxy", cpu)
+            verdict("the bare hyper proxy's 1 MiB CPU/req ÷ HAProxy's (informational)", x,
+                    fmt(x, 2, "×"), None)
     if "nginx" in have:
         x = v("2k", quiet, "nginx", cpu)
         verdict("2 KiB CPU/req ≤ 1.1× nginx's (RUST_LOG=warn; no access log on either)", x,
@@ -984,7 +1013,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     started = time.monotonic()
     tools, targets = check_tools([t for t in args.targets.split(",") if t])
-    pg_bin, recv_bin = build(args)
+    pg_bin, recv_bin, floor_bin = build(args)
     run_dir = tempfile.mkdtemp(prefix="payload-guard-load-")
     log(f"run directory {run_dir}")
     meta = {
@@ -1035,17 +1064,17 @@ def main() -> int:
             {"name": "1m", "title": "1 MiB JSON POSTs (wrk -t1 -c32)", "kind": "wrk", "path": "/bench",
              "files": files["1m"], "conns": 32, "targets": LOUD_TARGETS},
             {"name": "5m", "title": "5 MiB Synthflow payloads forwarded untrimmed (wrk -t1 -c8)",
-             "kind": "wrk", "path": "/bench", "files": files["5m"], "conns": 8, "targets": LOUD_TARGETS},
+             "kind": "wrk", "path": "/bench", "files": files["5m"], "conns": 8, "targets": PRODUCT_TARGETS},
             {"name": "5m-trim", "title": "5 MiB Synthflow payloads on the trim route to a 1 MiB receiver (wrk -t1 -c8)",
              "kind": "wrk", "path": "/trim", "files": files["5m"], "conns": 8, "targets": ["payload-guard"]},
             {"name": "upload", "title": f"200 MiB upload (curl -T, Content-Length, no Expect; median of {args.uploads} per repetition)",
              "kind": "curl", "path": "/upload", "file": files["upload"], "small": files["2k"][0],
-             "size": 200 * MIB, "targets": LOUD_TARGETS},
+             "size": 200 * MIB, "targets": PRODUCT_TARGETS},
         ]
         chosen = set(args.workloads.split(","))
         workloads = [w for w in workloads if w["name"] in chosen]
 
-        bench = Bench(args, tools, pg_bin, recv_bin, run_dir)
+        bench = Bench(args, tools, pg_bin, recv_bin, floor_bin, run_dir)
         bench.start_receivers()
         results: dict = {}
         for rep in range(args.reps):
@@ -1064,7 +1093,8 @@ def main() -> int:
                             f"{res['time_s']:.3f} s  status {res['status']}  "
                             f"cpu {fmt((res['cpu_us_per_req'] or 0) / 1000)} ms/upload  hwm {fmt((res['hwm_kib'] or 0) / 1024, 1)} MiB"
                             f"  background {res['background_cores']:.2f} cores")
-        checks = {} if args.no_checks else run_checks(bench, targets, files, args.tries)
+        checks = {} if args.no_checks else run_checks(
+            bench, [t for t in targets if t != FLOOR], files, args.tries)
         meta["elapsed_s"] = time.monotonic() - started
         meta["machine"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
         meta["targets"] = targets
