@@ -380,9 +380,71 @@ fn diagnose_explains_a_known_log() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("no size incidents recorded yet"));
 }
 
+/// `payload-guard run` of the config at `path`, with `env` set, started and ready: its proxy
+/// listener's address (from the `payload-guard listening` line) and the rest of its stderr.
+/// With `admin`, also waits for the admin listener's line.
+async fn start_run(
+    path: &std::path::Path,
+    env: &[(&str, &str)],
+    admin: bool,
+) -> (
+    std::process::Child,
+    std::net::SocketAddr,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::{BufRead, BufReader};
+    let mut command = bin();
+    command.arg("--config").arg(path).env("RUST_LOG", "info");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (addr, lines) = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let (mut proxy, mut admin_up) = (None, !admin);
+        while proxy.is_none() || !admin_up {
+            let line = lines.next().expect("proxy exited").unwrap();
+            admin_up |= line.contains("admin listening");
+            if line.contains("payload-guard listening")
+                && let Some(pos) = line.find("listen=")
+            {
+                let rest = &line[pos + 7..];
+                let addr: std::net::SocketAddr = rest[..rest.find(' ').unwrap_or(rest.len())]
+                    .parse()
+                    .unwrap();
+                proxy = Some(addr);
+            }
+        }
+        (proxy.unwrap(), lines)
+    })
+    .await
+    .unwrap();
+    // Read to its end, so the proxy never blocks on a full pipe.
+    let drain = std::thread::spawn(move || for _ in lines {});
+    (child, addr, drain)
+}
+
+/// Stops `child` with SIGTERM and returns its exit code.
+async fn stop_run(child: std::process::Child, drain: std::thread::JoinHandle<()>) -> Option<i32> {
+    let mut child = child;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    drain.join().unwrap();
+    status.code()
+}
+
 #[tokio::test]
 async fn run_with_one_worker_thread_serves_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader};
     let mut receiver = crate::support::Receiver::start(crate::support::Behavior::Ok).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
@@ -394,28 +456,7 @@ async fn run_with_one_worker_thread_serves_and_stops_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = bin()
-        .args(["--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (addr, lines) = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stderr).lines();
-        loop {
-            let line = lines.next().expect("proxy exited").unwrap();
-            if let Some(pos) = line.find("listen=") {
-                let rest = &line[pos + 7..];
-                let addr: std::net::SocketAddr = rest[..rest.find(' ').unwrap_or(rest.len())]
-                    .parse()
-                    .unwrap();
-                return (addr, lines);
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (child, addr, drain) = start_run(&path, &[], false).await;
     let got = crate::support::send(
         addr,
         http::Request::post(format!("http://{addr}/a"))
@@ -426,18 +467,7 @@ async fn run_with_one_worker_thread_serves_and_stops_on_sigterm() {
     assert_eq!(got.status, 200);
     assert_eq!(receiver.next().await.body.unwrap(), "{}");
     // SIGTERM: graceful stop, exit 0.
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || {
-        for _ in lines {}
-        child.wait().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(stop_run(child, drain).await, Some(0));
 }
 
 /// Compares `got` with the golden file `tests/it/golden/<name>` (`UPDATE_GOLDEN=1` rewrites it).
@@ -847,7 +877,6 @@ fn the_systemd_unit_checks_with_valid_commands() {
 #[tokio::test]
 async fn limits_reset_with_the_proxy_running_goes_through_its_admin_listener() {
     use crate::support::{Behavior, Receiver, admin_request, free_addr, send};
-    use std::io::{BufRead, BufReader};
     const TOKEN_ENV: &str = "PG_TEST_RESET_TOKEN";
     const TOKEN: &str = "reset-token-0123456789";
     let receiver = Receiver::start(Behavior::LimitEarly(10_000)).await;
@@ -878,37 +907,7 @@ keep = "head_tail"
         ),
     )
     .unwrap();
-    let mut child = bin()
-        .arg("--config")
-        .arg(&path)
-        .env(TOKEN_ENV, TOKEN)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    // Ready when both listeners said so.
-    let (addr, lines) = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stderr).lines();
-        let (mut proxy, mut admin_up) = (None, false);
-        while proxy.is_none() || !admin_up {
-            let line = lines.next().expect("proxy exited").unwrap();
-            admin_up |= line.contains("admin listening");
-            if line.contains("payload-guard listening")
-                && let Some(pos) = line.find("listen=")
-            {
-                let rest = &line[pos + 7..];
-                let addr: std::net::SocketAddr = rest[..rest.find(' ').unwrap_or(rest.len())]
-                    .parse()
-                    .unwrap();
-                proxy = Some(addr);
-            }
-        }
-        (proxy.unwrap(), lines)
-    })
-    .await
-    .unwrap();
-    let drain = std::thread::spawn(move || for _ in lines {});
+    let (child, addr, drain) = start_run(&path, &[(TOKEN_ENV, TOKEN)], true).await;
 
     // The receiver refuses 20 KB with 413: the proxy learns from it.
     let body = payload_guard::trim::testdata::synthflow_payload(20_000, 7);
@@ -988,14 +987,5 @@ keep = "head_tail"
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    drain.join().unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(stop_run(child, drain).await, Some(0));
 }
