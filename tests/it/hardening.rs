@@ -181,6 +181,75 @@ async fn at_max_connections_an_idle_connection_makes_room() {
     );
 }
 
+/// On shutdown an idle keep-alive connection is closed at once (hyper's graceful close), not
+/// left open until `shutdown_grace` runs out: the server stops well within the grace.
+/// (Checked to fail, after 20 s, with the graceful close taken out.)
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let mut receiver = Receiver::start(Behavior::Ok).await;
+    let mut proxy = start_proxy(config(
+        // Neither the grace nor the header timeout (which also ends idle keep-alive
+        // connections) can close it within the test's bound.
+        &one_route(
+            "",
+            "shutdown_grace = \"60s\"\nheader_read_timeout = \"60s\"",
+        ),
+        receiver.addr,
+    ))
+    .await;
+    let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(b"POST /hooks/test HTTP/1.1\r\nHost: guard.example\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    // Read the whole answer (its head says how long its body is), and keep the connection.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |a: &[u8]| {
+        let text = String::from_utf8_lossy(a);
+        let Some(end) = text.find("\r\n\r\n") else {
+            return false;
+        };
+        let length = text[..end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            })
+            .expect("a content-length");
+        a.len() >= end + 4 + length
+    };
+    while !complete(&answer) {
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before answering: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(receiver.next().await.body.unwrap(), "{}");
+
+    proxy.shutdown();
+    let done = proxy.done.take().unwrap();
+    // Well within the 60 s grace: only a graceful close of the idle connection does that.
+    tokio::time::timeout(Duration::from_secs(20), done)
+        .await
+        .expect("the server waited for the idle connection instead of closing it")
+        .unwrap()
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(20), idle.read(&mut buf))
+        .await
+        .expect("the idle connection was left open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing more is sent on it: {:?}", &buf[..n]);
+}
+
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
