@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -30,7 +29,7 @@ use crate::forward::ConnUpstream;
 use crate::framing::{FramingFlags, FramingWatch};
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
-use crate::shed::{Admission, ConnTrack, PressureLimits, Refused};
+use crate::shed::{Admission, ConnTrack, PressureLimits, Refused, Stop};
 
 /// How often the pressure rules are applied to open connections.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
@@ -103,7 +102,6 @@ pub async fn serve(
     let sweeper = tokio::spawn(sweep(admission.clone(), proxy.clone()));
     let warn_flusher = tokio::spawn(crate::warn_limit::flush_task());
     let allocator = tokio::spawn(allocator_tick());
-    let graceful = GracefulShutdown::new();
     let tls_at_start = server.tls.is_some();
     tokio::pin!(shutdown);
     tracing::info!(listen = %local, tls = tls_at_start, "payload-guard listening");
@@ -169,7 +167,6 @@ pub async fn serve(
                 framing_conflict: false,
                 upstream: None,
             },
-            watcher: graceful.watcher(),
             track: admitted.track.clone(),
         };
         let open = OpenConnection::new(proxy.shared().open_connections.clone());
@@ -199,8 +196,9 @@ pub async fn serve(
     warn_flusher.abort();
     allocator.abort();
     tracing::info!(grace = %humantime::format_duration(server.shutdown_grace), "shutting down: draining in-flight requests");
+    admission.drain_all();
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = admission.all_closed() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(server.shutdown_grace) => {
             tracing::warn!(grace = %humantime::format_duration(server.shutdown_grace), "shutdown grace elapsed, closing remaining connections");
         }
@@ -337,7 +335,6 @@ struct Conn {
     builder: Arc<Builder<TokioExecutor>>,
     proxy: Proxy,
     info: ConnInfo,
-    watcher: hyper_util::server::graceful::Watcher,
     track: Arc<ConnTrack>,
 }
 
@@ -350,7 +347,6 @@ impl Conn {
             builder,
             proxy,
             info,
-            watcher,
             track,
         } = self;
         let peer = info.peer;
@@ -383,11 +379,22 @@ impl Conn {
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let result = tokio::select! {
-            result = watcher.watch(conn) => result,
-            () = track.closed() => {
-                tracing::debug!(peer = %peer, "connection shed");
-                return;
+        tokio::pin!(conn);
+        // Shedding and shutdown reach the connection through its tracker.
+        let mut draining = false;
+        let result = loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                stop = track.stopped(draining) => match stop {
+                    Stop::Shed => {
+                        tracing::debug!(peer = %peer, "connection shed");
+                        return;
+                    }
+                    Stop::Drain => {
+                        conn.as_mut().graceful_shutdown();
+                        draining = true;
+                    }
+                },
             }
         };
         if let Err(err) = result {

@@ -208,6 +208,17 @@ pub struct ConnTrack {
     evicted_nanos: AtomicU64,
     close: Notify,
     closing: AtomicBool,
+    /// Set when the server shuts down: the connection finishes what it is doing and closes.
+    draining: AtomicBool,
+}
+
+/// Why a connection's serving task must stop serving as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Evicted, or timed out under pressure: close it now.
+    Shed,
+    /// The server shuts down: let in-flight requests finish, then close.
+    Drain,
 }
 
 impl ConnTrack {
@@ -225,6 +236,7 @@ impl ConnTrack {
             evicted_nanos: AtomicU64::new(0),
             close: Notify::new(),
             closing: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -271,13 +283,32 @@ impl ConnTrack {
 
     /// Resolves when the connection must be closed (evicted, or timed out under pressure).
     pub async fn closed(&self) {
+        self.stopped(true).await;
+    }
+
+    /// Resolves when the connection must stop serving as before: [`Stop::Shed`] when it must
+    /// close now, [`Stop::Drain`] (unless `drained`: the caller has acted on it already) when
+    /// the server shuts down.
+    ///
+    /// The connection's serving task waits on this beside the connection itself, so one wait
+    /// serves both shedding and shutdown (a graceful-shutdown watch of its own, polled with
+    /// the connection, cost about 660 instructions a request).
+    pub async fn stopped(&self, drained: bool) -> Stop {
         loop {
             let notified = self.close.notified();
             if self.closing.load(Ordering::Acquire) {
-                return;
+                return Stop::Shed;
+            }
+            if !drained && self.draining.load(Ordering::Acquire) {
+                return Stop::Drain;
             }
             notified.await;
         }
+    }
+
+    fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.close.notify_waiters();
     }
 
     fn close_now(&self) {
@@ -529,6 +560,8 @@ pub struct Admission {
     max_per_ip: AtomicUsize,
     min_rate: AtomicU64,
     table: Mutex<Table>,
+    /// Woken when the last connection leaves the table.
+    emptied: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -558,6 +591,9 @@ impl Drop for Admitted {
                     table.per_client.remove(&self.track.key);
                 }
             }
+            if table.conns.is_empty() {
+                self.admission.emptied.notify_waiters();
+            }
         }
     }
 }
@@ -572,6 +608,7 @@ impl Admission {
             max_per_ip: AtomicUsize::new(max_per_ip.max(1)),
             min_rate: AtomicU64::new(min_rate.max(1)),
             table: Mutex::new(Table::default()),
+            emptied: Notify::new(),
         })
     }
 
@@ -586,6 +623,27 @@ impl Admission {
     /// Connections in the table.
     pub fn open(&self) -> usize {
         self.table.lock().map_or(0, |t| t.conns.len())
+    }
+
+    /// Tells every open connection that the server shuts down: each finishes its in-flight
+    /// requests and closes (HTTP/1.1 without keep-alive, HTTP/2 with GOAWAY).
+    pub fn drain_all(&self) {
+        if let Ok(table) = self.table.lock() {
+            for conn in table.conns.values() {
+                conn.drain();
+            }
+        }
+    }
+
+    /// Resolves when no connection is open any more.
+    pub async fn all_closed(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.open() == 0 {
+                return;
+            }
+            emptied.await;
+        }
     }
 
     /// Whether open connections are above [`PRESSURE_PERCENT`] of the cap.
@@ -826,6 +884,32 @@ mod tests {
             ClientKey::of(mapped),
             ClientKey::of("10.0.0.1".parse().unwrap())
         );
+    }
+
+    #[tokio::test]
+    async fn shutdown_drains_every_connection_and_waits_for_the_last() {
+        let admission = Admission::new(10, 10, KIB);
+        let a = admission.admit("127.0.0.2".parse().unwrap()).unwrap();
+        let b = admission.admit("127.0.0.3".parse().unwrap()).unwrap();
+        admission.drain_all();
+        // Each is told to drain; once acted on, only a shed would stop it again.
+        assert_eq!(a.track.stopped(false).await, Stop::Drain);
+        assert_eq!(b.track.stopped(false).await, Stop::Drain);
+        let quiet = tokio::time::timeout(Duration::from_millis(50), a.track.stopped(true)).await;
+        assert!(quiet.is_err(), "a drained connection is not shed");
+        // The server waits for every connection that is still open, drained or not.
+        let late = admission.admit("127.0.0.4".parse().unwrap()).unwrap();
+        let closed = admission.clone();
+        let all = tokio::spawn(async move { closed.all_closed().await });
+        drop((a, b));
+        tokio::task::yield_now().await;
+        assert!(!all.is_finished(), "one connection is still open");
+        drop(late);
+        tokio::time::timeout(Duration::from_secs(1), all)
+            .await
+            .expect("all_closed resolves when the last connection leaves")
+            .unwrap();
+        assert_eq!(admission.open(), 0);
     }
 
     #[tokio::test]
