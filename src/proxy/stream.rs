@@ -202,18 +202,25 @@ async fn deadline(
     response_timeout: Duration,
     body_timeout: Duration,
 ) -> ProxyError {
-    if !stats.is_complete()
-        && tokio::time::timeout(body_timeout, stats.finished())
-            .await
-            .is_err()
-    {
-        return ProxyError::BodyTimeout(body_timeout);
+    // One timer, moved from the body's deadline to the answer's: one timer entry a request
+    // instead of two.
+    let timer = tokio::time::sleep(body_timeout);
+    tokio::pin!(timer);
+    if !stats.is_complete() {
+        tokio::select! {
+            biased;
+            () = stats.finished() => {}
+            () = timer.as_mut() => return ProxyError::BodyTimeout(body_timeout),
+        }
     }
     if stats.failure().is_some() {
         // The upstream request fails on its own and reports why.
         std::future::pending::<()>().await;
     }
-    tokio::time::sleep(response_timeout).await;
+    timer
+        .as_mut()
+        .reset(tokio::time::Instant::now() + response_timeout);
+    timer.await;
     ProxyError::UpstreamResponseTimeout(response_timeout)
 }
 

@@ -50,6 +50,8 @@ pub enum Behavior {
     FailFirst(usize, u16),
     /// Like `Ok`, with `Connection: close`: every connection carries one request.
     CloseEach,
+    /// Read the body, then take this long to answer like `Ok` (a slow receiver).
+    Slow(std::time::Duration),
 }
 
 /// A real hyper receiver on 127.0.0.1:0 that reports every request it sees.
@@ -176,6 +178,10 @@ async fn receive(
     });
     let status = match behavior {
         Behavior::Ok | Behavior::LimitEarly(_) | Behavior::FailFirst(..) | Behavior::CloseEach => {
+            200
+        }
+        Behavior::Slow(answer_after) => {
+            tokio::time::sleep(answer_after).await;
             200
         }
         Behavior::Status(s) => s,

@@ -72,6 +72,21 @@ async fn response_timeout_gets_504() {
     assert_eq!(receiver.next().await.body.unwrap(), "{}");
 }
 
+/// The answer's deadline starts when the body is complete: a receiver that takes longer than
+/// `body_timeout` to answer, but less than `response_timeout`, is waited for.
+#[tokio::test]
+async fn the_answer_may_take_longer_than_the_body_timeout() {
+    let mut receiver = Receiver::start(Behavior::Slow(Duration::from_millis(700))).await;
+    let proxy = start_proxy(config(
+        &one_route("response_timeout = \"10s\"", "body_timeout = \"300ms\""),
+        receiver.addr,
+    ))
+    .await;
+    let got = proxy.post_json("{\"a\":1}").await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(receiver.next().await.body.unwrap(), "{\"a\":1}");
+}
+
 #[tokio::test]
 async fn receiver_that_resets_mid_response_gets_502() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
