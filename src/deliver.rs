@@ -64,11 +64,11 @@ pub fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 /// Sets `Idempotency-Key` to `key` unless the sender set one (theirs is kept: it is what their
 /// receiver already deduplicates on).
 pub fn set_idempotency_key(headers: &mut HeaderMap, key: &str) {
-    if headers.contains_key(IDEMPOTENCY_KEY) {
-        return;
-    }
-    if let Ok(v) = HeaderValue::from_str(key) {
-        headers.insert(IDEMPOTENCY_KEY, v);
+    // One lookup: the name is hashed once whether or not the sender set it.
+    if let http::header::Entry::Vacant(slot) = headers.entry(IDEMPOTENCY_KEY)
+        && let Ok(v) = HeaderValue::from_str(key)
+    {
+        slot.insert(v);
     }
 }
 

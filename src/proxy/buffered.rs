@@ -123,8 +123,7 @@ pub(super) async fn buffered(
             Repeat::New => {}
         }
     }
-    let key = ctx.idempotency_key();
-    deliver::set_idempotency_key(&mut ctx.target.headers, &key);
+    ctx.set_idempotency_key();
 
     if let Some(doc) = doc {
         ctx.top_fields = doc

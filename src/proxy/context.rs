@@ -174,12 +174,12 @@ impl<'a> RequestCtx<'a> {
         Ok(())
     }
 
-    /// The `Idempotency-Key` every attempt of this payload carries: its id from `id_path`
-    /// when the body was read, else the request id.
-    pub(super) fn idempotency_key(&self) -> String {
-        self.call_id
-            .clone()
-            .unwrap_or_else(|| self.request_id.to_string())
+    /// Sets the `Idempotency-Key` every attempt of this payload carries on the upstream
+    /// request (unless the sender set one): its id from `id_path` when the body was read,
+    /// else the request id.
+    pub(super) fn set_idempotency_key(&mut self) {
+        let key = self.call_id.as_deref().unwrap_or(&self.request_id);
+        crate::deliver::set_idempotency_key(&mut self.target.headers, key);
     }
 
     /// An incident with everything known about the request filled in.

@@ -280,8 +280,7 @@ pub(super) async fn staged(
         Ok(file) => file,
         Err(err) => return Err(spool_refused(ctx, stats.bytes(), &err)),
     };
-    let key = ctx.idempotency_key();
-    deliver::set_idempotency_key(&mut ctx.target.headers, &key);
+    ctx.set_idempotency_key();
     let body = match file_body(&path, offset, len).await {
         Ok(body) => body,
         Err(err) => {

@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::context::RequestCtx;
-use crate::deliver::{self, Answered};
+use crate::deliver::Answered;
 use crate::error::ProxyError;
 use crate::forward::{self, UpstreamBody};
 use crate::incident::{Action, Kind};
@@ -44,8 +44,7 @@ pub(super) async fn stream(
     let stats = Arc::new(BodyStats::default());
     ctx.stats = Some(stats.clone());
     let limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone());
-    let key = ctx.idempotency_key();
-    deliver::set_idempotency_key(&mut ctx.target.headers, &key);
+    ctx.set_idempotency_key();
     // An uncompressed JSON body keeps a copy of its head, so its incidents can name the
     // fields that dominate it without the body ever being held whole.
     // Compressed (or in an encoding the proxy cannot read): its decoded size is unknown here.

@@ -42,6 +42,20 @@ async fn forwards_body_path_query_and_headers() {
     assert_eq!(h["http_synthflow_signature"], "c2lnbmF0dXJl");
     assert!(!h.contains_key("x-hop-secret"));
     assert_eq!(h["content-length"], body.len().to_string());
+    // A streamed body is not read for its id: the request id is the Idempotency-Key.
+    assert_eq!(h["idempotency-key"], "req-123");
+
+    // The sender's own Idempotency-Key is passed on as it is.
+    let req = Request::post(proxy.url("/hooks/test"))
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-124")
+        .header("idempotency-key", "sender-key-1")
+        .body(full("{}"))
+        .unwrap();
+    assert_eq!(send(proxy.addr, req).await.status, 200);
+    let seen = receiver.next().await;
+    assert_eq!(seen.headers["idempotency-key"], "sender-key-1");
+    assert_eq!(seen.headers.get_all("idempotency-key").iter().count(), 1);
 }
 
 #[tokio::test]
