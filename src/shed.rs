@@ -281,11 +281,6 @@ impl ConnTrack {
         progress
     }
 
-    /// Resolves when the connection must be closed (evicted, or timed out under pressure).
-    pub async fn closed(&self) {
-        self.stopped(true).await;
-    }
-
     /// Resolves when the connection must stop serving as before: [`Stop::Shed`] when it must
     /// close now, [`Stop::Drain`] (unless `drained`: the caller has acted on it already) when
     /// the server shuts down.
@@ -932,7 +927,7 @@ mod tests {
         // b is idle now: it is evicted (closed) to make room.
         let c = admission.admit("127.0.0.4".parse().unwrap()).unwrap();
         assert_eq!(c.evicted, Some(ShedReason::EvictIdle));
-        tokio::time::timeout(Duration::from_secs(1), b.track.closed())
+        tokio::time::timeout(Duration::from_secs(1), b.track.stopped(true))
             .await
             .expect("the evicted connection was told to close");
         drop(b);

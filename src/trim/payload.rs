@@ -54,9 +54,9 @@ pub fn is_json(content_type: Option<&str>) -> bool {
     let Some((_, subtype)) = essence.split_once('/') else {
         return false;
     };
-    let suffix = subtype.len().saturating_sub(5);
-    subtype.eq_ignore_ascii_case("json")
-        || (subtype.is_char_boundary(suffix) && subtype[suffix..].eq_ignore_ascii_case("+json"))
+    let subtype = subtype.as_bytes();
+    subtype.eq_ignore_ascii_case(b"json")
+        || subtype.len() >= 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case(b"+json")
 }
 
 /// Parses `Content-Encoding`; `Err` names an encoding the stage cannot handle.
