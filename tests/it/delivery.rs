@@ -554,7 +554,10 @@ async fn a_reload_that_needs_the_spool_is_refused_and_kinds_are_zeroed() {
 /// the same request; a 2 MB one is trimmed below what was learned before Express sees it;
 /// a small one passes byte-identical. Every call id arrives. Invalid UTF-8 the trim cuts away
 /// is delivered, and invalid UTF-8 it would keep is refused. Then eight 2 MB payloads at once
-/// (they wait for body slots) all arrive trimmed, and a 70 KiB head gets 431.
+/// (they wait for body slots) all arrive trimmed, and a 70 KiB head gets 431. Every attempt
+/// carries the payload's call id as its `Idempotency-Key`; the log (text to a pipe, no
+/// `RUST_LOG`, as a user gets it) has the access line of each delivered payload; SIGTERM
+/// drains the connections and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() {
     use std::io::{BufRead, BufReader};
@@ -572,12 +575,13 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
         .arg("--config")
         .arg(&path)
+        .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     // Ready signal: the "listening" line names the bound address.
-    let addr = tokio::task::spawn_blocking(move || {
+    let (addr, log) = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stderr).lines();
         let addr = loop {
             let line = lines.next().expect("proxy exited").unwrap();
@@ -588,9 +592,9 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
                     .unwrap();
             }
         };
-        // Keep reading so the proxy never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        addr
+        // Keep reading so the proxy never blocks on a full pipe; the lines are checked below.
+        let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+        (addr, log)
     })
     .await
     .unwrap();
@@ -610,6 +614,12 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
         assert_eq!(got.status, 200, "payload {i}: {:?}", got.body);
         let delivered = loop {
             let seen = express.next().await;
+            // The refused attempt and the delivered one carry the same key.
+            assert_eq!(
+                seen.idempotency_key.as_deref(),
+                Some(id.as_str()),
+                "{seen:?}"
+            );
             if seen.status == 200 {
                 break seen;
             }
@@ -708,6 +718,34 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
         "nothing past the head limit reaches Express"
     );
 
-    let _ = child.kill();
-    let _ = child.wait();
+    // SIGTERM: the connections drain and the process exits 0, its log complete.
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let log = log.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{log:#?}");
+    assert!(
+        log.iter().any(|l| l.contains("all connections closed")),
+        "{log:#?}"
+    );
+    // The access line of the small payload, delivered untouched (written by the proxy itself
+    // here: text to a pipe), and one for each of the eight delivered at once.
+    let access = |l: &&String| {
+        l.contains(" INFO access: request route=\"synthflow\" method=POST path=/hooks/synthflow peer=127.0.0.1 status=200 ")
+    };
+    let small = payload_with_id(20_000, 42, "1732630000000x222222222222222202").len();
+    assert!(
+        log.iter()
+            .filter(access)
+            .any(|l| l.contains(&format!(" bytes_in={small} "))
+                && l.contains(" upstream_status=200 ")
+                && l.ends_with(" outcome=\"complete\"")),
+        "{log:#?}"
+    );
+    assert!(log.iter().filter(access).count() >= 12, "{log:#?}");
 }
