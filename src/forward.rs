@@ -264,7 +264,9 @@ impl ConnUpstream {
         Some(Lease {
             owner: self,
             dedicated: slot.dedicated.take().filter(|d| {
-                d.authority == *authority
+                // Byte equality, not `Authority`'s case-insensitive comparison: both come
+                // from the route's configured upstream.
+                d.authority.as_str() == authority.as_str()
                     && !d.sender.is_closed()
                     && !d.write_failed.load(Ordering::Acquire)
             }),
@@ -487,7 +489,10 @@ pub fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, 
 }
 
 /// Headers that describe one connection, never the message: removed in both directions.
-const HOP_BY_HOP: [HeaderName; 8] = [
+///
+/// A `static`, not a `const`: a `const` array is built and dropped again at every use, once per
+/// header name on every request.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,

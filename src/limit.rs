@@ -62,13 +62,17 @@ pub fn precheck(headers: &HeaderMap, max_body_bytes: u64) -> Result<Option<u64>,
         if has_te {
             return Err(ProxyError::AmbiguousLength);
         }
-        let text = value.to_str().map_err(|_| ProxyError::BadContentLength)?;
-        for part in text.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+        // Searched byte by byte: a value is a few digits, and this runs on every request.
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
                 return Err(ProxyError::BadContentLength);
             }
-            let n: u64 = part.parse().map_err(|_| ProxyError::BadContentLength)?;
+            // All ASCII digits, so UTF-8.
+            let n: u64 = std::str::from_utf8(part)
+                .ok()
+                .and_then(|digits| digits.parse().ok())
+                .ok_or(ProxyError::BadContentLength)?;
             if declared.is_some_and(|d| d != n) {
                 return Err(ProxyError::BadContentLength);
             }

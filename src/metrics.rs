@@ -238,7 +238,9 @@ struct Inner {
     /// Recent body sizes per route, for the console (not exported to Prometheus).
     sizes: SizeRing,
     /// Each route's per-request series, resolved once (see [`Metrics::request`]).
-    route_series: std::sync::RwLock<std::collections::HashMap<String, Arc<RouteSeries>>>,
+    /// Keyed by the configured route names, which senders cannot choose: hashed with Fx, not
+    /// the default SipHash (a lookup on every request).
+    route_series: std::sync::RwLock<rustc_hash::FxHashMap<String, Arc<RouteSeries>>>,
 }
 
 /// The series [`Metrics::request`] updates for one route, each created on first use (a series

@@ -5,8 +5,10 @@
 //! Only sizes are kept (no payload bytes), and only for routes the proxy matched: the number of
 //! rings is bounded by the configuration, like the metrics' label values.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
+
+use rustc_hash::FxHashMap;
 
 /// How many recent sizes each route keeps: enough for a stable histogram, small enough
 /// (8 bytes each) that a hundred routes cost well under a megabyte.
@@ -15,7 +17,9 @@ pub const SIZES_PER_ROUTE: usize = 1024;
 /// The last [`SIZES_PER_ROUTE`] request body sizes of each route. Cheap to record into.
 #[derive(Debug, Default)]
 pub struct SizeRing {
-    routes: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// Keyed by the configured route names, which senders cannot choose: hashed with Fx, not
+    /// the default SipHash (a lookup on every request).
+    routes: Mutex<FxHashMap<String, VecDeque<u64>>>,
 }
 
 impl SizeRing {

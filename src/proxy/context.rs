@@ -154,11 +154,11 @@ impl<'a> RequestCtx<'a> {
     /// Builds the upstream request: the receiver's URI for the path after the route prefix,
     /// and the headers rewritten for it (hop-by-hop removed, `X-Forwarded-*`, `X-Request-Id`).
     pub(super) fn target_for(&mut self, rest: &str) -> Result<(), ProxyError> {
-        let query = self
-            .path_and_query
-            .split_once('?')
-            .map(|(_, q)| q.to_string());
-        self.target.uri = forward::upstream_uri(&self.cfg.upstream, rest, query.as_deref())?;
+        // Borrowed, not copied; searched byte by byte (`?` is ASCII, so the split is on a
+        // char boundary).
+        let pq = self.path_and_query.as_str();
+        let query = pq.bytes().position(|b| b == b'?').map(|at| &pq[at + 1..]);
+        self.target.uri = forward::upstream_uri(&self.cfg.upstream, rest, query)?;
         let mut headers = std::mem::take(&mut self.headers);
         forward::prepare_request_headers(
             &mut headers,

@@ -49,12 +49,14 @@ pub fn is_json(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else {
         return false;
     };
-    // Compared without a lowercase copy: this runs on every request.
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    let Some((_, subtype)) = essence.split_once('/') else {
+    // Compared without a lowercase copy, and searched byte by byte: this runs on every
+    // request, on a value a few bytes long.
+    let ct = ct.as_bytes();
+    let essence = ct.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    let Some(slash) = essence.iter().position(|&b| b == b'/') else {
         return false;
     };
-    let subtype = subtype.as_bytes();
+    let subtype = &essence[slash + 1..];
     subtype.eq_ignore_ascii_case(b"json")
         || subtype.len() >= 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case(b"+json")
 }
