@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: payload_guard::alloc::Mimalloc = payload_guard::alloc::Mimalloc;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 type Upstream = hyper::client::conn::http1::SendRequest<Incoming>;

@@ -37,11 +37,14 @@
 //! - [`admin`]: health, readiness, metrics and reload on the admin listener.
 //! - [`console`]: the operator's console and its JSON API on the admin listener.
 //! - [`cli`]: the `payload-guard` subcommands.
+//! - [`alloc`]: the binary's global allocator (mimalloc, called without its aligned path when
+//!   the alignment allows).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod admin;
+pub mod alloc;
 pub mod buffer;
 pub mod cli;
 pub mod config;
