@@ -52,7 +52,11 @@ pub fn is_json(content_type: Option<&str>) -> bool {
     // Compared without a lowercase copy, and searched byte by byte: this runs on every
     // request, on a value a few bytes long.
     let ct = ct.as_bytes();
-    let essence = ct.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    let essence = ct
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
     let Some(slash) = essence.iter().position(|&b| b == b'/') else {
         return false;
     };
