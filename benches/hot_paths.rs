@@ -108,6 +108,7 @@ fn bench_headers(c: &mut Criterion) {
         host: Some("hooks.example.com"),
         request_id: "4b0c9a52-5f7e-4d8e-9c1a-0f3a1e2b7c64",
         preserve_host: false,
+        upstream_host: None,
     };
     let mut group = c.benchmark_group("headers/synthflow_webhook");
     group.bench_function("prepare_request_headers", |b| {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -536,6 +536,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The `Host` for a plain-HTTP upstream (see [`ForwardedFor::upstream_host`]).
+pub fn plain_http_host(upstream: &Uri) -> Option<HeaderValue> {
+    if upstream.scheme() != Some(&Scheme::HTTP) {
+        return None;
+    }
+    HeaderValue::from_str(upstream.authority()?.as_str()).ok()
+}
+
 /// Facts about the inbound request that the forwarded headers carry.
 #[derive(Debug, Clone)]
 pub struct ForwardedFor<'a> {
@@ -549,6 +557,10 @@ pub struct ForwardedFor<'a> {
     pub request_id: &'a str,
     /// Keep the sender's `Host`.
     pub preserve_host: bool,
+    /// The `Host` the receiver gets when the sender's is not kept: the upstream's authority
+    /// for a plain-HTTP upstream, put in place of the sender's with one header operation.
+    /// `None` (HTTPS, HTTP/2) leaves it to the client, which sets it from the URI.
+    pub upstream_host: Option<HeaderValue>,
 }
 
 /// Rewrites the request headers for the receiver: hop-by-hop removed, `X-Forwarded-*` and
@@ -559,22 +571,39 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) 
     const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
     const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     strip_hop_by_hop(headers);
-    let mut value = String::with_capacity(64);
-    if let Some(prior) = headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
-        && !prior.trim().is_empty()
-    {
-        value.push_str(prior);
-        value.push_str(", ");
-    }
-    // `write!` to a String cannot fail.
-    let _ = write!(value, "{}", crate::observe::PeerIp(fwd.peer));
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        headers.insert(X_FORWARDED_FOR, v);
+    // Each header below is looked up once (an entry, or an insert that returns the old value):
+    // a custom name's hash is most of a header operation's cost.
+    let forwarded_for = |prior: Option<&HeaderValue>| {
+        let mut value = String::with_capacity(64);
+        if let Some(prior) = prior.and_then(|v| v.to_str().ok())
+            && !prior.trim().is_empty()
+        {
+            value.push_str(prior);
+            value.push_str(", ");
+        }
+        // `write!` to a String cannot fail.
+        let _ = write!(value, "{}", crate::observe::PeerIp(fwd.peer));
+        HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
+    };
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut entry) => {
+            // The first value, as `get` gives it; `insert` replaces them all.
+            if let Some(v) = forwarded_for(Some(entry.get())) {
+                entry.insert(v);
+            }
+        }
+        Entry::Vacant(entry) => {
+            if let Some(v) = forwarded_for(None) {
+                entry.insert(v);
+            }
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
     // The sender's `Host` value itself when it has one (no copy); else the authority it used.
     let sender_host = if fwd.preserve_host {
         headers.get(header::HOST).cloned()
+    } else if let Some(upstream) = &fwd.upstream_host {
+        headers.insert(header::HOST, upstream.clone())
     } else {
         // The client sets Host from the upstream URI when it is absent.
         headers.remove(header::HOST)
@@ -590,12 +619,18 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) 
     if let Some(host) = forwarded_host {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    if headers
-        .get(X_REQUEST_ID)
-        .is_none_or(|v| v.as_bytes() != fwd.request_id.as_bytes())
-        && let Ok(id) = HeaderValue::from_str(fwd.request_id)
-    {
-        headers.insert(X_REQUEST_ID, id);
+    match headers.entry(X_REQUEST_ID) {
+        Entry::Occupied(entry) if entry.get().as_bytes() == fwd.request_id.as_bytes() => {}
+        Entry::Occupied(mut entry) => {
+            if let Ok(id) = HeaderValue::from_str(fwd.request_id) {
+                entry.insert(id);
+            }
+        }
+        Entry::Vacant(entry) => {
+            if let Ok(id) = HeaderValue::from_str(fwd.request_id) {
+                entry.insert(id);
+            }
+        }
     }
 }
 
@@ -823,6 +858,7 @@ mod tests {
             host: Some("guard.example:8443"),
             request_id: "abc",
             preserve_host: true,
+            upstream_host: Some(HeaderValue::from_static("receiver.internal:3000")),
         };
         prepare_request_headers(&mut h, &fwd);
         assert_eq!(h["host"], "guard.example:8443");
@@ -855,6 +891,7 @@ mod tests {
             host: Some("guard.example"),
             request_id: "abc",
             preserve_host: false,
+            upstream_host: None,
         };
         prepare_request_headers(&mut h, &fwd);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
@@ -862,5 +899,36 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "guard.example");
         assert_eq!(h["x-request-id"], "abc");
         assert!(!h.contains_key("host"));
+    }
+
+    #[test]
+    fn a_plain_http_upstream_gets_its_host_in_place_of_the_senders() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        h.insert("host", HeaderValue::from_static("guard.example"));
+        h.append("x-request-id", HeaderValue::from_static("other"));
+        h.append("x-request-id", HeaderValue::from_static("abc"));
+        let fwd = ForwardedFor {
+            peer: "127.0.0.1".parse().unwrap(),
+            proto: "http",
+            host: None,
+            request_id: "abc",
+            preserve_host: false,
+            upstream_host: plain_http_host(&"http://receiver.internal:3000/hook".parse().unwrap()),
+        };
+        prepare_request_headers(&mut h, &fwd);
+        assert_eq!(h["host"], "receiver.internal:3000");
+        assert_eq!(h.get_all("host").iter().count(), 1);
+        assert_eq!(h["x-forwarded-host"], "guard.example");
+        // The first value carries on, and one value replaces them all.
+        let xff: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(xff, ["10.0.0.1, 127.0.0.1"]);
+        let ids: Vec<_> = h.get_all("x-request-id").iter().collect();
+        assert_eq!(ids, ["abc"]);
+        assert_eq!(
+            plain_http_host(&"https://receiver.internal/hook".parse().unwrap()),
+            None
+        );
     }
 }

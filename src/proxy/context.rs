@@ -168,6 +168,7 @@ impl<'a> RequestCtx<'a> {
                 host: self.host.as_deref(),
                 request_id: &self.request_id,
                 preserve_host: self.cfg.preserve_host,
+                upstream_host: forward::plain_http_host(&self.cfg.upstream),
             },
         );
         self.target.headers = headers;
