@@ -217,18 +217,23 @@ where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    /// Wraps `inner`; the clocks start now.
-    pub fn new(inner: B, limits: BodyLimits, stats: Arc<BodyStats>) -> Self {
+    /// Wraps `inner`; the clocks start now. `conn` is the connection the body arrives on,
+    /// which the body reports its progress to (see `crate::shed`).
+    pub fn new(
+        inner: B,
+        limits: BodyLimits,
+        stats: Arc<BodyStats>,
+        conn: Option<&crate::shed::ConnTrack>,
+    ) -> Self {
         let now = Instant::now();
         let ended = inner.is_end_stream();
         if ended {
             stats.complete();
         }
-        // Inside a request handler, the body reports to its connection (see `crate::shed`).
         let progress = if ended {
             None
         } else {
-            crate::shed::current_conn().map(|conn| conn.body_started())
+            conn.map(|conn| conn.body_started())
         };
         LimitedBody {
             inner: Some(inner),
@@ -529,7 +534,7 @@ mod tests {
     async fn counts_and_cuts_off_past_the_limit() {
         let (tx, body) = channel_body();
         let stats = Arc::new(BodyStats::default());
-        let mut limited = LimitedBody::new(body, limits(10), stats.clone());
+        let mut limited = LimitedBody::new(body, limits(10), stats.clone(), None);
         tx.send(Ok(Frame::data(Bytes::from_static(b"123456"))))
             .await
             .unwrap();
@@ -548,7 +553,7 @@ mod tests {
     async fn completes_within_the_limit() {
         let (tx, body) = channel_body();
         let stats = Arc::new(BodyStats::default());
-        let limited = LimitedBody::new(body, limits(10), stats.clone());
+        let limited = LimitedBody::new(body, limits(10), stats.clone(), None);
         tx.send(Ok(Frame::data(Bytes::from_static(b"1234567890"))))
             .await
             .unwrap();
@@ -565,7 +570,7 @@ mod tests {
         let stats = Arc::new(BodyStats::default());
         let mut lim = limits(100);
         lim.idle_timeout = Duration::from_secs(5);
-        let mut limited = LimitedBody::new(body, lim, stats.clone());
+        let mut limited = LimitedBody::new(body, lim, stats.clone(), None);
         tx.send(Ok(Frame::data(Bytes::from_static(b"12"))))
             .await
             .unwrap();
@@ -587,7 +592,7 @@ mod tests {
         let mut lim = limits(1000);
         lim.idle_timeout = Duration::from_secs(5);
         lim.total_timeout = Duration::from_secs(12);
-        let limited = LimitedBody::new(body, lim, stats.clone());
+        let limited = LimitedBody::new(body, lim, stats.clone(), None);
         tokio::spawn(async move {
             for _ in 0..10 {
                 tokio::time::sleep(Duration::from_secs(4)).await;

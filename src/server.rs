@@ -166,6 +166,7 @@ pub async fn serve(
                 proto: if tls_at_start { "https" } else { "http" },
                 framing_conflict: false,
                 upstream: None,
+                track: None,
             },
             track: admitted.track.clone(),
         };
@@ -357,22 +358,20 @@ impl Conn {
         let conn_track = track.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
-            let track = conn_track.clone();
-            let in_flight = track.request_started();
+            let in_flight = conn_track.request_started();
             let is_h1 = req.version() < http::Version::HTTP_2;
             let info = ConnInfo {
                 framing_conflict: is_h1 && flags.next_request_conflicts(),
                 upstream: is_h1.then(|| upstream.clone()),
+                track: Some(conn_track.clone()),
                 ..info.clone()
             };
             // Boxed so the compiler checks `Send` on concrete types (works around a
             // higher-ranked lifetime limitation with boxed error types in async fns).
-            let fut: HandlerFuture = crate::proxy::boxed(|| {
-                crate::shed::with_conn(track, async move {
-                    let response = proxy.handle(req, info).await;
-                    drop(in_flight);
-                    Ok(response)
-                })
+            let fut: HandlerFuture = crate::proxy::boxed(|| async move {
+                let response = proxy.handle(req, info).await;
+                drop(in_flight);
+                Ok(response)
             });
             fut
         });

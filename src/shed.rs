@@ -16,7 +16,7 @@
 //! The choice of a victim is a pure function over [`ConnView`]s ([`pick_victim`]); the table
 //! of open connections ([`Admission`]) and the per-connection tracker ([`ConnTrack`]) feed it.
 //! Request bodies report their progress through [`BodyProgress`], which [`crate::limit`]
-//! registers with the connection the request arrived on ([`current_conn`]).
+//! registers with the connection the request arrived on (`proxy::ConnInfo::track`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -724,26 +724,6 @@ impl Admission {
 
 fn nanos_since(epoch: Instant, now: Instant) -> u64 {
     now.saturating_duration_since(epoch).as_nanos() as u64
-}
-
-tokio::task_local! {
-    static CONN: Arc<ConnTrack>;
-}
-
-/// Runs `fut` (a request handler) with `track` as its connection, for [`current_conn`].
-///
-/// A plain function, not an `async fn`: the returned future is the scope itself, not a
-/// wrapper holding both its arguments and the scope (half the bytes to move when it is boxed).
-pub fn with_conn<F: std::future::Future>(
-    track: Arc<ConnTrack>,
-    fut: F,
-) -> tokio::task::futures::TaskLocalFuture<Arc<ConnTrack>, F> {
-    CONN.scope(track, fut)
-}
-
-/// The connection the current request arrived on (inside [`with_conn`]).
-pub fn current_conn() -> Option<Arc<ConnTrack>> {
-    CONN.try_with(Arc::clone).ok()
 }
 
 #[cfg(test)]

@@ -211,7 +211,12 @@ async fn collect(
 ) -> Result<(Bytes, Option<Slot>), ProxyError> {
     let stats = Arc::new(BodyStats::default());
     ctx.stats = Some(stats.clone());
-    let limited = LimitedBody::new(body, ctx.limits(ctx.cfg.max_body_bytes), stats.clone());
+    let limited = LimitedBody::new(
+        body,
+        ctx.limits(ctx.cfg.max_body_bytes),
+        stats.clone(),
+        ctx.conn_track,
+    );
     let capacity = ctx.declared.unwrap_or(0) as usize;
     match buffer::collect_slotted(limited, capacity, reservation, claim).await {
         Ok(collected) => Ok(collected),

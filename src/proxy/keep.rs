@@ -235,7 +235,7 @@ pub(super) async fn staged(
         (OnOversize::Reject, Some(limit)) => limit.min(ctx.cfg.max_body_bytes),
         _ => ctx.cfg.max_body_bytes,
     };
-    let mut limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone());
+    let mut limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone(), ctx.conn_track);
     let mut chunk = Vec::with_capacity(STAGE_CHUNK);
     loop {
         let frame = limited.frame().await;

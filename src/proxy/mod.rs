@@ -60,6 +60,9 @@ pub struct ConnInfo {
     pub framing_conflict: bool,
     /// The connection's own upstream connection (HTTP/1 senders only; see [`ConnUpstream`]).
     pub upstream: Option<Arc<ConnUpstream>>,
+    /// The connection as the shedding logic sees it: request bodies report their progress to
+    /// it (see [`crate::shed`]). `None` outside a served connection.
+    pub track: Option<Arc<crate::shed::ConnTrack>>,
 }
 
 /// The proxy service: the current [`Runtime`] behind a lock, swapped atomically on reload.

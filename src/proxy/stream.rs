@@ -43,7 +43,7 @@ pub(super) async fn stream(
     }
     let stats = Arc::new(BodyStats::default());
     ctx.stats = Some(stats.clone());
-    let limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone());
+    let limited = LimitedBody::new(body, ctx.limits(hard_limit), stats.clone(), ctx.conn_track);
     ctx.set_idempotency_key();
     // An uncompressed JSON body keeps a copy of its head, so its incidents can name the
     // fields that dominate it without the body ever being held whole.
