@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -206,7 +207,10 @@ pub struct ConnTrack {
     bodies: Mutex<Vec<Weak<BodyProgress>>>,
     /// Set when the connection must go; `close` wakes its serving task.
     evicted_nanos: AtomicU64,
-    close: Notify,
+    /// The serving task's waker (one task waits: see [`ConnTrack::stopped`]). An `AtomicWaker`,
+    /// not a `Notify`: a registered `Notified` takes the notifier's lock each time it is
+    /// polled, and the serving task polls this beside its connection several times a request.
+    close: AtomicWaker,
     closing: AtomicBool,
     /// Set when the server shuts down: the connection finishes what it is doing and closes.
     draining: AtomicBool,
@@ -234,7 +238,7 @@ impl ConnTrack {
             head_since_nanos: AtomicU64::new(now.max(1)),
             bodies: Mutex::new(Vec::new()),
             evicted_nanos: AtomicU64::new(0),
-            close: Notify::new(),
+            close: AtomicWaker::new(),
             closing: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }
@@ -288,27 +292,31 @@ impl ConnTrack {
     /// The connection's serving task waits on this beside the connection itself, so one wait
     /// serves both shedding and shutdown (a graceful-shutdown watch of its own, polled with
     /// the connection, cost about 660 instructions a request).
-    pub async fn stopped(&self, drained: bool) -> Stop {
-        loop {
-            let notified = self.close.notified();
+    ///
+    /// One task at a time may wait on it (the connection's serving task).
+    pub fn stopped(&self, drained: bool) -> impl Future<Output = Stop> + '_ {
+        std::future::poll_fn(move |cx| {
+            // Registered before the flags are read: a flag set after this reading wakes the
+            // waker registered here.
+            self.close.register(cx.waker());
             if self.closing.load(Ordering::Acquire) {
-                return Stop::Shed;
+                Poll::Ready(Stop::Shed)
+            } else if !drained && self.draining.load(Ordering::Acquire) {
+                Poll::Ready(Stop::Drain)
+            } else {
+                Poll::Pending
             }
-            if !drained && self.draining.load(Ordering::Acquire) {
-                return Stop::Drain;
-            }
-            notified.await;
-        }
+        })
     }
 
     fn drain(&self) {
         self.draining.store(true, Ordering::Release);
-        self.close.notify_waiters();
+        self.close.wake();
     }
 
     fn close_now(&self) {
         self.closing.store(true, Ordering::Release);
-        self.close.notify_waiters();
+        self.close.wake();
     }
 
     /// Stops its bodies with `how` (they answer `408`), or closes it when it has none.
