@@ -11,10 +11,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::HeaderMap;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ProxyError;
@@ -114,7 +114,11 @@ pub struct BodyStats {
     over_soft_limit: AtomicBool,
     complete: AtomicBool,
     failure: Mutex<Option<BodyFailure>>,
-    finished: Notify,
+    /// Whether `failure` is set, read without its lock.
+    failed: AtomicBool,
+    /// The waker of the one task waiting in [`BodyStats::finished`]. An `AtomicWaker`, not a
+    /// `Notify`: a registered `Notified` takes the notifier's lock each time it is polled.
+    finished: AtomicWaker,
 }
 
 impl BodyStats {
@@ -138,27 +142,36 @@ impl BodyStats {
         self.failure.lock().map(|f| f.clone()).unwrap_or(None)
     }
 
-    /// Waits until the body completed or failed.
-    pub async fn finished(&self) {
-        loop {
-            let notified = self.finished.notified();
-            if self.is_complete() || self.failure().is_some() {
-                return;
+    /// Whether the body was cut off (see [`BodyStats::failure`] for why).
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Waits until the body completed or failed. One task at a time may wait on it.
+    pub fn finished(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            // Registered before the flags are read: a flag set after this reading wakes the
+            // waker registered here.
+            self.finished.register(cx.waker());
+            if self.is_complete() || self.has_failed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
             }
-            notified.await;
-        }
+        })
     }
 
     fn fail(&self, failure: BodyFailure) {
         if let Ok(mut slot) = self.failure.lock() {
             slot.get_or_insert(failure);
         }
-        self.finished.notify_waiters();
+        self.failed.store(true, Ordering::Release);
+        self.finished.wake();
     }
 
     fn complete(&self) {
         self.complete.store(true, Ordering::Release);
-        self.finished.notify_waiters();
+        self.finished.wake();
     }
 
     /// Records a body that was read elsewhere (e.g. buffered) as complete.

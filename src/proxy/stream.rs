@@ -212,7 +212,7 @@ async fn deadline(
             () = timer.as_mut() => return ProxyError::BodyTimeout(body_timeout),
         }
     }
-    if stats.failure().is_some() {
+    if stats.has_failed() {
         // The upstream request fails on its own and reports why.
         std::future::pending::<()>().await;
     }
