@@ -40,14 +40,17 @@ const MAX_REFUSING: usize = 256;
 const REFUSE_PEEK: Duration = Duration::from_millis(250);
 /// The most hyper reads from a sender's connection at once. Its read buffer is also its head
 /// limit, so `max_header_bytes` (64 KiB by default) is checked by the pipeline instead
-/// (`proxy::admit`), and bodies are read in up to 512 KiB (hyper's own default is about
-/// 400 KiB). A connection holds at most this much of a head it has not finished reading.
+/// (`proxy::admit`), and bodies are read in up to 256 KiB. A connection holds at most this
+/// much of a head it has not finished reading.
 ///
 /// 1 MiB POSTs, proxy CPU per request, three alternated runs of each: 128 KiB 529-634 µs,
-/// 256 KiB 472-513, 512 KiB 437-473. The 200 MiB upload's peak RSS: 11.4-12.6 MiB with 128 KiB,
-/// 12.1-13.2 with 512 KiB (target 16). Reads of 256 KiB had put it at 20 MiB in an earlier round,
-/// before `crate::alloc` and the cross-crate optimized build; that is why this was 128 KiB.
-pub const READ_BUFFER_BYTES: usize = 512 * 1024;
+/// 256 KiB 472-513, 512 KiB 437-473. But 512 KiB reads put the trim route's peak RSS (8
+/// concurrent 5 MiB payloads) at 42.4 and 46.6 MiB in two runs (target 40; 24.0 with 256 KiB,
+/// 32.0 with 128 KiB), and its CPU at 1.47-1.60x forwarding (target 1.5x). The 200 MiB upload's
+/// peak RSS: 11.4-12.6 MiB with 128 KiB, 11.3-12.6 with 256 KiB (target 16). Reads of 256 KiB
+/// had put it at 20 MiB in an earlier round, before `crate::alloc` and the cross-crate
+/// optimized build; that is why this was 128 KiB.
+pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 
 // hyper's built-in header limit, which the server relies on (see `connection_builder`).
 const _: () = assert!(crate::config::MAX_HEADERS == 100);
