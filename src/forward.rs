@@ -560,7 +560,7 @@ pub struct ForwardedFor<'a> {
     /// The `Host` the receiver gets when the sender's is not kept: the upstream's authority
     /// for a plain-HTTP upstream, put in place of the sender's with one header operation.
     /// `None` (HTTPS, HTTP/2) leaves it to the client, which sets it from the URI.
-    pub upstream_host: Option<HeaderValue>,
+    pub upstream_host: Option<&'a HeaderValue>,
 }
 
 /// Rewrites the request headers for the receiver: hop-by-hop removed, `X-Forwarded-*` and
@@ -602,7 +602,7 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) 
     // The sender's `Host` value itself when it has one (no copy); else the authority it used.
     let sender_host = if fwd.preserve_host {
         headers.get(header::HOST).cloned()
-    } else if let Some(upstream) = &fwd.upstream_host {
+    } else if let Some(upstream) = fwd.upstream_host {
         headers.insert(header::HOST, upstream.clone())
     } else {
         // The client sets Host from the upstream URI when it is absent.
@@ -852,13 +852,14 @@ mod tests {
         h.insert("connection", HeaderValue::from_static("close, x-hop"));
         h.insert("x-hop", HeaderValue::from_static("1"));
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        let receiver = HeaderValue::from_static("receiver.internal:3000");
         let fwd = ForwardedFor {
             peer: "::1".parse().unwrap(),
             proto: "https",
             host: Some("guard.example:8443"),
             request_id: "abc",
             preserve_host: true,
-            upstream_host: Some(HeaderValue::from_static("receiver.internal:3000")),
+            upstream_host: Some(&receiver),
         };
         prepare_request_headers(&mut h, &fwd);
         assert_eq!(h["host"], "guard.example:8443");
@@ -909,13 +910,14 @@ mod tests {
         h.insert("host", HeaderValue::from_static("guard.example"));
         h.append("x-request-id", HeaderValue::from_static("other"));
         h.append("x-request-id", HeaderValue::from_static("abc"));
+        let receiver = plain_http_host(&"http://receiver.internal:3000/hook".parse().unwrap());
         let fwd = ForwardedFor {
             peer: "127.0.0.1".parse().unwrap(),
             proto: "http",
             host: None,
             request_id: "abc",
             preserve_host: false,
-            upstream_host: plain_http_host(&"http://receiver.internal:3000/hook".parse().unwrap()),
+            upstream_host: receiver.as_ref(),
         };
         prepare_request_headers(&mut h, &fwd);
         assert_eq!(h["host"], "receiver.internal:3000");

@@ -26,12 +26,19 @@ pub struct RouteRuntime {
     /// The route's configuration.
     pub config: crate::config::RouteConfig,
     client: UpstreamClient,
+    upstream_host: Option<http::HeaderValue>,
 }
 
 impl RouteRuntime {
     /// The route's pooled upstream client.
     pub fn client(&self) -> &UpstreamClient {
         &self.client
+    }
+
+    /// The `Host` the receiver gets in place of the sender's, for a plain-HTTP upstream
+    /// (see [`forward::ForwardedFor::upstream_host`]); made once, not per request.
+    pub fn upstream_host(&self) -> Option<&http::HeaderValue> {
+        self.upstream_host.as_ref()
     }
 }
 
@@ -54,6 +61,7 @@ impl Runtime {
                 Ok(RouteRuntime {
                     config: r.clone(),
                     client: forward::build_client(r)?,
+                    upstream_host: forward::plain_http_host(&r.upstream),
                 })
             })
             .collect::<Result<Vec<_>, ProxyError>>()?;

@@ -172,7 +172,7 @@ pub async fn serve(
                 proto: if tls_at_start { "https" } else { "http" },
                 framing_conflict: false,
                 upstream: None,
-                track: None,
+                track: Some(admitted.track.clone()),
             },
             track: admitted.track.clone(),
         };
@@ -369,7 +369,6 @@ impl Conn {
             let info = ConnInfo {
                 framing_conflict: is_h1 && flags.next_request_conflicts(),
                 upstream: is_h1.then(|| upstream.clone()),
-                track: Some(conn_track.clone()),
                 ..info.clone()
             };
             // Boxed so the compiler checks `Send` on concrete types (works around a

@@ -171,7 +171,7 @@ impl<'a> RequestCtx<'a> {
                 host: self.host.as_deref(),
                 request_id: &self.request_id,
                 preserve_host: self.cfg.preserve_host,
-                upstream_host: forward::plain_http_host(&self.cfg.upstream),
+                upstream_host: self.route.upstream_host(),
             },
         );
         self.target.headers = headers;
