@@ -430,15 +430,7 @@ async fn start_run(
 
 /// Stops `child` with SIGTERM and returns its exit code.
 async fn stop_run(child: std::process::Child, drain: std::thread::JoinHandle<()>) -> Option<i32> {
-    let mut child = child;
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = crate::support::sigterm_and_wait(child).await;
     drain.join().unwrap();
     status.code()
 }

@@ -719,14 +719,7 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
     );
 
     // SIGTERM: the connections drain and the process exits 0, its log complete.
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = crate::support::sigterm_and_wait(child).await;
     let log = log.join().unwrap();
     assert_eq!(status.code(), Some(0), "{log:#?}");
     assert!(

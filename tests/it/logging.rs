@@ -135,15 +135,8 @@ fn start_binary(
 }
 
 /// Stops the binary and returns the lines it wrote that were not read yet.
-async fn stop(mut child: std::process::Child, lines: mpsc::Receiver<String>) -> Vec<String> {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+async fn stop(child: std::process::Child, lines: mpsc::Receiver<String>) -> Vec<String> {
+    let exit = crate::support::sigterm_and_wait(child).await;
     assert!(exit.success(), "{exit:?}");
     lines.iter().collect()
 }

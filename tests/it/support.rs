@@ -605,6 +605,19 @@ pub fn python_with_module(module: &str) -> Option<std::path::PathBuf> {
     imports.then_some(python)
 }
 
+/// Sends SIGTERM to a running binary (the signal must be delivered) and waits for it to exit,
+/// off the async runtime.
+pub async fn sigterm_and_wait(mut child: std::process::Child) -> std::process::ExitStatus {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {}: {sent:?}", child.id());
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+}
+
 #[cfg(test)]
 mod component_tests {
     use super::*;
