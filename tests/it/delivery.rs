@@ -602,11 +602,13 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
         send(
             addr,
             Request::post(format!("http://{addr}/hooks/synthflow"))
+                .header("host", "hooks.example")
                 .header("content-type", "application/json")
                 .body(full(body))
                 .unwrap(),
         )
     };
+    let express_host = express.addr.to_string();
     for (i, size) in [300_000usize, 2_000_000, 20_000].into_iter().enumerate() {
         let id = format!("1732630000000x2222222222222222{i:02}");
         let body = payload_with_id(size, 40 + i as u64, &id);
@@ -620,6 +622,14 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
                 Some(id.as_str()),
                 "{seen:?}"
             );
+            // Every attempt: the receiver's own Host, the sender's as X-Forwarded-Host.
+            assert_eq!(
+                seen.host.as_deref(),
+                Some(express_host.as_str()),
+                "{seen:?}"
+            );
+            assert_eq!(seen.forwarded_host.as_deref(), Some("hooks.example"));
+            assert_eq!(seen.forwarded_for.as_deref(), Some("127.0.0.1"));
             if seen.status == 200 {
                 break seen;
             }

@@ -35,6 +35,15 @@ pub struct Seen {
     /// `Payload-Guard-Trimmed`, when the proxy trimmed the payload.
     #[serde(default)]
     pub trimmed: Option<String>,
+    /// `Host`, as Express received it.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// `X-Forwarded-Host`.
+    #[serde(default)]
+    pub forwarded_host: Option<String>,
+    /// `X-Forwarded-For`.
+    #[serde(default)]
+    pub forwarded_for: Option<String>,
 }
 
 const SERVER_JS: &str = r#"
@@ -46,6 +55,9 @@ const common = (req) => ({
   encoding: req.headers['content-encoding'] || null,
   idempotency_key: req.headers['idempotency-key'] || null,
   trimmed: req.headers['payload-guard-trimmed'] || null,
+  host: req.headers['host'] || null,
+  forwarded_host: req.headers['x-forwarded-host'] || null,
+  forwarded_for: req.headers['x-forwarded-for'] || null,
 });
 app.post('*', express.json({ limit: process.env.LIMIT, verify: (req, res, buf) => { req.raw = buf; } }), (req, res) => {
   const call = req.body && req.body.call;
