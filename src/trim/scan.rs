@@ -4,7 +4,8 @@
 //! The rewriter and the field reports work on this tape instead of a DOM so that every byte
 //! outside an edited span can be copied through untouched. Strings, which make up almost all of
 //! a large webhook body, are scanned 64 bytes a step as bit masks on x86_64
-//! (`string_scan.rs`, AVX2 where the CPU has it, else SSE2) and 8 bytes a step elsewhere.
+//! (`string_scan.rs`, AVX-512BW or AVX2 where the CPU has it, else SSE2) and 8 bytes a step
+//! elsewhere.
 //! [`Tape::parse`] validates UTF-8 in chunks just ahead of the scan (SIMD, `simdutf8`, see
 //! [`Utf8Prefix`]); [`Tape::parse_structure_within`] leaves it to the trim, which validates
 //! what it keeps.

@@ -1,8 +1,9 @@
 //! The scanner's fast path for string content on x86_64, where a large body spends almost all
 //! of its bytes: 64 bytes per step, as bit masks (one bit per byte) of the quotes,
 //! backslashes, control bytes and escape letters, the way simdjson finds its strings. The masks
-//! are made 32 bytes at a time with AVX2 where the CPU has it (checked at run time, once per
-//! string; the whole loop is compiled for AVX2 so they inline into it), else 16 at a time with
+//! are made 64 bytes at a time with AVX-512BW where the CPU has it, straight into mask
+//! registers; else 32 at a time with AVX2 (checked at run time, once per string; the whole loop
+//! is compiled for the instruction set so the masks inline into it); else 16 at a time with
 //! SSE2, which every x86_64 CPU has.
 //!
 //! A transcript has an escape (`\n` above all) every few dozen bytes. Stepping from escape to
@@ -27,9 +28,48 @@ pub(super) fn closing_quote(
     start: usize,
     utf8: &mut Utf8Prefix,
 ) -> Option<(usize, bool)> {
+    if let Some(avx512) = Avx512::detect() {
+        return avx512.closing_quote(body, start, utf8);
+    }
     match Avx2::detect() {
         Some(avx2) => avx2.closing_quote(body, start, utf8),
         None => scan(body, start, utf8, masks),
+    }
+}
+
+/// Proof that the CPU running this code has AVX-512BW (and so AVX-512F): only
+/// [`Avx512::detect`] makes one.
+#[derive(Debug, Clone, Copy)]
+struct Avx512(());
+
+impl Avx512 {
+    /// `Some` if the CPU has AVX-512BW (checked at run time and cached, as for [`Avx2`]).
+    #[inline]
+    fn detect() -> Option<Self> {
+        std::is_x86_feature_detected!("avx512bw").then_some(Self(()))
+    }
+
+    /// [`closing_quote`] with the masks made 64 bytes at a time.
+    #[inline]
+    #[allow(unsafe_code)]
+    fn closing_quote(
+        self,
+        body: &[u8],
+        start: usize,
+        utf8: &mut Utf8Prefix,
+    ) -> Option<(usize, bool)> {
+        // SAFETY: `closing_quote_avx512` needs AVX-512BW (which implies AVX-512F) and nothing
+        // else, and `self` exists only if `detect` found AVX-512BW on this CPU.
+        unsafe { closing_quote_avx512(body, start, utf8) }
+    }
+
+    /// The masks of a block, made 64 bytes at a time.
+    #[cfg(test)]
+    #[allow(unsafe_code)]
+    fn masks(self, block: &[u8; BLOCK]) -> Masks {
+        // SAFETY: `masks_avx512` needs AVX-512BW and nothing else, and `self` exists only if
+        // `detect` found AVX-512BW on this CPU.
+        unsafe { masks_avx512(block) }
     }
 }
 
@@ -69,6 +109,12 @@ impl Avx2 {
     }
 }
 
+/// The whole scan compiled for AVX-512BW, so that the masks inline into the block loop.
+#[target_feature(enable = "avx512bw")]
+fn closing_quote_avx512(body: &[u8], start: usize, utf8: &mut Utf8Prefix) -> Option<(usize, bool)> {
+    scan(body, start, utf8, |block| masks_avx512(block))
+}
+
 /// The whole scan compiled for AVX2, so that the masks inline into the block loop.
 #[target_feature(enable = "avx2")]
 fn closing_quote_avx2(body: &[u8], start: usize, utf8: &mut Utf8Prefix) -> Option<(usize, bool)> {
@@ -93,6 +139,7 @@ fn scan(
         if !utf8.covers(body, pos + BLOCK) {
             return None;
         }
+        prefetch(body, pos + PREFETCH_AHEAD);
         let m = masks(block.try_into().expect("a block is 64 bytes"));
         let escaped = escapes.next(m.backslash);
         let ends = m.quote & !escaped;
@@ -151,6 +198,25 @@ fn scan(
 
 /// Bytes per step of the fast path (one bit each in a `u64` mask).
 const BLOCK: usize = 64;
+
+/// How far ahead of the block being scanned the CPU is asked to load. The hardware prefetcher
+/// stops at each 4 KiB page boundary, so without this the scan of a large string waits on
+/// memory at every new page (measured on the trim route with the AVX2 masks: 1,590 -> 1,480 µs
+/// of user time per 5 MiB payload; 2048 bytes ahead measured the same as 1024).
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Asks the CPU to start loading the cache line of `body[at]` (nothing if `at` is past the end).
+#[inline(always)]
+#[allow(unsafe_code)]
+fn prefetch(body: &[u8], at: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    if let Some(byte) = body.get(at) {
+        // SAFETY: the pointer is to a byte of `body`, so it is valid; a prefetch only hints the
+        // cache, reads nothing into the program and never faults. SSE is part of every x86_64
+        // target.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(byte).cast()) }
+    }
+}
 
 /// Which bytes of a block are escaped, block after block (simdjson's odd-backslash-sequence
 /// method): a byte is escaped iff it follows a run of backslashes of odd length, counting a run
@@ -324,6 +390,38 @@ fn masks32(bytes: &[u8; 32]) -> [u64; 6] {
     ]
 }
 
+/// The masks of a block, made 64 bytes at a time (AVX-512BW): each comparison gives its 64
+/// bits directly, with no movemask and no joining of halves.
+#[inline]
+#[target_feature(enable = "avx512bw")]
+#[allow(unsafe_code)]
+fn masks_avx512(block: &[u8; BLOCK]) -> Masks {
+    use std::arch::x86_64::{
+        _mm512_cmpeq_epi8_mask, _mm512_cmplt_epu8_mask, _mm512_loadu_si512, _mm512_or_si512,
+        _mm512_set1_epi8, _mm512_sub_epi8,
+    };
+    // SAFETY: `block` is a reference to 64 bytes, so all 64 bytes from its start are readable,
+    // and `_mm512_loadu_si512` reads exactly those 64 with no alignment requirement.
+    // AVX-512BW (and with it AVX-512F) is enabled for this function.
+    let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+    let splat = |b: u8| _mm512_set1_epi8(b as i8);
+    let is = |b: u8| _mm512_cmpeq_epi8_mask(v, splat(b));
+    // Unsigned `x - lo < n` is `lo <= x < lo + n`.
+    let digit = _mm512_cmplt_epu8_mask(_mm512_sub_epi8(v, splat(b'0')), splat(10));
+    let letter = _mm512_cmplt_epu8_mask(
+        _mm512_sub_epi8(_mm512_or_si512(v, splat(0x20)), splat(b'a')),
+        splat(6),
+    );
+    Masks {
+        quote: is(b'"'),
+        backslash: is(b'\\'),
+        control: _mm512_cmplt_epu8_mask(v, splat(0x20)),
+        n: is(b'n'),
+        unicode: is(b'u'),
+        hex: digit | letter,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,11 +469,13 @@ mod tests {
         }
     }
 
-    /// The instruction sets whose scan can run here: SSE2 always, AVX2 if the CPU has it.
+    /// The instruction sets whose scan can run here: SSE2 always, AVX2 and AVX-512BW if the
+    /// CPU has them.
     #[derive(Debug, Clone, Copy)]
     enum Isa {
         Sse2,
         Avx2(Avx2),
+        Avx512(Avx512),
     }
 
     fn isas() -> Vec<Isa> {
@@ -383,6 +483,10 @@ mod tests {
         match Avx2::detect() {
             Some(avx2) => isas.push(Isa::Avx2(avx2)),
             None => println!("skipping the AVX2 path: this CPU has no AVX2"),
+        }
+        match Avx512::detect() {
+            Some(avx512) => isas.push(Isa::Avx512(avx512)),
+            None => println!("skipping the AVX-512 path: this CPU has no AVX-512BW"),
         }
         isas
     }
@@ -393,6 +497,7 @@ mod tests {
         match isa {
             Isa::Sse2 => scan(body, start, utf8, masks),
             Isa::Avx2(avx2) => avx2.closing_quote(body, start, utf8),
+            Isa::Avx512(avx512) => avx512.closing_quote(body, start, utf8),
         }
     }
 
@@ -430,6 +535,15 @@ mod tests {
             return;
         };
         check_masks_exact(|block| avx2.masks(block), "avx2");
+    }
+
+    #[test]
+    fn avx512_masks_are_exact_for_every_byte_value_in_every_lane() {
+        let Some(avx512) = Avx512::detect() else {
+            println!("skipping the AVX-512 masks: this CPU has no AVX-512BW");
+            return;
+        };
+        check_masks_exact(|block| avx512.masks(block), "avx512");
     }
 
     #[test]
