@@ -388,7 +388,7 @@ async fn start_run(
     env: &[(&str, &str)],
     admin: bool,
 ) -> (
-    std::process::Child,
+    crate::support::ChildGuard,
     std::net::SocketAddr,
     std::thread::JoinHandle<()>,
 ) {
@@ -398,10 +398,12 @@ async fn start_run(
     for (key, value) in env {
         command.env(key, value);
     }
-    let mut child = command
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = crate::support::ChildGuard(
+        command
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     let (addr, lines) = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stderr).lines();
@@ -429,7 +431,10 @@ async fn start_run(
 }
 
 /// Stops `child` with SIGTERM and returns its exit code.
-async fn stop_run(child: std::process::Child, drain: std::thread::JoinHandle<()>) -> Option<i32> {
+async fn stop_run(
+    child: crate::support::ChildGuard,
+    drain: std::thread::JoinHandle<()>,
+) -> Option<i32> {
     let status = crate::support::sigterm_and_wait(child).await;
     drain.join().unwrap();
     status.code()
@@ -644,12 +649,14 @@ async fn the_readme_set_up_holds_without_a_receiver() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, shipped).unwrap();
-    let mut child = bin()
-        .args(["--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = crate::support::ChildGuard(
+        bin()
+            .args(["--config"])
+            .arg(&path)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     let addr = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
@@ -747,12 +754,14 @@ upstream = "http://{nobody}/"
         ),
     )
     .unwrap();
-    let mut child = bin()
-        .args(["--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = crate::support::ChildGuard(
+        bin()
+            .args(["--config"])
+            .arg(&path)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {

@@ -572,13 +572,15 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
         .replace("127.0.0.1:3000", &express.addr.to_string());
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, shipped).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
-        .arg("--config")
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = crate::support::ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     // Ready signal: the "listening" line names the bound address.
     let (addr, log) = tokio::task::spawn_blocking(move || {

@@ -101,7 +101,7 @@ fn start_binary(
     rust_log: Option<&str>,
     args: &[&str],
 ) -> (
-    std::process::Child,
+    crate::support::ChildGuard,
     mpsc::Receiver<String>,
     std::net::SocketAddr,
 ) {
@@ -113,7 +113,7 @@ fn start_binary(
         Some(filter) => command.env("RUST_LOG", filter),
         None => command.env_remove("RUST_LOG"),
     };
-    let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = crate::support::ChildGuard(command.stderr(Stdio::piped()).spawn().unwrap());
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
@@ -135,7 +135,7 @@ fn start_binary(
 }
 
 /// Stops the binary and returns the lines it wrote that were not read yet.
-async fn stop(child: std::process::Child, lines: mpsc::Receiver<String>) -> Vec<String> {
+async fn stop(child: crate::support::ChildGuard, lines: mpsc::Receiver<String>) -> Vec<String> {
     let exit = crate::support::sigterm_and_wait(child).await;
     assert!(exit.success(), "{exit:?}");
     lines.iter().collect()

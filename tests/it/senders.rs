@@ -648,15 +648,17 @@ async fn the_binary_never_logs_a_secret_while_refusing_and_resigning() {
     let mut receiver = Receiver::start(Behavior::Ok).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_cli_config(dir.path(), &receiver.addr.to_string());
-    let mut child = bin()
-        .arg("--config")
-        .arg(&config)
-        .env("STRIPE_WEBHOOK_SECRET", SECRET)
-        .env("RETELL_API_KEY", SECRET)
-        .env("RUST_LOG", "debug")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = crate::support::ChildGuard(
+        bin()
+            .arg("--config")
+            .arg(&config)
+            .env("STRIPE_WEBHOOK_SECRET", SECRET)
+            .env("RETELL_API_KEY", SECRET)
+            .env("RUST_LOG", "debug")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     let (addr, lines) = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stderr).lines();

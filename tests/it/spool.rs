@@ -438,13 +438,15 @@ async fn a_payload_acknowledged_before_sigkill_is_delivered_after_restart() {
         "retry_initial = \"100ms\"\nredeliver_interval = \"100ms\"",
     );
     let start = move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"))
-            .args(["--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = crate::support::ChildGuard(
+            Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+                .args(["--config"])
+                .arg(&path)
+                .env("RUST_LOG", "info")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let addr: std::net::SocketAddr = loop {
             let line = lines.next().expect("proxy exited").unwrap();

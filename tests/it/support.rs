@@ -605,9 +605,37 @@ pub fn python_with_module(module: &str) -> Option<std::path::PathBuf> {
     imports.then_some(python)
 }
 
+/// A binary a test started and runs until it stops it. If the test ends first (a failed
+/// assertion), the binary is killed and reaped on drop: left running, it would keep the test
+/// process's inherited stdout open, and whatever reads that to its end (CI's log) would wait
+/// for it. Derefs to the [`std::process::Child`].
+#[derive(Debug)]
+pub struct ChildGuard(pub std::process::Child);
+
+impl std::ops::Deref for ChildGuard {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // Both are no-ops for a child already waited for (std keeps its status).
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Sends SIGTERM to a running binary (the signal must be delivered) and waits for it to exit,
 /// off the async runtime.
-pub async fn sigterm_and_wait(mut child: std::process::Child) -> std::process::ExitStatus {
+pub async fn sigterm_and_wait(mut child: ChildGuard) -> std::process::ExitStatus {
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
