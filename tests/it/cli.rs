@@ -6,6 +6,18 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_payload-guard"))
 }
 
+/// Starts `payload-guard --config <path>` (the proxy) with its stderr piped for the test to read.
+fn spawn_proxy(path: &std::path::Path) -> crate::support::ChildGuard {
+    crate::support::ChildGuard(
+        bin()
+            .arg("--config")
+            .arg(path)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// Runs the binary with `args` followed by `paths` (config, input files) and waits for it.
 fn run(args: &[&str], paths: &[&std::path::Path]) -> std::process::Output {
     bin().args(args).args(paths).output().unwrap()
@@ -649,14 +661,7 @@ async fn the_readme_set_up_holds_without_a_receiver() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, shipped).unwrap();
-    let mut child = crate::support::ChildGuard(
-        bin()
-            .args(["--config"])
-            .arg(&path)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = spawn_proxy(&path);
     let stderr = child.stderr.take().unwrap();
     let addr = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
@@ -754,14 +759,7 @@ upstream = "http://{nobody}/"
         ),
     )
     .unwrap();
-    let mut child = crate::support::ChildGuard(
-        bin()
-            .args(["--config"])
-            .arg(&path)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = spawn_proxy(&path);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
