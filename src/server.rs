@@ -40,7 +40,7 @@ const MAX_REFUSING: usize = 256;
 const REFUSE_PEEK: Duration = Duration::from_millis(250);
 /// The most hyper reads from a sender's connection at once. Its read buffer is also its head
 /// limit, so `max_header_bytes` (64 KiB by default) is checked by the pipeline instead
-/// (`proxy::admit`), and bodies are read in up to 256 KiB. A connection holds at most this
+/// (`proxy::admit`), and bodies are read in up to 384 KiB. A connection holds at most this
 /// much of a head it has not finished reading.
 ///
 /// 1 MiB POSTs, proxy CPU per request, three alternated runs of each: 128 KiB 529-634 µs,
@@ -50,7 +50,15 @@ const REFUSE_PEEK: Duration = Duration::from_millis(250);
 /// peak RSS: 11.4-12.6 MiB with 128 KiB, 11.3-12.6 with 256 KiB (target 16). Reads of 256 KiB
 /// had put it at 20 MiB in an earlier round, before `crate::alloc` and the cross-crate
 /// optimized build; that is why this was 128 KiB.
-pub const READ_BUFFER_BYTES: usize = 256 * 1024;
+///
+/// 384 KiB, against 256 in the same hour (`benches/load/run.py --quick`, alternated): 1 MiB
+/// proxy CPU 412-458 µs against 445-467; the trim route's peak RSS 26.7-34.3 MiB against
+/// 31.4-32.4; the upload's 12.7-14.0 MiB against 12.8-13.2; 1 MiB POSTs' peak RSS (32
+/// connections) 61-63 MiB against 52-54. 512 KiB failed the trim route's memory again
+/// (37.2-43.1 MiB in three runs), likely because from 512 KiB on a read buffer is larger
+/// than mimalloc's largest "large" object and gets pages of its own, and hyper allocates a
+/// new one on most reads while the last chunk is still in use.
+pub const READ_BUFFER_BYTES: usize = 384 * 1024;
 
 // hyper's built-in header limit, which the server relies on (see `connection_builder`).
 const _: () = assert!(crate::config::MAX_HEADERS == 100);

@@ -719,7 +719,7 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
     assert_eq!(arrived, expected);
 
     // max_header_bytes (64 KiB by default) holds although bodies are read in larger blocks;
-    // a head larger than one read (256 KiB) is refused as well.
+    // a head larger than one read (384 KiB) is refused as well.
     for kib in [70, 600] {
         let big_head = format!(
             "POST /hooks/synthflow HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-big: {}\r\ncontent-length: 2\r\n\r\n{{}}",

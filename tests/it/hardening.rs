@@ -90,8 +90,8 @@ async fn oversized_or_too_many_headers_get_431() {
 
 #[tokio::test]
 async fn the_default_header_limit_holds_although_bodies_are_read_in_larger_blocks() {
-    // hyper reads up to 256 KiB at once; the 64 KiB default limit is checked by the proxy (past
-    // 256 KiB, hyper refuses the head itself).
+    // hyper reads up to 384 KiB at once; the 64 KiB default limit is checked by the proxy (past
+    // 384 KiB, hyper refuses the head itself).
     let receiver = Receiver::start(Behavior::Ok).await;
     let proxy = start_proxy(config(&one_route("", ""), receiver.addr)).await;
     let head = |kib: usize| {
