@@ -563,13 +563,16 @@ pub struct ForwardedFor<'a> {
     pub upstream_host: Option<&'a HeaderValue>,
 }
 
+/// `X-Request-Id`, on the forwarded request and on the proxy's answer. A `HeaderName`, not a
+/// `&str`: a string is parsed into a name on every lookup or insert.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Rewrites the request headers for the receiver: hop-by-hop removed, `X-Forwarded-*` and
 /// `X-Request-Id` set, `Host` replaced by the upstream authority unless `preserve_host`.
 pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) {
     const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-    const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     strip_hop_by_hop(headers);
     // Each header below is looked up once (an entry, or an insert that returns the old value):
     // a custom name's hash is most of a header operation's cost.

@@ -135,7 +135,7 @@ impl Proxy {
             Err(err) => error_response(&err, &request_id, is_h1, &mut exchange),
         };
         if let Ok(id) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert("x-request-id", id);
+            response.headers_mut().insert(crate::forward::X_REQUEST_ID, id);
         }
         exchange.status = Some(response.status().as_u16());
         let (parts, body) = response.into_parts();
@@ -153,10 +153,8 @@ pub(crate) fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pi
 /// The request id: the sender's `X-Request-Id` when it is sane, else a new UUID. Shared, not
 /// copied, by the access line and the request's context.
 pub fn request_id(headers: &HeaderMap) -> Arc<str> {
-    // A `HeaderName`, not a `&str`: a string is parsed into a name on every lookup.
-    const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
     headers
-        .get(X_REQUEST_ID)
+        .get(crate::forward::X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(Arc::from)
