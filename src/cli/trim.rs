@@ -101,8 +101,8 @@ const HUGE_INPUT: u64 = 4 * 1024 * 1024;
 /// All of `file` from its current position, in one go into a buffer of the size left in it.
 fn read_file(file: std::fs::File) -> std::io::Result<Bytes> {
     use std::io::Seek;
+    let at = (&file).stream_position().unwrap_or(0);
     let left = file.metadata().map_or(0, |m| {
-        let at = (&file).stream_position().unwrap_or(0);
         if m.is_file() {
             m.len().saturating_sub(at)
         } else {
@@ -111,7 +111,7 @@ fn read_file(file: std::fs::File) -> std::io::Result<Bytes> {
     });
     #[cfg(target_os = "linux")]
     if left >= HUGE_INPUT
-        && let Some(body) = huge::read(&file, left)?
+        && let Some(body) = huge::read(&file, at, left)?
     {
         return Ok(body);
     }
@@ -148,10 +148,10 @@ mod huge {
     /// The PMD size on x86-64 and 4 KiB-page arm64 (elsewhere the advice just finds fewer).
     const HUGE_PAGE: usize = 2 * 1024 * 1024;
 
-    /// All of `file` from its current position (`left` bytes expected), or `None` when no
+    /// All of `file` from its current position `at` (`left` bytes expected), or `None` when no
     /// anonymous mapping could be made (the caller reads into a `Vec`). The file's position
     /// ends after the bytes read, as with a plain read.
-    pub(super) fn read(file: &std::fs::File, left: u64) -> std::io::Result<Option<Bytes>> {
+    pub(super) fn read(file: &std::fs::File, at: u64, left: u64) -> std::io::Result<Option<Bytes>> {
         // One byte past the expected end, to see the end without a second buffer.
         let Some(want) = usize::try_from(left).ok().and_then(|n| n.checked_add(1)) else {
             return Ok(None);
@@ -171,7 +171,6 @@ mod huge {
         // Advice only: it changes no byte and fails harmlessly where THP is not built in.
         let _ = map.advise(Advice::HugePage);
         let mut file = file;
-        let at = file.stream_position()?;
         let n = fill_in_halves(file, at, &mut map[start..start + want])?;
         file.seek(SeekFrom::Start(at + n as u64))?;
         if n < want {
@@ -357,20 +356,20 @@ mod tests {
     fn a_file_that_changed_size_since_it_was_measured_is_read_to_its_end() {
         let bytes = pattern(5 * 1024 * 1024 + 3);
         // Grew: more than the size the buffer was made for.
-        let body = huge::read(&file_of(&bytes), 4 * 1024 * 1024)
+        let body = huge::read(&file_of(&bytes), 0, 4 * 1024 * 1024)
             .unwrap()
             .unwrap();
         assert!(body[..] == bytes[..]);
-        let body = huge::read(&file_of(&bytes), bytes.len() as u64 - 1)
+        let body = huge::read(&file_of(&bytes), 0, bytes.len() as u64 - 1)
             .unwrap()
             .unwrap();
         assert!(body[..] == bytes[..]);
         // Shrank: fewer, into the second half of the buffer, then not even to its middle.
-        let body = huge::read(&file_of(&bytes), 8 * 1024 * 1024)
+        let body = huge::read(&file_of(&bytes), 0, 8 * 1024 * 1024)
             .unwrap()
             .unwrap();
         assert!(body[..] == bytes[..]);
-        let body = huge::read(&file_of(&bytes), 16 * 1024 * 1024)
+        let body = huge::read(&file_of(&bytes), 0, 16 * 1024 * 1024)
             .unwrap()
             .unwrap();
         assert!(body[..] == bytes[..]);
@@ -381,7 +380,7 @@ mod tests {
         let bytes = pattern(HUGE_INPUT as usize + 100);
         let mut file = file_of(&bytes);
         file.seek(SeekFrom::Start(100)).unwrap();
-        let body = huge::read(&file, bytes.len() as u64 - 100)
+        let body = huge::read(&file, 100, bytes.len() as u64 - 100)
             .unwrap()
             .unwrap();
         assert!(body[..] == bytes[100..]);
