@@ -10,7 +10,7 @@
 //! alignments still go to the aligned calls. `benches/hot_paths.rs` (`alloc/…`) compares the
 //! two allocators on the sizes a request allocates.
 
-// The one module besides the trim scanner's AVX2 code that needs `unsafe`: `GlobalAlloc` is an
+// The one module besides the trim scanner's SIMD code that needs `unsafe`: `GlobalAlloc` is an
 // unsafe trait, and mimalloc is a C library. Each block says why it is sound.
 #![allow(unsafe_code)]
 
