@@ -135,7 +135,9 @@ impl Proxy {
             Err(err) => error_response(&err, &request_id, is_h1, &mut exchange),
         };
         if let Ok(id) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(crate::forward::X_REQUEST_ID, id);
+            response
+                .headers_mut()
+                .insert(crate::forward::X_REQUEST_ID, id);
         }
         exchange.status = Some(response.status().as_u16());
         let (parts, body) = response.into_parts();
