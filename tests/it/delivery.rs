@@ -554,8 +554,8 @@ async fn a_reload_that_needs_the_spool_is_refused_and_kinds_are_zeroed() {
 /// the same request; a 2 MB one is trimmed below what was learned before Express sees it;
 /// a small one passes byte-identical. Every call id arrives. Invalid UTF-8 the trim cuts away
 /// is delivered, and invalid UTF-8 it would keep is refused. Then eight 2 MB payloads at once
-/// (they wait for body slots) all arrive trimmed, and heads of 70 and 600 KiB get 431. Every attempt
-/// carries the payload's call id as its `Idempotency-Key`; the log (text to a pipe, no
+/// (they wait for body slots) all arrive trimmed, and heads of 70 and 600 KiB get 431. Every
+/// attempt carries the payload's call id as its `Idempotency-Key`; the log (text to a pipe, no
 /// `RUST_LOG`, as a user gets it) has the access line of each delivered payload; SIGTERM
 /// drains the connections and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
