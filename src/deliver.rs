@@ -89,9 +89,13 @@ impl Answered {
     /// [`ANSWER_BYTES`] counts as complete: it is relayed as it streams.
     pub async fn read(response: Response<Incoming>, sent: Option<u64>) -> Answered {
         let (parts, body) = response.into_parts();
-        let body = body.map_err(BodyError::new).boxed_unsync();
         let (prefix, rest, complete, error) = match judge::read_body(body, ANSWER_BYTES).await {
-            Ok((prefix, rest)) => (prefix, rest, true, None),
+            Ok((prefix, rest)) => (
+                prefix,
+                rest.map(|rest| rest.map_err(BodyError::new).boxed_unsync()),
+                true,
+                None,
+            ),
             Err((prefix, why)) => (prefix, None, false, Some(why)),
         };
         Answered {

@@ -4,10 +4,8 @@
 //! An answer is only `Delivered` when it is a 2xx that was read to its end: a receiver that
 //! breaks off mid-answer may have crashed before it stored the payload.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-
-use crate::forward::UpstreamBody;
 
 /// What a receiver's answer means for the payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,25 +80,74 @@ pub fn judge(answer: &Answer) -> Verdict {
 
 /// Reads an answer's body up to `max` bytes. `Ok((prefix, rest))`: `rest` is `None` when the
 /// body ended within `max`; `Err` carries what was read before it broke off, and why.
-pub async fn read_body(
-    mut body: UpstreamBody,
-    max: usize,
-) -> Result<(Bytes, Option<UpstreamBody>), (Bytes, String)> {
-    let mut prefix = Vec::new();
+///
+/// Generic over the body, so the common answer (small, one frame) is read without boxing the
+/// body, and its frame becomes the prefix without a copy.
+pub async fn read_body<B>(mut body: B, max: usize) -> Result<(Bytes, Option<B>), (Bytes, String)>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + 'static,
+{
+    let mut prefix = Prefix::Empty;
     loop {
         if prefix.len() >= max {
-            return Ok((Bytes::from(prefix), Some(body)));
+            return Ok((prefix.into_bytes(), Some(body)));
         }
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    prefix.extend_from_slice(&data);
+                    prefix.push(data);
                 }
             }
             Some(Err(err)) => {
-                return Err((Bytes::from(prefix), crate::forward::error_chain(&err)));
+                return Err((prefix.into_bytes(), crate::forward::error_chain(&err)));
             }
-            None => return Ok((Bytes::from(prefix), None)),
+            None => return Ok((prefix.into_bytes(), None)),
+        }
+    }
+}
+
+/// What [`read_body`] has read: nothing, one frame as it came, or several frames copied
+/// together.
+enum Prefix {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Prefix {
+    fn len(&self) -> usize {
+        match self {
+            Prefix::Empty => 0,
+            Prefix::One(b) => b.len(),
+            Prefix::Many(b) => b.len(),
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        *self = match std::mem::replace(self, Prefix::Empty) {
+            Prefix::Empty => Prefix::One(data),
+            Prefix::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len() + data.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&data);
+                Prefix::Many(all)
+            }
+            Prefix::Many(mut all) => {
+                all.extend_from_slice(&data);
+                Prefix::Many(all)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Prefix::Empty => Bytes::new(),
+            Prefix::One(b) => b,
+            Prefix::Many(b) => b.freeze(),
         }
     }
 }
@@ -108,6 +155,60 @@ pub async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body of `frames`, then `error` if given.
+    fn frames(
+        frames: &[&'static [u8]],
+        error: Option<&'static str>,
+    ) -> impl http_body::Body<Data = Bytes, Error = std::io::Error> + Unpin + use<> {
+        let mut items: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = frames
+            .iter()
+            .map(|f| Ok(http_body::Frame::data(Bytes::from_static(f))))
+            .collect();
+        if let Some(e) = error {
+            items.push(Err(std::io::Error::other(e)));
+        }
+        http_body_util::StreamBody::new(futures_util::stream::iter(items))
+    }
+
+    #[tokio::test]
+    async fn read_body_keeps_a_single_frame_as_it_came() {
+        static ANSWER: &[u8] = br#"{"ok":true}"#;
+        let (prefix, rest) = read_body(frames(&[ANSWER], None), 1024).await.unwrap();
+        assert_eq!(prefix, ANSWER);
+        assert_eq!(prefix.as_ptr(), ANSWER.as_ptr(), "the frame was copied");
+        assert!(rest.is_none());
+    }
+
+    #[tokio::test]
+    async fn read_body_joins_frames_and_stops_at_max() {
+        let (prefix, rest) = read_body(frames(&[b"ab", b"", b"cd", b"ef"], None), 1024)
+            .await
+            .unwrap();
+        assert_eq!(prefix, "abcdef");
+        assert!(rest.is_none());
+
+        let (prefix, rest) = read_body(frames(&[b"ab", b"cd", b"ef"], None), 3)
+            .await
+            .unwrap();
+        assert_eq!(prefix, "abcd", "reads whole frames until `max` is reached");
+        let rest = rest.expect("the rest of a body over `max` is kept");
+        let tail = rest.collect().await.unwrap().to_bytes();
+        assert_eq!(tail, "ef");
+
+        let (prefix, rest) = read_body(frames(&[], None), 3).await.unwrap();
+        assert!(prefix.is_empty() && rest.is_none());
+    }
+
+    #[tokio::test]
+    async fn read_body_returns_what_came_before_an_error() {
+        let Err((prefix, why)) = read_body(frames(&[b"ab", b"cd"], Some("reset")), 1024).await
+        else {
+            panic!("an error mid-body must be reported");
+        };
+        assert_eq!(prefix, "abcd");
+        assert_eq!(why, "reset");
+    }
 
     fn answer(status: Option<u16>, complete: bool, retry_after: bool) -> Answer {
         Answer {
