@@ -8,6 +8,7 @@
 //! - [`server`]: accept loop, HTTP/1.1 + h2c, header timeout, connection cap, graceful shutdown.
 //! - [`shed`]: admission under load: per-client caps, eviction at the cap, pressure timeouts.
 //! - [`framing`]: follows HTTP/1 framing on the raw bytes to catch Content-Length + Transfer-Encoding.
+//! - [`gate`]: a request's handler polled only when it was woken, not on every block of its body.
 //! - [`runtime`]: what a running proxy serves with: the routes' runtime (replaced on reload) and
 //!   the state shared across reloads.
 //! - [`proxy`]: the per-request pipeline that calls the stages below, top to bottom.
@@ -54,6 +55,7 @@ pub mod deliver;
 pub mod error;
 pub mod forward;
 pub mod framing;
+pub mod gate;
 pub mod incident;
 pub mod judge;
 pub mod limit;

@@ -27,6 +27,7 @@ use crate::config::ServerConfig;
 use crate::error::ProxyError;
 use crate::forward::ConnUpstream;
 use crate::framing::{FramingFlags, FramingWatch};
+use crate::gate::WakeGate;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy, ProxyBody};
 use crate::shed::{Admission, ConnTrack, PressureLimits, Refused, Stop};
@@ -74,6 +75,19 @@ const REFUSE_LINGER: Duration = Duration::from_secs(1);
 
 type HandlerFuture =
     std::pin::Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// Bodies up to this size usually arrive with their head or in one more read: their handler is
+/// not gated (see [`may_stream_in_blocks`]).
+const UNGATED_BODY_BYTES: u64 = 64 * 1024;
+
+/// Whether `req`'s body may arrive in many blocks (over [`UNGATED_BODY_BYTES`], or of unknown
+/// length), so that its handler is worth gating ([`WakeGate`]).
+fn may_stream_in_blocks(req: &Request<Incoming>) -> bool {
+    match http_body::Body::size_hint(req.body()).exact() {
+        Some(len) => len > UNGATED_BODY_BYTES,
+        None => true,
+    }
+}
 
 /// Builds the connection builder with the header timeout, header limits and HTTP/2 settings.
 pub fn connection_builder(server: &ServerConfig) -> Builder<TokioExecutor> {
@@ -379,6 +393,9 @@ impl Conn {
                 upstream: is_h1.then(|| upstream.clone()),
                 ..info.clone()
             };
+            // A body that does not come with its head makes hyper poll the handler again for
+            // every block the connection reads; gated, the handler is polled when it was woken.
+            let gated = is_h1 && may_stream_in_blocks(&req);
             // Boxed so the compiler checks `Send` on concrete types (works around a
             // higher-ranked lifetime limitation with boxed error types in async fns).
             let fut: HandlerFuture = crate::proxy::boxed(|| async move {
@@ -386,7 +403,11 @@ impl Conn {
                 drop(in_flight);
                 Ok(response)
             });
-            fut
+            if gated {
+                Box::pin(WakeGate::new(fut))
+            } else {
+                fut
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
