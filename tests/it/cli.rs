@@ -3,7 +3,7 @@
 use std::process::Command;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+    Command::new(crate::support::binary())
 }
 
 /// Starts `payload-guard --config <path>` (the proxy) with its stderr piped for the test to read.

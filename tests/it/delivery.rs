@@ -175,7 +175,7 @@ async fn a_gzip_413_on_a_wire_route_does_not_poison_it() {
 
     // The CLI shows the evidence, and --reset clears it.
     let cli = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        std::process::Command::new(crate::support::binary())
             .args(args)
             .arg("--config")
             .arg(&path)
@@ -573,7 +573,7 @@ async fn the_binary_with_the_shipped_config_delivers_every_payload_to_express() 
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, shipped).unwrap();
     let mut child = crate::support::ChildGuard(
-        std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        std::process::Command::new(crate::support::binary())
             .arg("--config")
             .arg(&path)
             .env_remove("RUST_LOG")

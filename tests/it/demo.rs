@@ -15,7 +15,7 @@ fn line<'a>(report: &'a str, prefix: &str) -> &'a str {
 #[test]
 fn demo_shows_the_413_straight_and_the_trim_through_the_proxy() {
     let cwd = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+    let out = Command::new(crate::support::binary())
         // The demo needs no configuration: none in the folder it runs in.
         .args(["demo"])
         .current_dir(cwd.path())

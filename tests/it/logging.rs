@@ -107,7 +107,7 @@ fn start_binary(
 ) {
     let path = dir.join("proxy.toml");
     std::fs::write(&path, config).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_payload-guard"));
+    let mut command = Command::new(crate::support::binary());
     command.arg("--config").arg(&path).args(args);
     match rust_log {
         Some(filter) => command.env("RUST_LOG", filter),

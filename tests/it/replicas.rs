@@ -37,11 +37,7 @@ struct Replica {
 impl Replica {
     /// Starts the binary with `config` and waits for its "listening" lines.
     fn start(config: &Path, url: &str) -> Replica {
-        Replica::start_with(
-            Command::new(env!("CARGO_BIN_EXE_payload-guard")),
-            config,
-            url,
-        )
+        Replica::start_with(Command::new(crate::support::binary()), config, url)
     }
 
     /// Like [`Replica::start`], from a prepared command (extra environment).
@@ -535,7 +531,7 @@ async fn a_database_restart_under_load_acknowledges_only_committed_rows() {
 
 /// Runs the CLI with the database URL in its environment.
 fn cli(url: &str, args: &[&str], config: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+    Command::new(crate::support::binary())
         .args(args)
         .arg("--config")
         .arg(config)
@@ -761,7 +757,7 @@ spool = true
 
     // Without the URL in the environment the CLI names the variable to set.
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        Command::new(crate::support::binary())
             .args(["spool", "list", "--config"])
             .arg(&config)
             .env_remove("PAYLOAD_GUARD_DATABASE_URL")
@@ -818,7 +814,7 @@ async fn the_database_connection_is_tls_verified_against_the_system_roots() {
     let replica = {
         let (path, url, ca_file) = (path.clone(), url.clone(), ca_file.clone());
         tokio::task::spawn_blocking(move || {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"));
+            let mut child = Command::new(crate::support::binary());
             child.env("SSL_CERT_FILE", &ca_file);
             Replica::start_with(child, &path, &url)
         })
@@ -844,7 +840,7 @@ async fn the_database_connection_is_tls_verified_against_the_system_roots() {
     let untrusted = {
         let (path, url) = (path.clone(), url.clone());
         tokio::task::spawn_blocking(move || {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_payload-guard"));
+            let mut child = Command::new(crate::support::binary());
             child.env("SSL_CERT_FILE", "/nonexistent/ca.pem");
             Replica::start_with(child, &path, &url)
         })

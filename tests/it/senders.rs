@@ -501,7 +501,7 @@ fn preset_and_resign_mistakes_are_config_errors() {
 }
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+    Command::new(crate::support::binary())
 }
 
 /// A config file with a Stripe route (preset values) and a Retell route with explicit keys

@@ -210,7 +210,7 @@ async fn a_final_400_is_passed_through_and_kept_as_a_dead_letter() {
 
     // `spool purge --dry-run` lists what it would remove and removes nothing.
     let purge = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+        std::process::Command::new(crate::support::binary())
             .args(["spool", "purge", "--state", "dead", "--older-than", "0s"])
             .args(extra)
             .arg("--config")
@@ -388,8 +388,8 @@ async fn replay_cli_delivers_to_a_real_receiver() {
             .status,
         202
     );
-    let bin = env!("CARGO_BIN_EXE_payload-guard");
-    let out = Command::new(bin)
+    let bin = crate::support::binary();
+    let out = Command::new(&bin)
         .args(["spool", "list", "--config"])
         .arg(&path)
         .output()
@@ -404,7 +404,7 @@ async fn replay_cli_delivers_to_a_real_receiver() {
     let out = tokio::task::spawn_blocking({
         let path = path.clone();
         move || {
-            Command::new(bin)
+            Command::new(&bin)
                 .args(["replay", "--to", &to, "--config"])
                 .arg(&path)
                 .output()
@@ -439,7 +439,7 @@ async fn a_payload_acknowledged_before_sigkill_is_delivered_after_restart() {
     );
     let start = move || {
         let mut child = crate::support::ChildGuard(
-            Command::new(env!("CARGO_BIN_EXE_payload-guard"))
+            Command::new(crate::support::binary())
                 .args(["--config"])
                 .arg(&path)
                 .env("RUST_LOG", "info")

@@ -605,6 +605,15 @@ pub fn python_with_module(module: &str) -> Option<std::path::PathBuf> {
     imports.then_some(python)
 }
 
+/// The `payload-guard` binary the tests start: the one `cargo test` built, or the one named by
+/// `PAYLOAD_GUARD_BIN` (`.ci/run` points it at the release build, the binary users run, and
+/// runs the binary's tests again).
+pub fn binary() -> std::path::PathBuf {
+    std::env::var_os("PAYLOAD_GUARD_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_payload-guard").into())
+}
+
 /// A binary a test started and runs until it stops it. If the test ends first (a failed
 /// assertion), the binary is killed and reaped on drop: left running, it would keep the test
 /// process's inherited stdout open, and whatever reads that to its end (CI's log) would wait
