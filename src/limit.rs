@@ -221,8 +221,11 @@ where
     timers: Option<(Timer, Timer)>,
     stats: Arc<BodyStats>,
     ended: bool,
-    /// This body's progress as the connection's shedding logic sees it.
+    /// This body's progress as the connection's shedding logic sees it, registered the first
+    /// time the body waits for the sender (a body that arrives in one go is never slow).
     progress: Option<Arc<BodyProgress>>,
+    /// The connection to register with, until then.
+    conn: Option<Arc<crate::shed::ConnTrack>>,
 }
 
 impl<B> LimitedBody<B>
@@ -231,23 +234,18 @@ where
     B::Error: Into<BoxError>,
 {
     /// Wraps `inner`; the clocks start now. `conn` is the connection the body arrives on,
-    /// which the body reports its progress to (see `crate::shed`).
+    /// which the body reports its progress to once it has to wait (see `crate::shed`).
     pub fn new(
         inner: B,
         limits: BodyLimits,
         stats: Arc<BodyStats>,
-        conn: Option<&crate::shed::ConnTrack>,
+        conn: Option<&Arc<crate::shed::ConnTrack>>,
     ) -> Self {
         let now = Instant::now();
         let ended = inner.is_end_stream();
         if ended {
             stats.complete();
         }
-        let progress = if ended {
-            None
-        } else {
-            conn.map(|conn| conn.body_started())
-        };
         LimitedBody {
             inner: Some(inner),
             limits,
@@ -257,7 +255,8 @@ where
             timers: None,
             stats,
             ended,
-            progress,
+            progress: None,
+            conn: if ended { None } else { conn.cloned() },
         }
     }
 
@@ -308,15 +307,17 @@ where
                     if this.limits.soft_bytes.is_some_and(|soft| this.seen > soft) {
                         this.stats.over_soft_limit.store(true, Ordering::Relaxed);
                     }
-                    if !data.is_empty() {
+                    // Before the body first waits, nothing reads the time of its last data
+                    // (the timers and the shedding logic start then): no clock read.
+                    if !data.is_empty()
+                        && let Some((idle, _)) = this.timers.as_mut()
+                    {
                         this.last_data = Instant::now();
                         if let Some(progress) = &this.progress {
                             progress.data(this.seen, this.last_data);
                         }
-                        if let Some((idle, _)) = this.timers.as_mut() {
-                            idle.as_mut()
-                                .reset(this.last_data + this.limits.idle_timeout);
-                        }
+                        idle.as_mut()
+                            .reset(this.last_data + this.limits.idle_timeout);
                     }
                 }
                 // A length-delimited body may never be polled for its end: note it here.
@@ -343,6 +344,25 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
+                if this.timers.is_none() {
+                    // The first wait for the sender: the idle clock starts now, and the
+                    // shedding logic learns of the body (with its bytes so far).
+                    let now = Instant::now();
+                    this.last_data = now;
+                    if let Some(conn) = this.conn.take() {
+                        let progress = conn.body_started(this.started);
+                        progress.data(this.seen, now);
+                        // Registers this task's waker: an eviction from now on wakes it.
+                        if let Some(kill) = progress.killed(cx.waker()) {
+                            this.progress = Some(progress);
+                            return this.cut_off(match kill {
+                                BodyKill::TooSlow => BodyFailure::TooSlow,
+                                BodyKill::Idle(d) => BodyFailure::Idle(d),
+                            });
+                        }
+                        this.progress = Some(progress);
+                    }
+                }
                 let (started, last_data, limits) = (this.started, this.last_data, this.limits);
                 let (idle, deadline) = this.timers.get_or_insert_with(|| {
                     (
@@ -560,6 +580,43 @@ mod tests {
         assert!(limited.frame().await.unwrap().is_err());
         assert_eq!(stats.failure(), Some(BodyFailure::TooLarge));
         assert_eq!(stats.bytes(), 11);
+    }
+
+    #[tokio::test]
+    async fn the_shedding_logic_sees_a_body_once_it_waits_for_the_sender() {
+        let admission = crate::shed::Admission::new(10, 10, 1024);
+        let conn = admission.admit("127.0.0.2".parse().unwrap()).unwrap();
+        let _request = conn.track.request_started();
+        let (tx, body) = channel_body();
+        let stats = Arc::new(BodyStats::default());
+        let mut limited = LimitedBody::new(body, limits(100), stats, Some(&conn.track));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"123"))))
+            .await
+            .unwrap();
+        assert!(limited.frame().await.unwrap().is_ok());
+        // Its bytes so far came without a wait: not a body in progress yet.
+        assert!(conn.track.body_bytes().is_empty());
+        let waited = std::future::poll_fn(|cx| {
+            Poll::Ready(Pin::new(&mut limited).poll_frame(cx).is_pending())
+        })
+        .await;
+        assert!(waited);
+        assert_eq!(
+            conn.track.body_bytes(),
+            vec![3],
+            "registered with its bytes so far"
+        );
+        tx.send(Ok(Frame::data(Bytes::from_static(b"45"))))
+            .await
+            .unwrap();
+        assert!(limited.frame().await.unwrap().is_ok());
+        assert_eq!(conn.track.body_bytes(), vec![5]);
+        drop(tx);
+        assert!(limited.frame().await.is_none());
+        assert!(
+            conn.track.body_bytes().is_empty(),
+            "a finished body is not in progress"
+        );
     }
 
     #[tokio::test]

@@ -275,9 +275,9 @@ impl ConnTrack {
         InFlight(self.clone())
     }
 
-    /// Registers a request body whose progress the shedding logic watches.
-    pub fn body_started(&self) -> Arc<BodyProgress> {
-        let progress = Arc::new(BodyProgress::new(Instant::now()));
+    /// Registers a request body, begun at `started`, whose progress the shedding logic watches.
+    pub fn body_started(&self, started: Instant) -> Arc<BodyProgress> {
+        let progress = Arc::new(BodyProgress::new(started));
         if let Ok(mut bodies) = self.bodies.lock() {
             bodies.retain(|b| b.upgrade().is_some_and(|b| !b.done.load(Ordering::Acquire)));
             bodies.push(Arc::downgrade(&progress));
@@ -336,6 +336,15 @@ impl ConnTrack {
             body.kill(how);
         }
         true
+    }
+
+    /// The bytes of each body in progress, for tests.
+    #[cfg(test)]
+    pub(crate) fn body_bytes(&self) -> Vec<u64> {
+        self.live_bodies()
+            .iter()
+            .map(|b| b.bytes.load(Ordering::Relaxed))
+            .collect()
     }
 
     fn live_bodies(&self) -> Vec<Arc<BodyProgress>> {

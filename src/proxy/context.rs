@@ -28,7 +28,7 @@ pub(super) struct RequestCtx<'a> {
     /// The sender connection's own upstream connection (HTTP/1 senders).
     pub(super) upstream: Option<&'a ConnUpstream>,
     /// The sender's connection as the shedding logic sees it (see [`crate::shed`]).
-    pub(super) conn_track: Option<&'a crate::shed::ConnTrack>,
+    pub(super) conn_track: Option<&'a Arc<crate::shed::ConnTrack>>,
     /// The request came over HTTP/1 (not HTTP/2).
     pub(super) is_h1: bool,
     pub(super) request_id: Arc<str>,
@@ -104,7 +104,7 @@ impl<'a> RequestCtx<'a> {
             route,
             cfg,
             upstream: conn.upstream.as_deref().filter(|_| is_h1),
-            conn_track: conn.track.as_deref(),
+            conn_track: conn.track.as_ref(),
             is_h1,
             path_len: parts.uri.path().len(),
             path_and_query,
