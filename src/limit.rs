@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -119,6 +119,16 @@ pub struct BodyStats {
     /// The waker of the one task waiting in [`BodyStats::finished`]. An `AtomicWaker`, not a
     /// `Notify`: a registered `Notified` takes the notifier's lock each time it is polled.
     finished: AtomicWaker,
+    /// The body's first bytes when it samples its head (see [`LimitedBody::sampling_head`]):
+    /// the frames' own buffers, shared by reference count, not copied.
+    head: Mutex<HeadFrames>,
+}
+
+/// The frames of a body's sampled head: usually one, held without a `Vec`.
+#[derive(Debug, Default)]
+struct HeadFrames {
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
 }
 
 impl BodyStats {
@@ -174,6 +184,26 @@ impl BodyStats {
         self.finished.wake();
     }
 
+    /// The body's sampled head (empty unless it was sampled, see
+    /// [`LimitedBody::sampling_head`]).
+    pub fn head_sample(&self) -> Vec<u8> {
+        let frames = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut head = Vec::new();
+        for frame in frames.first.iter().chain(&frames.more) {
+            head.extend_from_slice(frame);
+        }
+        head
+    }
+
+    fn keep_head(&self, frame: Bytes) {
+        let mut frames = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+        if frames.first.is_none() {
+            frames.first = Some(frame);
+        } else {
+            frames.more.push(frame);
+        }
+    }
+
     /// Records a body that was read elsewhere (e.g. buffered) as complete.
     pub fn record_complete(&self, bytes: u64) {
         self.bytes.store(bytes, Ordering::Relaxed);
@@ -226,6 +256,8 @@ where
     progress: Option<Arc<BodyProgress>>,
     /// The connection to register with, until then.
     conn: Option<Arc<crate::shed::ConnTrack>>,
+    /// How many more of the first bytes go to [`BodyStats::head_sample`].
+    sample_room: usize,
 }
 
 impl<B> LimitedBody<B>
@@ -257,7 +289,16 @@ where
             ended,
             progress: None,
             conn: if ended { None } else { conn.cloned() },
+            sample_room: 0,
         }
+    }
+
+    /// Keeps the body's first `bytes` in its stats as they pass (see
+    /// [`BodyStats::head_sample`]), so its incidents can name the fields that dominate it
+    /// without the body ever being held whole.
+    pub fn sampling_head(mut self, bytes: usize) -> Self {
+        self.sample_room = bytes;
+        self
     }
 
     fn cut_off(&mut self, failure: BodyFailure) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -306,6 +347,11 @@ where
                     }
                     if this.limits.soft_bytes.is_some_and(|soft| this.seen > soft) {
                         this.stats.over_soft_limit.store(true, Ordering::Relaxed);
+                    }
+                    if this.sample_room > 0 && !data.is_empty() {
+                        let kept = data.slice(..data.len().min(this.sample_room));
+                        this.sample_room -= kept.len();
+                        this.stats.keep_head(kept);
                     }
                     // Before the body first waits, nothing reads the time of its last data
                     // (the timers and the shedding logic start then): no clock read.

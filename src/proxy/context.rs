@@ -60,9 +60,9 @@ pub(super) struct RequestCtx<'a> {
     pub(super) target: Target,
     // What happened.
     pub(super) stats: Option<Arc<BodyStats>>,
-    /// The first bytes of a streamed JSON body, as the frames that carried them (for
+    /// Whether the streamed body keeps its first bytes in `stats` (a JSON body's head, for
     /// incidents' `top_fields`).
-    pub(super) head: Option<Arc<std::sync::Mutex<Vec<bytes::Bytes>>>>,
+    pub(super) head_sampled: bool,
     pub(super) call_id: Option<String>,
     pub(super) top_fields: Vec<FieldBytes>,
     pub(super) incidents: Vec<Incident>,
@@ -129,7 +129,7 @@ impl<'a> RequestCtx<'a> {
             headers: parts.headers,
             request_id,
             stats: None,
-            head: None,
+            head_sampled: false,
             call_id: None,
             top_fields: Vec::new(),
             incidents: Vec::new(),

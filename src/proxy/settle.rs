@@ -22,14 +22,12 @@ impl RequestCtx<'_> {
         exchange: &mut Exchange,
     ) {
         let head_fields = self
-            .head
+            .stats
             .as_ref()
+            .filter(|_| self.head_sampled)
             .filter(|_| self.incidents.iter().any(|i| i.top_fields.is_empty()))
-            .map(|head| {
-                let frames = head
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let head = frames.concat();
+            .map(|stats| {
+                let head = stats.head_sample();
                 crate::trim::top_fields_of_head(&head, crate::incident::TOP_FIELDS)
                     .into_iter()
                     .map(|f| crate::incident::FieldBytes {

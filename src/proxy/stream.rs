@@ -1,12 +1,8 @@
 //! Phase 3, stream: the body goes to the receiver as it arrives, through [`LimitedBody`], and is
 //! never held whole. The receiver's answer is read (bounded), judged and relayed.
 
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
-
-use bytes::Bytes;
 
 use http::Response;
 use http_body_util::BodyExt;
@@ -53,14 +49,8 @@ pub(super) async fn stream(
         .is_none_or(|e| e != Encoding::Identity);
     let sampled = payload::is_json(ctx.content_type()) && !compressed;
     let body = if sampled {
-        let head = Arc::new(Mutex::new(Vec::new()));
-        ctx.head = Some(head.clone());
-        HeadSample {
-            inner: limited,
-            head,
-            room: HEAD_SAMPLE_BYTES,
-        }
-        .boxed_unsync()
+        ctx.head_sampled = true;
+        limited.sampling_head(HEAD_SAMPLE_BYTES).boxed_unsync()
     } else {
         limited.boxed_unsync()
     };
@@ -147,51 +137,6 @@ pub(super) async fn stream(
         _ => {}
     }
     answered.relay()
-}
-
-/// A streamed body that keeps its first [`HEAD_SAMPLE_BYTES`] in `head` as they pass: the
-/// frames' own buffers, shared by reference count, not copied.
-struct HeadSample<B> {
-    inner: B,
-    head: Arc<Mutex<Vec<Bytes>>>,
-    /// How many more bytes `head` takes.
-    room: usize,
-}
-
-impl<B> http_body::Body for HeadSample<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if self.room > 0
-            && let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-            && !data.is_empty()
-        {
-            let kept = data.slice(..data.len().min(self.room));
-            self.room -= kept.len();
-            self.head
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(kept);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// Resolves with an error when the body stalls past `body_timeout`, or when the receiver sends
