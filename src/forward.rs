@@ -465,6 +465,16 @@ impl tower_service::Service<Uri> for TolerantConnector {
 /// The upstream URI: the route's upstream path joined with the rest of the request path after
 /// the route prefix, plus the sender's query string.
 pub fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    // The common case, a sender posting to the route's prefix itself: the route's own URI,
+    // shared, not rebuilt (when it has a path and no query of its own to drop).
+    if rest.is_empty()
+        && query.is_none()
+        && base
+            .path_and_query()
+            .is_some_and(|pq| pq.query().is_none() && !pq.as_str().is_empty())
+    {
+        return Ok(base.clone());
+    }
     let base_path = base.path();
     let mut path = String::with_capacity(base_path.len() + rest.len() + 1);
     if rest.is_empty() {
@@ -814,6 +824,17 @@ mod tests {
         assert_eq!(
             upstream_uri(&root, "/z", Some("q")).unwrap().to_string(),
             "http://h:1/z?q"
+        );
+        // The route's own URI as is, or rebuilt without a query of its own (as with a rest).
+        assert_eq!(u("", None), base.to_string());
+        let with_query: Uri = "http://h/hook?token=1".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&with_query, "", None).unwrap().to_string(),
+            "http://h/hook"
+        );
+        assert_eq!(
+            upstream_uri(&with_query, "", Some("a=1")).unwrap().to_string(),
+            "http://h/hook?a=1"
         );
         let slash: Uri = "https://h/hook/".parse().unwrap();
         assert_eq!(
