@@ -102,11 +102,12 @@ fn webhook_headers() -> HeaderMap {
 
 fn bench_headers(c: &mut Criterion) {
     let headers = webhook_headers();
+    let request_id = HeaderValue::from_static("4b0c9a52-5f7e-4d8e-9c1a-0f3a1e2b7c64");
     let fwd = ForwardedFor {
         peer: "198.51.100.23".parse().expect("ip"),
         proto: "https",
         host: Some("hooks.example.com"),
-        request_id: "4b0c9a52-5f7e-4d8e-9c1a-0f3a1e2b7c64",
+        request_id: Some(&request_id),
         preserve_host: false,
         upstream_host: None,
     };

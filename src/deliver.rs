@@ -63,12 +63,10 @@ pub fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 
 /// Sets `Idempotency-Key` to `key` unless the sender set one (theirs is kept: it is what their
 /// receiver already deduplicates on).
-pub fn set_idempotency_key(headers: &mut HeaderMap, key: &str) {
+pub fn set_idempotency_key(headers: &mut HeaderMap, key: HeaderValue) {
     // One lookup: the name is hashed once whether or not the sender set it.
-    if let http::header::Entry::Vacant(slot) = headers.entry(IDEMPOTENCY_KEY)
-        && let Ok(v) = HeaderValue::from_str(key)
-    {
-        slot.insert(v);
+    if let http::header::Entry::Vacant(slot) = headers.entry(IDEMPOTENCY_KEY) {
+        slot.insert(key);
     }
 }
 
@@ -582,10 +580,9 @@ pub async fn attempt(
     // Marks of an earlier trim are recomputed from the original.
     headers.remove(prepare::TRIMMED_HEADER);
     headers.remove(prepare::ORIGINAL_LENGTH_HEADER);
-    set_idempotency_key(
-        &mut headers,
-        meta.call_id.as_deref().unwrap_or(&meta.request_id),
-    );
+    if let Ok(key) = HeaderValue::from_str(meta.call_id.as_deref().unwrap_or(&meta.request_id)) {
+        set_idempotency_key(&mut headers, key);
+    }
     let target = Target {
         method: meta.method.parse().unwrap_or(Method::POST),
         uri,

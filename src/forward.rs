@@ -563,8 +563,8 @@ pub struct ForwardedFor<'a> {
     pub proto: &'static str,
     /// The `Host` (or `:authority`) the sender used.
     pub host: Option<&'a str>,
-    /// The request id.
-    pub request_id: &'a str,
+    /// The request id (`None`: not a valid header value, not sent).
+    pub request_id: Option<&'a HeaderValue>,
     /// Keep the sender's `Host`.
     pub preserve_host: bool,
     /// The `Host` the receiver gets when the sender's is not kept: the upstream's authority
@@ -632,17 +632,14 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) 
     if let Some(host) = forwarded_host {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    match headers.entry(X_REQUEST_ID) {
-        Entry::Occupied(entry) if entry.get().as_bytes() == fwd.request_id.as_bytes() => {}
-        Entry::Occupied(mut entry) => {
-            if let Ok(id) = HeaderValue::from_str(fwd.request_id) {
-                entry.insert(id);
-            }
+    match (headers.entry(X_REQUEST_ID), fwd.request_id) {
+        (_, None) => {}
+        (Entry::Occupied(entry), Some(id)) if entry.get() == id => {}
+        (Entry::Occupied(mut entry), Some(id)) => {
+            entry.insert(id.clone());
         }
-        Entry::Vacant(entry) => {
-            if let Ok(id) = HeaderValue::from_str(fwd.request_id) {
-                entry.insert(id);
-            }
+        (Entry::Vacant(entry), Some(id)) => {
+            entry.insert(id.clone());
         }
     }
 }
@@ -833,7 +830,9 @@ mod tests {
             "http://h/hook"
         );
         assert_eq!(
-            upstream_uri(&with_query, "", Some("a=1")).unwrap().to_string(),
+            upstream_uri(&with_query, "", Some("a=1"))
+                .unwrap()
+                .to_string(),
             "http://h/hook?a=1"
         );
         let slash: Uri = "https://h/hook/".parse().unwrap();
@@ -881,7 +880,7 @@ mod tests {
             peer: "::1".parse().unwrap(),
             proto: "https",
             host: Some("guard.example:8443"),
-            request_id: "abc",
+            request_id: Some(&HeaderValue::from_static("abc")),
             preserve_host: true,
             upstream_host: Some(&receiver),
         };
@@ -914,7 +913,7 @@ mod tests {
             peer: "127.0.0.1".parse().unwrap(),
             proto: "http",
             host: Some("guard.example"),
-            request_id: "abc",
+            request_id: Some(&HeaderValue::from_static("abc")),
             preserve_host: false,
             upstream_host: None,
         };
@@ -939,7 +938,7 @@ mod tests {
             peer: "127.0.0.1".parse().unwrap(),
             proto: "http",
             host: None,
-            request_id: "abc",
+            request_id: Some(&HeaderValue::from_static("abc")),
             preserve_host: false,
             upstream_host: receiver.as_ref(),
         };

@@ -32,6 +32,9 @@ pub(super) struct RequestCtx<'a> {
     /// The request came over HTTP/1 (not HTTP/2).
     pub(super) is_h1: bool,
     pub(super) request_id: Arc<str>,
+    /// The request id as a header value, built once: the receiver's `X-Request-Id` and
+    /// `Idempotency-Key` and the sender's `X-Request-Id` share it.
+    pub(super) request_id_header: Option<HeaderValue>,
     pub(super) method: Method,
     /// The path and query as received; the path is its first `path_len` bytes.
     pub(super) path_and_query: String,
@@ -79,6 +82,7 @@ impl<'a> RequestCtx<'a> {
         parts: Parts,
         conn: &'a ConnInfo,
         request_id: Arc<str>,
+        request_id_header: Option<HeaderValue>,
     ) -> RequestCtx<'a> {
         let cfg = &route.config;
         let get = |name: HeaderName| parts.headers.get(name).cloned();
@@ -128,6 +132,7 @@ impl<'a> RequestCtx<'a> {
             method: parts.method,
             headers: parts.headers,
             request_id,
+            request_id_header,
             stats: None,
             head_sampled: false,
             call_id: None,
@@ -169,7 +174,7 @@ impl<'a> RequestCtx<'a> {
                 peer: self.peer.ip(),
                 proto: self.proto,
                 host: self.host.as_deref(),
-                request_id: &self.request_id,
+                request_id: self.request_id_header.as_ref(),
                 preserve_host: self.cfg.preserve_host,
                 upstream_host: self.route.upstream_host(),
             },
@@ -182,8 +187,13 @@ impl<'a> RequestCtx<'a> {
     /// request (unless the sender set one): its id from `id_path` when the body was read,
     /// else the request id.
     pub(super) fn set_idempotency_key(&mut self) {
-        let key = self.call_id.as_deref().unwrap_or(&self.request_id);
-        crate::deliver::set_idempotency_key(&mut self.target.headers, key);
+        let key = match &self.call_id {
+            Some(id) => HeaderValue::from_str(id).ok(),
+            None => self.request_id_header.clone(),
+        };
+        if let Some(key) = key {
+            crate::deliver::set_idempotency_key(&mut self.target.headers, key);
+        }
     }
 
     /// An incident with everything known about the request filled in.

@@ -126,15 +126,28 @@ impl Proxy {
         ));
         exchange.metrics = Some(self.shared.metrics.clone());
         let is_h1 = req.version() < Version::HTTP_2;
+        // Built once, shared by the receiver's `X-Request-Id` and `Idempotency-Key` and the
+        // sender's `X-Request-Id`.
+        let id_header = HeaderValue::from_str(&request_id).ok();
         // Boxed where it starts: the pipeline's state is the bulk of the request's future, and
         // the service future is moved several times before it is first polled (into the
         // connection-tracking scope, then onto the heap); boxed here, it is written once.
-        let result = boxed(|| pipeline(&rt, &self.shared, req, &conn, &mut exchange)).await;
+        let result = boxed(|| {
+            pipeline(
+                &rt,
+                &self.shared,
+                req,
+                &conn,
+                id_header.clone(),
+                &mut exchange,
+            )
+        })
+        .await;
         let mut response = match result {
             Ok(response) => response,
             Err(err) => error_response(&err, &request_id, is_h1, &mut exchange),
         };
-        if let Ok(id) = HeaderValue::from_str(&request_id) {
+        if let Some(id) = id_header {
             response
                 .headers_mut()
                 .insert(crate::forward::X_REQUEST_ID, id);
@@ -176,6 +189,7 @@ async fn pipeline(
     shared: &Shared,
     req: Request<Incoming>,
     conn: &ConnInfo,
+    request_id_header: Option<HeaderValue>,
     exchange: &mut Exchange,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let (parts, body) = req.into_parts();
@@ -188,7 +202,15 @@ async fn pipeline(
     };
     let route = &rt.routes[admitted.route_index];
     exchange.route = Some(route.config.name.clone());
-    let mut ctx = RequestCtx::new(rt, shared, route, parts, conn, exchange.request_id.clone());
+    let mut ctx = RequestCtx::new(
+        rt,
+        shared,
+        route,
+        parts,
+        conn,
+        exchange.request_id.clone(),
+        request_id_header,
+    );
     let result = run(&mut ctx, body, admitted.rest).await;
     ctx.settle(&result, exchange);
     result
