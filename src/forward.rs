@@ -4,7 +4,6 @@
 //! receiver, and turns upstream failures into [`ProxyError`]s.
 
 use std::error::Error as StdError;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -594,8 +593,7 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, fwd: &ForwardedFor<'_>) 
             value.push_str(prior);
             value.push_str(", ");
         }
-        // `write!` to a String cannot fail.
-        let _ = write!(value, "{}", crate::observe::PeerIp(fwd.peer));
+        crate::observe::PeerIp(fwd.peer).push_to(&mut value);
         HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
     };
     match headers.entry(X_FORWARDED_FOR) {

@@ -22,6 +22,27 @@ use crate::metrics::Metrics;
 /// four numbers cost about 1,000 instructions, each time (1.5% of a small request).
 pub(crate) struct PeerIp(pub(crate) std::net::IpAddr);
 
+impl PeerIp {
+    /// Appends the address to `out`; an IPv4 one without going through `fmt` at all.
+    pub(crate) fn push_to(&self, out: &mut String) {
+        match self.0 {
+            std::net::IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push('.');
+                    }
+                    out.push_str(itoa::Buffer::new().format(octet));
+                }
+            }
+            ip => {
+                use std::fmt::Write;
+                // Writing to a String cannot fail.
+                let _ = write!(out, "{ip}");
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for PeerIp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let std::net::IpAddr::V4(v4) = self.0 else {
@@ -344,6 +365,9 @@ mod peer_tests {
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(super::PeerIp(ip).to_string(), ip.to_string());
+            let mut pushed = String::from("x, ");
+            super::PeerIp(ip).push_to(&mut pushed);
+            assert_eq!(pushed, format!("x, {ip}"));
         }
     }
 }
