@@ -256,8 +256,10 @@ async fn run(
         } => stream::stream(ctx, body, hard_limit, untrimmable).await,
         // Boxed: the buffered path's state is large, and most requests stream; inline, it
         // would make every request's future (allocated and moved per request) as large.
-        Plan::Buffer { encoding } => Box::pin(buffered::buffered(ctx, body, encoding)).await,
-        Plan::Stage { encoding } => Box::pin(keep::staged(ctx, body, encoding)).await,
+        // Built in their heap slots: `Box::pin(f())` builds `f()` on the handler's stack
+        // first, and those slots had made its poll frame 13.8 KiB (5.7 KiB without).
+        Plan::Buffer { encoding } => boxed(|| buffered::buffered(ctx, body, encoding)).await,
+        Plan::Stage { encoding } => boxed(|| keep::staged(ctx, body, encoding)).await,
     }
 }
 
