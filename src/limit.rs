@@ -107,6 +107,16 @@ pub enum BodyFailure {
     Read(String),
 }
 
+impl From<BodyKill> for BodyFailure {
+    /// What the shedding logic's verdict on a body means for it.
+    fn from(kill: BodyKill) -> Self {
+        match kill {
+            BodyKill::TooSlow => BodyFailure::TooSlow,
+            BodyKill::Idle(d) => BodyFailure::Idle(d),
+        }
+    }
+}
+
 /// What the pipeline learns about a request body while it streams (shared with the body).
 #[derive(Debug, Default)]
 pub struct BodyStats {
@@ -332,10 +342,7 @@ where
             return Poll::Ready(None);
         };
         if let Some(kill) = this.progress.as_ref().and_then(|p| p.killed(cx.waker())) {
-            return this.cut_off(match kill {
-                BodyKill::TooSlow => BodyFailure::TooSlow,
-                BodyKill::Idle(d) => BodyFailure::Idle(d),
-            });
+            return this.cut_off(kill.into());
         }
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -401,10 +408,7 @@ where
                         // Registers this task's waker: an eviction from now on wakes it.
                         if let Some(kill) = progress.killed(cx.waker()) {
                             this.progress = Some(progress);
-                            return this.cut_off(match kill {
-                                BodyKill::TooSlow => BodyFailure::TooSlow,
-                                BodyKill::Idle(d) => BodyFailure::Idle(d),
-                            });
+                            return this.cut_off(kill.into());
                         }
                         this.progress = Some(progress);
                     }

@@ -23,17 +23,10 @@ use crate::metrics::Metrics;
 pub(crate) struct PeerIp(pub(crate) std::net::IpAddr);
 
 impl PeerIp {
-    /// Appends the address to `out`; an IPv4 one without going through `fmt` at all.
+    /// Appends the address to `out`, as [`Display`](std::fmt::Display) writes it.
     pub(crate) fn push_to(&self, out: &mut String) {
         match self.0 {
-            std::net::IpAddr::V4(v4) => {
-                for (i, octet) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        out.push('.');
-                    }
-                    out.push_str(itoa::Buffer::new().format(octet));
-                }
-            }
+            std::net::IpAddr::V4(v4) => out.push_str(v4_text(v4, &mut [0; 15])),
             ip => {
                 use std::fmt::Write;
                 // Writing to a String cannot fail.
@@ -43,25 +36,29 @@ impl PeerIp {
     }
 }
 
+/// An IPv4 address as text, in `buf`: four `itoa` numbers and their dots, no `fmt`.
+fn v4_text(v4: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        let mut number = itoa::Buffer::new();
+        let digits = number.format(octet).as_bytes();
+        buf[len..len + digits.len()].copy_from_slice(digits);
+        len += digits.len();
+    }
+    // Digits and dots only: always UTF-8.
+    std::str::from_utf8(&buf[..len]).unwrap_or_default()
+}
+
 impl std::fmt::Display for PeerIp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let std::net::IpAddr::V4(v4) = self.0 else {
-            return self.0.fmt(f);
-        };
-        let mut buf = [0u8; 15];
-        let mut len = 0;
-        for (i, octet) in v4.octets().into_iter().enumerate() {
-            if i > 0 {
-                buf[len] = b'.';
-                len += 1;
-            }
-            let mut number = itoa::Buffer::new();
-            let digits = number.format(octet).as_bytes();
-            buf[len..len + digits.len()].copy_from_slice(digits);
-            len += digits.len();
+        match self.0 {
+            std::net::IpAddr::V4(v4) => f.write_str(v4_text(v4, &mut [0; 15])),
+            ip => ip.fmt(f),
         }
-        // Digits and dots only.
-        f.write_str(std::str::from_utf8(&buf[..len]).map_err(|_| std::fmt::Error)?)
     }
 }
 
