@@ -51,7 +51,7 @@ import run  # noqa: E402  (the load benchmark: payloads, builds, receivers, proc
 
 # Starting under valgrind reads the binary's line tables first: seconds, not milliseconds.
 START_TIMEOUT_S = 120.0
-# Each measurement's callgrind files get their own name.
+# Each measurement's callgrind files get their own name (so its one dump is OUT.1).
 RUN_NUMBER = itertools.count(1)
 
 
@@ -89,14 +89,10 @@ def measure(bench: run.Bench, valgrind: str, label: str, argv: list[str], env: d
         conn = post_all(port, path, bodies, warmup)
         subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
         conn = post_all(port, path, bodies, count, conn)
-        before = set(os.listdir(bench.run_dir))
+        # The first dump of a run goes to OUT.1 (callgrind_control returns once it is written).
         subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
         conn.close()
-        dumps = sorted(f for f in set(os.listdir(bench.run_dir)) - before
-                       if f.startswith(os.path.basename(out)))
-        if not dumps:
-            raise RuntimeError(f"{label}: callgrind wrote no dump")
-        total = callgrind_total(os.path.join(bench.run_dir, dumps[-1]))
+        total = callgrind_total(f"{out}.1")
     finally:
         run.PROCS.stop(p)
         err.close()
